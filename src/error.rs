@@ -1,0 +1,129 @@
+//! The crate's one error type.
+//!
+//! Every fallible entry point returns [`Result<T>`](crate::Result). Validation happens
+//! before any state is touched, so a call that returns an error leaves a head exactly as it
+//! was before the call.
+
+use std::fmt;
+
+/// Everything that can go wrong in `implicit-etf`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// `K < 2`: a simplex ETF needs at least two classes.
+    TooFewClasses {
+        /// The number of classes asked for.
+        classes: usize,
+    },
+    /// `d < K`: the Stiefel manifold `St(d, K)` is empty.
+    DimensionBelowClasses {
+        /// Feature dimension `d`.
+        dim: usize,
+        /// Number of classes `K`.
+        classes: usize,
+    },
+    /// A buffer has the wrong length.
+    ShapeMismatch {
+        /// Which argument.
+        what: &'static str,
+        /// The length the call needed.
+        expected: usize,
+        /// The length it got.
+        got: usize,
+    },
+    /// A label is negative or `>= K`.
+    LabelOutOfRange {
+        /// Position of the label in the batch.
+        index: usize,
+        /// The offending label.
+        label: i64,
+        /// Number of classes `K`.
+        classes: usize,
+    },
+    /// An input holds NaN or an infinity.
+    NonFinite {
+        /// Which argument.
+        what: &'static str,
+        /// Flat (row-major) index of the first non-finite entry.
+        index: usize,
+    },
+    /// The batch has no samples.
+    EmptyBatch,
+    /// `backward` was called with no pending `forward` (or twice for one forward).
+    BackwardWithoutForward,
+    /// A configuration value is out of its domain.
+    InvalidParameter {
+        /// The parameter's name.
+        name: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The moving class means are all zero (for example a batch whose only class equals the
+    /// global mean), so `Y = E / ||E||` is undefined. The state is left unchanged.
+    DegenerateMeans,
+    /// A dense factorisation failed to converge or met a singular matrix.
+    Numerical {
+        /// What failed.
+        what: &'static str,
+    },
+    /// No usable CUDA device (no driver, no GPU, or the device layer was not built).
+    NoDevice {
+        /// Why.
+        reason: String,
+    },
+    /// A CUDA driver, NVRTC or kernel-launch error, or a failure of the CPU execution of a
+    /// kernel (bad launch shape, barrier misuse, ...).
+    Device {
+        /// The operation that failed.
+        op: String,
+        /// The message of the underlying layer.
+        message: String,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::TooFewClasses { classes } => {
+                write!(f, "need at least 2 classes, got K = {classes}")
+            }
+            Error::DimensionBelowClasses { dim, classes } => write!(
+                f,
+                "feature dimension d = {dim} is below the number of classes K = {classes} (need d >= K)"
+            ),
+            Error::ShapeMismatch { what, expected, got } => {
+                write!(f, "`{what}` has length {got}, expected {expected}")
+            }
+            Error::LabelOutOfRange {
+                index,
+                label,
+                classes,
+            } => write!(
+                f,
+                "label {label} at position {index} is outside 0..{classes}"
+            ),
+            Error::NonFinite { what, index } => {
+                write!(f, "`{what}` holds a non-finite value at index {index}")
+            }
+            Error::EmptyBatch => write!(f, "the batch is empty"),
+            Error::BackwardWithoutForward => {
+                write!(f, "backward called without a pending forward")
+            }
+            Error::InvalidParameter { name, reason } => {
+                write!(f, "invalid parameter `{name}`: {reason}")
+            }
+            Error::DegenerateMeans => write!(
+                f,
+                "the moving class means are all zero, so the nearest ETF is undefined"
+            ),
+            Error::Numerical { what } => write!(f, "numerical failure: {what}"),
+            Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
+            Error::Device { op, message } => write!(f, "device error in {op}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

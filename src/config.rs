@@ -32,10 +32,11 @@ pub enum MovingAverage {
 }
 
 /// How the nearest ETF is found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SolveMethod {
     /// Default: the exact orthogonal-Procrustes solution (polar factor of `G`), polished by
     /// Riemannian Newton steps until the Riemannian gradient is at rounding level.
+    #[default]
     Procrustes,
     /// The paper's route, for ablations: Riemannian Newton iterations (with a gradient-step
     /// safeguard, a simple trust-region rule) started from the warm start `Prox`, at most
@@ -45,12 +46,6 @@ pub enum SolveMethod {
         /// Iteration cap.
         max_iters: usize,
     },
-}
-
-impl Default for SolveMethod {
-    fn default() -> Self {
-        SolveMethod::Procrustes
-    }
 }
 
 /// Configuration of an implicit-ETF head.

@@ -1,13 +1,75 @@
-//! implicit-etf (in progress)
+//! # implicit-etf
+//!
+//! The implicit-ETF classifier head of *Guiding Neural Collapse: Optimising Towards the
+//! Nearest Simplex Equiangular Tight Frame* (Markou, Ajanthan, Gould, NeurIPS 2024), computed
+//! exactly in closed form.
+//!
+//! At every training step the head sets the classifier to the simplex ETF nearest to the
+//! current (moving) class means of the features, and differentiates through that choice
+//! with the implicit function theorem. The authors' code runs an iterative trust-region solver
+//! and a dense `O(K^6)` linear solve in the backward pass (52 s per step at `K = 100`); this
+//! crate computes the same quantities with one `K x K` symmetric eigendecomposition:
+//!
+//! * forward: `P = polar(G)`, `G = c Y M + delta Prox` (orthogonal Procrustes), polished by
+//!   Riemannian Newton steps to rounding level ([`cpu::solve`]);
+//! * backward: the Lagrangian Hessian contraction in the eigenbasis of `B = sym(P^T G)`,
+//!   `O(d K^2 + K^3)` ([`cpu::backward`]).
+//!
+//! ## Two levels of API
+//!
+//! The stateful head, for a training loop:
+//!
+//! ```
+//! use implicit_etf::{cross_entropy, CpuHead, HeadConfig};
+//! let (n, d, k) = (8, 16, 4);
+//! let mut head = CpuHead::<f32>::new(HeadConfig::new(d, k))?;
+//! let raw: Vec<f32> = (0..n * d).map(|i| ((i * 29 % 13) as f32) - 6.0).collect();
+//! let labels: Vec<u32> = (0..n as u32).map(|i| i % k as u32).collect();
+//! for _step in 0..3 {
+//!     let out = head.forward(&raw, &labels)?;           // logits, W, b, solve report
+//!     let (loss, d_logits) = cross_entropy(&out.logits, &labels, k)?;
+//!     let d_raw = head.backward(&d_logits)?;            // dL/d(raw features), all paths
+//!     assert!(loss.is_finite() && d_raw.len() == n * d);
+//! }
+//! let logits = head.infer(&raw)?;                       // changes no state
+//! # assert_eq!(logits.len(), n * k);
+//! # Ok::<(), implicit_etf::Error>(())
+//! ```
+//!
+//! and the stateless solve with its vector-Jacobian product ([`solve_etf`],
+//! [`EtfSolution::vjp`]) on plain row-major slices.
+//!
+//! ## Layout
+//!
+//! | stage | CPU module |
+//! |---|---|
+//! | feature normalisation, class statistics | [`cpu::stats`] |
+//! | moving class means | [`cpu::moving`] |
+//! | nearest-ETF solve | [`cpu::solve`] |
+//! | implicit backward | [`cpu::backward`] |
+//! | classifier, cross-entropy | [`cpu::classifier`] |
+//! | the stateful head | [`cpu::head`] |
+//!
+//! All matrices are row-major slices at the API: features `N x d`, moving means and `P`
+//! `d x K`, `W` `K x d`, logits `N x K`. `f64` is the reference precision; `f32` storage is
+//! supported, with the `K x K` factorisations always in `f64`.
+//!
+//! Errors are one type, [`Error`]; validation precedes any state change, so a failed call
+//! leaves a head exactly as it was.
+#![warn(missing_docs)]
+// `!(x > 0.0)` is used on purpose throughout: unlike `x <= 0.0` it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 pub mod config;
 pub mod cpu;
 pub mod error;
 pub mod etf;
 pub mod label;
 pub mod real;
+
 pub use config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
 pub use cpu::head::{CpuHead, HeadOutput, HeadState};
 pub use error::{Error, Result};
-pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution};
+pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution, SolveReport};
 pub use label::Label;
 pub use real::Real;

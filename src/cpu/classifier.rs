@@ -55,7 +55,7 @@ pub fn logits<T: Real>(
             xm,
             wt.as_ref(),
             T::from_f64(1.0),
-            par(),
+            par(n, d, k),
         );
     }
     (out, b.into_iter().map(T::from_f64).collect())
@@ -98,14 +98,21 @@ pub fn logits_backward<T: Real>(
         dzm.transpose(),
         xm,
         T::from_f64(1.0),
-        par(),
+        par(k, n, d),
     );
     let dw = Mat::from_fn(k, d, |c, j| dwt[(c, j)].to_f64() - db[c] * mu[j].to_f64());
     let wt: Mat<T> = Mat::from_fn(k, d, |c, j| T::from_f64(w[(c, j)]));
     let mut dx = vec![T::from_f64(0.0); n * d];
     {
         let o = faer::MatMut::from_row_major_slice_mut(&mut dx, n, d);
-        matmul(o, Accum::Replace, dzm, wt.as_ref(), T::from_f64(1.0), par());
+        matmul(
+            o,
+            Accum::Replace,
+            dzm,
+            wt.as_ref(),
+            T::from_f64(1.0),
+            par(n, k, d),
+        );
     }
     let dmu = (0..d)
         .map(|j| -(0..k).map(|c| w[(c, j)] * db[c]).sum::<f64>())

@@ -5,10 +5,19 @@ use faer::{Accum, Mat, MatRef, Side};
 
 use crate::error::{Error, Result};
 
-/// The parallelism faer uses for the large products (faer's global setting).
+/// Products below this many multiply-adds run sequentially: spreading them over threads
+/// costs more than it saves (measured with `benches/cpu.rs`).
+const PAR_MIN_WORK: usize = 1 << 21;
+
+/// The parallelism for an `m x k` by `k x n` product: faer's global setting for large
+/// products, sequential for small ones.
 #[inline]
-pub(crate) fn par() -> faer::Par {
-    faer::get_global_parallelism()
+pub(crate) fn par(m: usize, k: usize, n: usize) -> faer::Par {
+    if m.saturating_mul(k).saturating_mul(n) < PAR_MIN_WORK {
+        faer::Par::Seq
+    } else {
+        faer::get_global_parallelism()
+    }
 }
 
 /// Row-major slice -> owned column-major matrix (converted to `f64`).
@@ -31,21 +40,42 @@ pub(crate) fn to_row_major<T: crate::Real>(m: MatRef<'_, f64>) -> Vec<T> {
 /// `a^T b`.
 pub(crate) fn atb(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::zeros(a.ncols(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a.transpose(), b, 1.0, par());
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        a.transpose(),
+        b,
+        1.0,
+        par(a.ncols(), a.nrows(), b.ncols()),
+    );
     out
 }
 
 /// `a b`.
 pub(crate) fn ab(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::zeros(a.nrows(), b.ncols());
-    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, par());
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        a,
+        b,
+        1.0,
+        par(a.nrows(), a.ncols(), b.ncols()),
+    );
     out
 }
 
 /// `a b^T`.
 pub(crate) fn abt(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::zeros(a.nrows(), b.nrows());
-    matmul(out.as_mut(), Accum::Replace, a, b.transpose(), 1.0, par());
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        a,
+        b.transpose(),
+        1.0,
+        par(a.nrows(), a.ncols(), b.nrows()),
+    );
     out
 }
 
@@ -74,8 +104,7 @@ pub(crate) fn sym_eig(a: MatRef<'_, f64>) -> Result<(Mat<f64>, Vec<f64>)> {
 
 /// Columns of `a` scaled: `a diag(s)`.
 pub(crate) fn scale_cols(a: &mut Mat<f64>, s: &[f64]) {
-    for j in 0..a.ncols() {
-        let f = s[j];
+    for (j, &f) in s.iter().enumerate().take(a.ncols()) {
         for x in a.col_mut(j).iter_mut() {
             *x *= f;
         }

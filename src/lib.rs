@@ -73,3 +73,8 @@ pub use error::{Error, Result};
 pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution, SolveReport};
 pub use label::Label;
 pub use real::Real;
+
+/// The README's code blocks, compiled and run as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -208,12 +208,26 @@ pub fn factor_at(p: Mat<f64>, g: MatRef<'_, f64>) -> Result<Factor> {
 /// final `P` and the number of Newton steps.
 fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<(Factor, usize)> {
     let tol = GRAD_RTOL * fro(g);
-    let mut f = factor_at(retract_newton_schulz(f0.p), g)?;
+    // After the retraction, B = sym(P^T G) equals the Gram factor Q diag(s) Q^T to
+    // ~1e-12 (relative), so the first Newton direction reuses it (saving an
+    // eigendecomposition); Newton then still converges to rounding level in one step.
+    let p = retract_newton_schulz(f0.p);
+    let u = ab(p.as_ref(), f0.q.as_ref());
+    let mut f = Factor {
+        p,
+        u,
+        q: f0.q,
+        s: f0.s,
+    };
     let mut steps = 0;
-    while steps < MAX_POLISH && f.s[0] > 0.0 && riemannian_grad(&f, g) > tol {
+    while steps < MAX_POLISH && f.s[0] > 0.0 && riemannian_gradient_norm(f.p.as_ref(), g) > tol {
         let x = newton_direction(&f, g)?;
         f = factor_at(retract_newton_schulz(f.p + x), g)?;
         steps += 1;
+    }
+    if steps == 0 {
+        // Already at rounding level: factor B exactly at this P for the backward.
+        f = factor_at(f.p, g)?;
     }
     Ok((f, steps))
 }

@@ -10,11 +10,12 @@
 //! `U = G Q diag(1/s)`, `P = U Q^T`. Then `B = sym(P^T G) = Q diag(s) Q^T`, which is exactly
 //! what the implicit backward needs, so the forward hands `(U, Q, s)` to it. `s_min` is about
 //! `delta` (because `G 1 = delta Prox 1`), so `cond(G^T G) ~ (s_max/delta)^2`; in float64 that
-//! leaves `P` orthonormal to ~`1e-13`. The Riemannian gradient `G - P sym(P^T G)` is then
-//! checked, and Riemannian Newton steps (tangent-space solve of §4, Newton–Schulz polar
-//! retraction) polish `P` until it is at rounding level (`GRAD_RTOL * ||G||_F`), at most
-//! `MAX_POLISH` steps. Each step refactors `B`, so the backward always sees the
-//! eigendecomposition of `sym(P^T G)` at the returned `P`.
+//! leaves `P` orthonormal to ~`eps (s_max/s_min)^2` (`1e-16..1e-10`). The Riemannian gradient
+//! `G - P sym(P^T G)` and `P^T P - I` are then checked directly; when either is above
+//! rounding level (`GRAD_RTOL ||G||_F`, `ORTH_TOL`), a Newton–Schulz retraction and Riemannian
+//! Newton steps (the tangent-space solve of §4) polish `P`, normally in one step (at most
+//! `MAX_POLISH`). The factor handed to the backward is always the eigendecomposition of
+//! `sym(P^T G)` at the returned `P` (to rounding).
 //!
 //! **First step (no `Prox`).** The reference solves without the proximal term from
 //! `J = I_{d x K}` and uses the answer as `Prox`. Without `Prox`, `A = c Y M` has rank
@@ -42,6 +43,8 @@ use crate::error::{Error, Result};
 
 /// Stop polishing when `||grad f||_F <= GRAD_RTOL * ||G||_F` (rounding level in float64).
 pub const GRAD_RTOL: f64 = 1e-14;
+/// `max |P^T P - I|` accepted without polishing (rounding level).
+pub const ORTH_TOL: f64 = 1e-14;
 /// At most this many Newton polishing steps after the Procrustes solution.
 pub const MAX_POLISH: usize = 3;
 /// First step: singular values of `c Y M` below `NULL_RTOL * s_max` count as null directions.
@@ -121,16 +124,24 @@ pub fn solve(
     let mut g = prox.clone();
     g *= faer::Scale(delta);
     g += &a;
-    let (factor, steps) = match method {
-        SolveMethod::Procrustes => {
-            let f0 = polar_gram(g.as_ref())?;
-            polish(g.as_ref(), f0)?
+    let Polished {
+        factor,
+        steps,
+        grad: grad_norm,
+        orth: orthogonality,
+    } = match method {
+        SolveMethod::Procrustes => polish(g.as_ref(), polar_gram(g.as_ref())?)?,
+        SolveMethod::Riemannian { max_iters } => {
+            let (factor, steps) = riemannian(g.as_ref(), prox.clone(), max_iters)?;
+            Polished {
+                grad: riemannian_gradient_norm(factor.p.as_ref(), g.as_ref()),
+                orth: orthogonality_error(factor.p.as_ref()),
+                factor,
+                steps,
+            }
         }
-        SolveMethod::Riemannian { max_iters } => riemannian(g.as_ref(), prox.clone(), max_iters)?,
     };
-    let grad_norm = riemannian_grad(&factor, g.as_ref());
     let objective = objective(y, factor.p.as_ref(), prox.as_ref(), delta);
-    let orthogonality = orthogonality_error(factor.p.as_ref());
     Ok(EtfSolve {
         factor,
         g,
@@ -206,8 +217,20 @@ pub fn factor_at(p: Mat<f64>, g: MatRef<'_, f64>) -> Result<Factor> {
 /// the Riemannian gradient is ~`1e-12 ||G||`. Newton steps (quadratic convergence) then bring
 /// it to rounding level, normally in one step. Returns the factor of `B = sym(P^T G)` at the
 /// final `P` and the number of Newton steps.
-fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<(Factor, usize)> {
+fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<Polished> {
     let tol = GRAD_RTOL * fro(g);
+    let grad0 = riemannian_gradient_norm(f0.p.as_ref(), g);
+    let orth0 = orthogonality_error(f0.p.as_ref());
+    if grad0 <= tol && orth0 <= ORTH_TOL {
+        // Well-conditioned G: the Gram route is already at rounding level, and its factor
+        // is B = sym(P^T G) to rounding.
+        return Ok(Polished {
+            factor: f0,
+            steps: 0,
+            grad: grad0,
+            orth: orth0,
+        });
+    }
     // After the retraction, B = sym(P^T G) equals the Gram factor Q diag(s) Q^T to
     // ~1e-12 (relative), so the first Newton direction reuses it (saving an
     // eigendecomposition); Newton then still converges to rounding level in one step.
@@ -219,17 +242,33 @@ fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<(Factor, usize)> {
         q: f0.q,
         s: f0.s,
     };
+    let mut grad = riemannian_gradient_norm(f.p.as_ref(), g);
     let mut steps = 0;
-    while steps < MAX_POLISH && f.s[0] > 0.0 && riemannian_gradient_norm(f.p.as_ref(), g) > tol {
+    while steps < MAX_POLISH && f.s[0] > 0.0 && grad > tol {
         let x = newton_direction(&f, g)?;
         f = factor_at(retract_newton_schulz(f.p + x), g)?;
+        grad = riemannian_gradient_norm(f.p.as_ref(), g);
         steps += 1;
     }
     if steps == 0 {
-        // Already at rounding level: factor B exactly at this P for the backward.
+        // Already at rounding level after the retraction: factor B exactly at this P.
         f = factor_at(f.p, g)?;
     }
-    Ok((f, steps))
+    let orth = orthogonality_error(f.p.as_ref());
+    Ok(Polished {
+        factor: f,
+        steps,
+        grad,
+        orth,
+    })
+}
+
+/// A polished solution with its checks.
+struct Polished {
+    factor: Factor,
+    steps: usize,
+    grad: f64,
+    orth: f64,
 }
 
 /// `||G - P sym(P^T G)||_F` evaluated directly (no factor identities assumed): the Riemannian

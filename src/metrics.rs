@@ -215,14 +215,13 @@ impl MetricsAccumulator {
     /// An empty accumulator for features of dimension `d` and `k` classes.
     ///
     /// # Errors
-    /// [`Error::TooFewClasses`] if `k < 2`, [`Error::InvalidParameter`] if `d = 0`,
-    /// [`Error::ShapeMismatch`] if `k * d` overflows.
+    /// [`Error::TooFewClasses`] if `k < 2`, [`Error::InvalidParameter`] if `d = 0` or
+    /// `k * d` overflows.
     pub fn new(d: usize, k: usize) -> Result<Self> {
         check_dims(d, k)?;
-        let kd = k.checked_mul(d).ok_or(Error::ShapeMismatch {
-            what: "classifier",
-            expected: usize::MAX,
-            got: 0,
+        let kd = k.checked_mul(d).ok_or_else(|| Error::InvalidParameter {
+            name: "d",
+            reason: format!("k * d = {k} * {d} overflows usize"),
         })?;
         Ok(MetricsAccumulator {
             d,
@@ -380,6 +379,7 @@ impl MetricsAccumulator {
         let equinorm_w = equinorm(&w_norms);
         let equinorm_h = equinorm(&h_norms);
 
+        let rank = inv_s2.len();
         Ok(SecondPass {
             d,
             k,
@@ -388,14 +388,14 @@ impl MetricsAccumulator {
             means,
             mu_g,
             basis,
-            inv_s2: inv_s2.clone(),
+            inv_s2,
             w: w64,
             w_norms,
             offset,
             expected_counts: self.counts.clone(),
             counts: vec![0; k],
             n: 0,
-            q: vec![0.0; inv_s2.len()],
+            q: vec![0.0; rank],
             agree: 0,
             margin_sum: 0.0,
             nc2,
@@ -468,13 +468,15 @@ impl SecondPass {
         for &y in labels {
             batch_counts[y] += 1;
         }
-        for c in 0..k {
-            let got = self.counts[c] + batch_counts[c];
-            if got > self.expected_counts[c] {
+        for (&bc, (&have, &expected)) in batch_counts
+            .iter()
+            .zip(self.counts.iter().zip(&self.expected_counts))
+        {
+            if have + bc > expected {
                 return Err(Error::ShapeMismatch {
                     what: "second-pass class count",
-                    expected: self.expected_counts[c],
-                    got,
+                    expected,
+                    got: have + bc,
                 });
             }
         }

@@ -252,6 +252,10 @@ fn naive_other(x: &[f64], y: &[usize], d: usize, k: usize, w: &[f64], b: &[f64])
 
 fn assert_rel(got: f64, want: f64, rel: f64, what: &str) {
     let err = (got - want).abs();
+    eprintln!(
+        "{what}: rel err {:e}",
+        err / want.abs().max(f64::MIN_POSITIVE)
+    );
     assert!(
         err <= rel * want.abs().max(f64::MIN_POSITIVE),
         "{what}: got {got:e}, want {want:e}, |err| = {err:e} > rel {rel:e}"
@@ -344,6 +348,26 @@ fn nc1_matches_dense_pseudo_inverse() {
         assert_eq!(rank, d.min(k - 1), "oracle rank for (n,d,k)=({n},{d},{k})");
         assert_rel(m.nc1, want, 1e-9, &format!("nc1 (n,d,k)=({n},{d},{k})"));
     }
+}
+
+/// Uncentred features (a common offset of 1e4 against class spreads of O(1)): the structural
+/// null direction of `H` is then rounding noise of size ~1e-12 relative to `s_max`, which a
+/// cut-off at `eps` level would invert. Both sides see the same rounded inputs; the only
+/// extra loss is the cancellation in `x - mu` (~eps * 1e4 / 0.5 ~ 5e-12 relative), so the
+/// tolerance stays 1e-9.
+#[test]
+fn nc1_large_offset() {
+    let mut rng = Rng(10);
+    let (n, d, k) = (180usize, 10usize, 6usize);
+    let (mut x, y) = random_data(n, d, k, 0.5, &mut rng);
+    for v in &mut x {
+        *v += 1e4;
+    }
+    let (w, b) = random_classifier(d, k, &mut rng);
+    let m = nc_metrics(&x, &y, n, d, k, &w, &b).unwrap();
+    let (want, rank) = dense_nc1(&x, &y, d, k);
+    assert_eq!(rank, k - 1);
+    assert_rel(m.nc1, want, 1e-9, "nc1 large offset");
 }
 
 /// Class means on a line (rank H = 1 < K - 1): the cut-off must drop the extra null
@@ -440,17 +464,19 @@ fn invariances() {
 // ---------------------------------------------------------------------------------------------
 // Streaming.
 
-fn streamed(
-    x: &[f64],
-    y: &[usize],
+/// A data set and a classifier.
+struct Case<'a> {
+    x: &'a [f64],
+    y: &'a [usize],
     d: usize,
     k: usize,
-    w: &[f64],
-    b: &[f64],
-    bs1: usize,
-    bs2: usize,
-    order2: &[usize],
-) -> NcMetrics {
+    w: &'a [f64],
+    b: &'a [f64],
+}
+
+/// Both passes in batches of `bs1` / `bs2` samples, the second in the order `order2`.
+fn streamed(c: &Case, bs1: usize, bs2: usize, order2: &[usize]) -> NcMetrics {
+    let Case { x, y, d, k, w, b } = *c;
     let mut acc = MetricsAccumulator::new(d, k).unwrap();
     for (xc, yc) in x.chunks(bs1 * d).zip(y.chunks(bs1)) {
         acc.add_batch(xc, yc).unwrap();
@@ -485,10 +511,18 @@ fn streaming_equals_one_shot() {
         let j = rng.below(i + 1);
         shuffled.swap(i, j);
     }
+    let case = Case {
+        x: &x,
+        y: &y,
+        d,
+        k,
+        w: &w,
+        b: &b,
+    };
     for &(bs1, bs2) in &[(1usize, 157usize), (7, 32), (32, 1), (157, 7), (200, 50)] {
-        let s = streamed(&x, &y, d, k, &w, &b, bs1, bs2, &id);
+        let s = streamed(&case, bs1, bs2, &id);
         assert_eq!(s, one, "same order, batches ({bs1},{bs2})");
-        let s = streamed(&x, &y, d, k, &w, &b, bs1, bs2, &shuffled);
+        let s = streamed(&case, bs1, bs2, &shuffled);
         assert_metrics_close(&s, &one, 1e-12, 1e-14);
     }
     // empty batches are no-ops

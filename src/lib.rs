@@ -49,6 +49,7 @@
 //! | implicit backward | [`cpu::backward`] |
 //! | classifier, cross-entropy | [`cpu::classifier`] |
 //! | the stateful head | [`cpu::head`] |
+//! | neural-collapse metrics (NC1-NC4, ...) | [`metrics`] |
 //!
 //! All matrices are row-major slices at the API: features `N x d`, moving means and `P`
 //! `d x K`, `W` `K x d`, logits `N x K`. `f64` is the reference precision; `f32` storage is
@@ -65,6 +66,7 @@ pub mod cpu;
 pub mod error;
 pub mod etf;
 pub mod label;
+pub mod metrics;
 pub mod real;
 
 pub use config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
@@ -72,6 +74,7 @@ pub use cpu::head::{CpuHead, HeadOutput, HeadState};
 pub use error::{Error, Result};
 pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution, SolveReport};
 pub use label::Label;
+pub use metrics::{nc_metrics, MetricsAccumulator, NcMetrics, SecondPass};
 pub use real::Real;
 
 /// The README's code blocks, compiled and run as doctests so the README stays true.

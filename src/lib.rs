@@ -5,3 +5,4 @@ pub mod real;
 pub use config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
 pub use error::{Error, Result};
 pub use real::Real;
+pub mod device;

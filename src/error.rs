@@ -51,6 +51,8 @@ pub enum Error {
     EmptyBatch,
     /// `backward` was called with no pending `forward` (or twice for one forward).
     BackwardWithoutForward,
+    /// Inference was asked of a head that has not taken a training step (no classifier yet).
+    Untrained,
     /// A configuration value is out of its domain.
     InvalidParameter {
         /// The parameter's name.
@@ -109,6 +111,7 @@ impl fmt::Display for Error {
             Error::BackwardWithoutForward => {
                 write!(f, "backward called without a pending forward")
             }
+            Error::Untrained => write!(f, "the head has no classifier yet (no training step taken)"),
             Error::InvalidParameter { name, reason } => {
                 write!(f, "invalid parameter `{name}`: {reason}")
             }

@@ -1,8 +1,14 @@
-//! implicit-etf (skeleton)
+//! implicit-etf (in progress)
 pub mod config;
+pub mod cpu;
 pub mod error;
+pub mod etf;
+pub mod label;
 pub mod real;
 pub use config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
+pub use cpu::head::{CpuHead, HeadOutput, HeadState};
 pub use error::{Error, Result};
+pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution};
+pub use label::Label;
 pub use real::Real;
 pub mod device;

@@ -1,0 +1,111 @@
+//! Small dense helpers over `faer` used by the solve and the backward (all `f64`).
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Side};
+
+use crate::error::{Error, Result};
+
+/// The parallelism faer uses for the large products (faer's global setting).
+#[inline]
+pub(crate) fn par() -> faer::Par {
+    faer::get_global_parallelism()
+}
+
+/// Row-major slice -> owned column-major matrix (converted to `f64`).
+pub(crate) fn from_row_major<T: crate::Real>(s: &[T], rows: usize, cols: usize) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |i, j| s[i * cols + j].to_f64())
+}
+
+/// Owned matrix -> row-major `Vec<T>`.
+pub(crate) fn to_row_major<T: crate::Real>(m: MatRef<'_, f64>) -> Vec<T> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let mut out = Vec::with_capacity(r * c);
+    for i in 0..r {
+        for j in 0..c {
+            out.push(T::from_f64(m[(i, j)]));
+        }
+    }
+    out
+}
+
+/// `a^T b`.
+pub(crate) fn atb(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.ncols(), b.ncols());
+    matmul(out.as_mut(), Accum::Replace, a.transpose(), b, 1.0, par());
+    out
+}
+
+/// `a b`.
+pub(crate) fn ab(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.nrows(), b.ncols());
+    matmul(out.as_mut(), Accum::Replace, a, b, 1.0, par());
+    out
+}
+
+/// `a b^T`.
+pub(crate) fn abt(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.nrows(), b.nrows());
+    matmul(out.as_mut(), Accum::Replace, a, b.transpose(), 1.0, par());
+    out
+}
+
+/// `sym(a) = (a + a^T)/2` of a square matrix.
+pub(crate) fn sym(a: MatRef<'_, f64>) -> Mat<f64> {
+    let n = a.nrows();
+    Mat::from_fn(n, n, |i, j| 0.5 * (a[(i, j)] + a[(j, i)]))
+}
+
+/// Frobenius norm.
+pub(crate) fn fro(a: MatRef<'_, f64>) -> f64 {
+    a.norm_l2()
+}
+
+/// Eigendecomposition of a symmetric matrix: `(Q, lambda)` with `A = Q diag(lambda) Q^T`,
+/// eigenvalues in nondecreasing order.
+pub(crate) fn sym_eig(a: MatRef<'_, f64>) -> Result<(Mat<f64>, Vec<f64>)> {
+    let e = a
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|_| Error::Numerical {
+            what: "symmetric eigendecomposition did not converge",
+        })?;
+    let vals: Vec<f64> = (0..a.nrows()).map(|i| e.S()[i]).collect();
+    Ok((e.U().to_owned(), vals))
+}
+
+/// Columns of `a` scaled: `a diag(s)`.
+pub(crate) fn scale_cols(a: &mut Mat<f64>, s: &[f64]) {
+    for j in 0..a.ncols() {
+        let f = s[j];
+        for x in a.col_mut(j).iter_mut() {
+            *x *= f;
+        }
+    }
+}
+
+/// `max |a^T a - I|` for a `d x K` matrix with orthonormal columns expected.
+pub(crate) fn orthogonality_error(a: MatRef<'_, f64>) -> f64 {
+    let g = atb(a, a);
+    let mut m = 0.0f64;
+    for i in 0..g.nrows() {
+        for j in 0..g.ncols() {
+            let t = if i == j { 1.0 } else { 0.0 };
+            m = m.max((g[(i, j)] - t).abs());
+        }
+    }
+    m
+}
+
+/// `a M` with `M = I - 1 1^T / K`: removes the row means of a `d x K` matrix.
+pub(crate) fn center_rows(a: &mut Mat<f64>) {
+    let k = a.ncols();
+    for i in 0..a.nrows() {
+        let mut m = 0.0;
+        for j in 0..k {
+            m += a[(i, j)];
+        }
+        m /= k as f64;
+        for j in 0..k {
+            a[(i, j)] -= m;
+        }
+    }
+}

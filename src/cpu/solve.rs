@@ -1,0 +1,401 @@
+//! Stage 3: the nearest simplex ETF (`method.md` §3).
+//!
+//! ```text
+//! P* = argmin_{P in St(d,K)} ||Y - P M / sqrt(K-1)||^2 + (delta/2) ||P - Prox||^2
+//!    = argmax_{P in St(d,K)} tr(P^T G),      G = c Y M + delta Prox,  c = 2/sqrt(K-1)
+//! ```
+//!
+//! **Procrustes (default).** The global maximiser is the polar factor of `G`. From the `K x K`
+//! Gram matrix `G^T G = Q diag(s^2) Q^T` (float64 eigendecomposition):
+//! `U = G Q diag(1/s)`, `P = U Q^T`. Then `B = sym(P^T G) = Q diag(s) Q^T`, which is exactly
+//! what the implicit backward needs, so the forward hands `(U, Q, s)` to it. `s_min` is about
+//! `delta` (because `G 1 = delta Prox 1`), so `cond(G^T G) ~ (s_max/delta)^2`; in float64 that
+//! leaves `P` orthonormal to ~`1e-13`. The Riemannian gradient `G - P sym(P^T G)` is then
+//! checked, and Riemannian Newton steps (tangent-space solve of §4, Newton–Schulz polar
+//! retraction) polish `P` until it is at rounding level (`GRAD_RTOL * ||G||_F`), at most
+//! `MAX_POLISH` steps. Each step refactors `B`, so the backward always sees the
+//! eigendecomposition of `sym(P^T G)` at the returned `P`.
+//!
+//! **First step (no `Prox`).** The reference solves without the proximal term from
+//! `J = I_{d x K}` and uses the answer as `Prox`. Without `Prox`, `A = c Y M` has rank
+//! `r <= K - 1` and its maximisers differ in the null directions. Tie-break (deterministic):
+//! `P_1 = lim_{eta -> 0} polar(A + eta J)`, computed exactly as
+//! `P_1 = U_r Q_r^T + polar((I - U_r U_r^T) J Q_n) Q_n^T`, where `(Q_r, s_r)` are the
+//! eigenpairs of `A^T A` with `s > NULL_RTOL * s_max`, `U_r = A Q_r diag(1/s_r)` and `Q_n`
+//! spans the rest. This is the minimiser closest to `J`, matches the reference's `W` to
+//! ~`1e-7`, and is orthonormal to rounding in its null directions (it becomes `Prox`). The
+//! step then solves with `Prox = P_1` (treated as a constant, as the reference does), which
+//! returns `P_1` up to `O(eta / delta)`.
+//!
+//! **Riemannian (option).** The paper's route: Newton iterations on St(d,K) started from
+//! `Prox` (from `J` on the first step, without then with the proximal term), with a gradient
+//! step and backtracking whenever Newton does not increase `tr(P^T G)`, at most `max_iters`.
+//! For `d = K` it never leaves the determinant component of its start.
+
+use faer::{Mat, MatRef};
+
+use crate::config::SolveMethod;
+use crate::cpu::linalg::{
+    ab, abt, atb, center_rows, fro, orthogonality_error, scale_cols, sym, sym_eig,
+};
+use crate::error::{Error, Result};
+
+/// Stop polishing when `||grad f||_F <= GRAD_RTOL * ||G||_F` (rounding level in float64).
+pub const GRAD_RTOL: f64 = 1e-14;
+/// At most this many Newton polishing steps after the Procrustes solution.
+pub const MAX_POLISH: usize = 3;
+/// First step: singular values of `c Y M` below `NULL_RTOL * s_max` count as null directions.
+/// Rounding puts the null singular values of a Gram-based computation at about
+/// `sqrt(K eps) s_max` (`~3e-7` at `K = 1000`), so the cut-off sits above that.
+pub const NULL_RTOL: f64 = 1e-6;
+
+/// The factorisation a solve leaves for the backward: `P`, and `B = sym(P^T G) = Q diag(s) Q^T`
+/// with `U = P Q`.
+#[derive(Debug, Clone)]
+pub struct Factor {
+    /// The solution `P` (`d x K`).
+    pub p: Mat<f64>,
+    /// `U = P Q` (`d x K`).
+    pub u: Mat<f64>,
+    /// Eigenvectors of `B` (`K x K`).
+    pub q: Mat<f64>,
+    /// Eigenvalues of `B` (ascending).
+    pub s: Vec<f64>,
+}
+
+/// What a solve did and how good its answer is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SolveReport {
+    /// Riemannian Newton steps taken (polishing, or iterations of the Riemannian method).
+    pub steps: usize,
+    /// `||G - P sym(P^T G)||_F` at the returned `P`.
+    pub grad_norm: f64,
+    /// `||Y - P M/sqrt(K-1)||^2 + (delta/2)||P - Prox||^2` at the returned `P`.
+    pub objective: f64,
+    /// `max |P^T P - I|`.
+    pub orthogonality: f64,
+    /// `true` when there was no `Prox` (the first-step gauge rule was used).
+    pub first_step: bool,
+}
+
+/// A complete solve: the factor for the backward, `G`, the `Prox` used, and the report.
+#[derive(Debug, Clone)]
+pub struct EtfSolve {
+    /// `P` and its factorisation.
+    pub factor: Factor,
+    /// `G = c Y M + delta Prox`.
+    pub g: Mat<f64>,
+    /// The `Prox` used (`P_1` on a first step).
+    pub prox: Mat<f64>,
+    /// The report.
+    pub report: SolveReport,
+}
+
+/// `c = 2 / sqrt(K - 1)`.
+pub fn c_of(k: usize) -> f64 {
+    2.0 / ((k - 1) as f64).sqrt()
+}
+
+/// Solves for the nearest ETF of `y` (`d x K`, float64).
+pub fn solve(
+    y: MatRef<'_, f64>,
+    prox: Option<MatRef<'_, f64>>,
+    delta: f64,
+    method: SolveMethod,
+) -> Result<EtfSolve> {
+    let (d, k) = (y.nrows(), y.ncols());
+    crate::config::check_sizes(d, k)?;
+    let mut a = y.to_owned();
+    center_rows(&mut a);
+    let c = c_of(k);
+    a *= faer::Scale(c);
+    let first_step = prox.is_none();
+    let prox: Mat<f64> = match (prox, method) {
+        (Some(p), _) => p.to_owned(),
+        (None, SolveMethod::Procrustes) => first_step_gauge(a.as_ref())?,
+        (None, SolveMethod::Riemannian { max_iters }) => {
+            let j = Mat::from_fn(d, k, |i, jj| if i == jj { 1.0 } else { 0.0 });
+            riemannian(a.as_ref(), j, max_iters)?.0.p
+        }
+    };
+    let mut g = prox.clone();
+    g *= faer::Scale(delta);
+    g += &a;
+    let (factor, steps) = match method {
+        SolveMethod::Procrustes => {
+            let f0 = polar_gram(g.as_ref())?;
+            polish(g.as_ref(), f0)?
+        }
+        SolveMethod::Riemannian { max_iters } => riemannian(g.as_ref(), prox.clone(), max_iters)?,
+    };
+    let grad_norm = true_grad_norm(factor.p.as_ref(), g.as_ref());
+    let objective = objective(y, factor.p.as_ref(), prox.as_ref(), delta);
+    let orthogonality = orthogonality_error(factor.p.as_ref());
+    Ok(EtfSolve {
+        factor,
+        g,
+        prox,
+        report: SolveReport {
+            steps,
+            grad_norm,
+            objective,
+            orthogonality,
+            first_step,
+        },
+    })
+}
+
+/// `||Y - P M/sqrt(K-1)||^2 + (delta/2) ||P - Prox||^2`.
+pub fn objective(y: MatRef<'_, f64>, p: MatRef<'_, f64>, prox: MatRef<'_, f64>, delta: f64) -> f64 {
+    let k = y.ncols();
+    let mut pm = p.to_owned();
+    center_rows(&mut pm);
+    let s = 1.0 / ((k - 1) as f64).sqrt();
+    let mut f = 0.0;
+    let mut r = 0.0;
+    for j in 0..k {
+        for i in 0..y.nrows() {
+            let e = y[(i, j)] - s * pm[(i, j)];
+            f += e * e;
+            let q = p[(i, j)] - prox[(i, j)];
+            r += q * q;
+        }
+    }
+    f + 0.5 * delta * r
+}
+
+/// `||G - P B||_F` with `B = Q diag(s) Q^T`, the Riemannian gradient norm of `-tr(P^T G)`.
+fn riemannian_grad(f: &Factor, g: MatRef<'_, f64>) -> f64 {
+    // P B = U diag(s) Q^T
+    let mut us = f.u.clone();
+    scale_cols(&mut us, &f.s);
+    let pb = abt(us.as_ref(), f.q.as_ref());
+    fro((g - pb).as_ref())
+}
+
+/// Polar factor of a full-rank `G` through the eigendecomposition of `G^T G`.
+pub(crate) fn polar_gram(g: MatRef<'_, f64>) -> Result<Factor> {
+    let gram = atb(g, g);
+    let (q, lam) = sym_eig(gram.as_ref())?;
+    let lmax = lam.last().copied().unwrap_or(0.0);
+    if !(lmax > 0.0) || !(lam[0] > lmax * 1e-28) {
+        return Err(Error::Numerical {
+            what: "G is rank deficient (no unique nearest ETF)",
+        });
+    }
+    let s: Vec<f64> = lam.iter().map(|l| l.sqrt()).collect();
+    let mut u = ab(g, q.as_ref());
+    let inv: Vec<f64> = s.iter().map(|v| 1.0 / v).collect();
+    scale_cols(&mut u, &inv);
+    let p = abt(u.as_ref(), q.as_ref());
+    Ok(Factor { p, u, q, s })
+}
+
+/// Factors `B = sym(P^T G)` at a given `P` on the manifold (not necessarily optimal), for
+/// the backward at an arbitrary point.
+pub fn factor_at(p: Mat<f64>, g: MatRef<'_, f64>) -> Result<Factor> {
+    let b = sym(atb(p.as_ref(), g).as_ref());
+    let (q, s) = sym_eig(b.as_ref())?;
+    let u = ab(p.as_ref(), q.as_ref());
+    Ok(Factor { p, u, q, s })
+}
+
+/// Newton polishing of a Procrustes solution until the gradient is at rounding level.
+/// Returns the factor at the final `P` (refactored whenever `P` moved) and the step count.
+fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<(Factor, usize)> {
+    let tol = GRAD_RTOL * fro(g);
+    let mut f = f0;
+    let mut steps = 0;
+    while steps < MAX_POLISH && true_grad_norm(f.p.as_ref(), g) > tol {
+        if steps == 0 {
+            f = factor_at(f.p, g)?;
+        }
+        if f.s[0] <= 0.0 {
+            break;
+        }
+        let x = newton_direction(&f, g)?;
+        let p = retract_newton_schulz(f.p + x);
+        f = factor_at(p, g)?;
+        steps += 1;
+    }
+    Ok((f, steps))
+}
+
+/// `||G - P sym(P^T G)||_F` evaluated directly (no factor identities assumed).
+pub(crate) fn true_grad_norm(p: MatRef<'_, f64>, g: MatRef<'_, f64>) -> f64 {
+    let b = sym(atb(p, g).as_ref());
+    fro((g - ab(p, b.as_ref())).as_ref())
+}
+
+/// The Riemannian Newton direction: the tangent `X` with `Proj_T(X B) = G - P B`.
+fn newton_direction(f: &Factor, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
+    // V = P B - G, then X = tangent_solve(V) solves Proj_T(X B) = -Proj_T(V) = G - P B.
+    let mut us = f.u.clone();
+    scale_cols(&mut us, &f.s);
+    let v = abt(us.as_ref(), f.q.as_ref()) - g;
+    crate::cpu::backward::tangent_solve(f, v.as_ref())
+}
+
+/// Polar retraction by Newton–Schulz iterations `Z <- Z (3 I - Z^T Z) / 2` (quadratic
+/// convergence; a tangent step of norm `e` leaves `Z^T Z = I + O(e^2)`).
+pub(crate) fn retract_newton_schulz(mut z: Mat<f64>) -> Mat<f64> {
+    let k = z.ncols();
+    for _ in 0..8 {
+        let ztz = atb(z.as_ref(), z.as_ref());
+        let mut err = 0.0f64;
+        let m = Mat::from_fn(k, k, |i, j| {
+            let id = if i == j { 1.0 } else { 0.0 };
+            err = err.max((ztz[(i, j)] - id).abs());
+            0.5 * (3.0 * id - ztz[(i, j)])
+        });
+        if err < 4.0 * f64::EPSILON {
+            break;
+        }
+        z = ab(z.as_ref(), m.as_ref());
+    }
+    z
+}
+
+/// First-step gauge rule (see module docs): `lim_{eta->0} polar(A + eta J)`.
+pub(crate) fn first_step_gauge(a: MatRef<'_, f64>) -> Result<Mat<f64>> {
+    let (d, k) = (a.nrows(), a.ncols());
+    let gram = atb(a, a);
+    let (q, lam) = sym_eig(gram.as_ref())?;
+    let smax = lam.last().copied().unwrap_or(0.0).max(0.0).sqrt();
+    if !(smax > 0.0) {
+        return Err(Error::DegenerateMeans);
+    }
+    let range: Vec<usize> = (0..k)
+        .filter(|&i| lam[i].max(0.0).sqrt() > NULL_RTOL * smax)
+        .collect();
+    let null: Vec<usize> = (0..k)
+        .filter(|&i| lam[i].max(0.0).sqrt() <= NULL_RTOL * smax)
+        .collect();
+    let qr = Mat::from_fn(k, range.len(), |i, j| q[(i, range[j])]);
+    let qn = Mat::from_fn(k, null.len(), |i, j| q[(i, null[j])]);
+    let mut ur = ab(a, qr.as_ref());
+    let inv: Vec<f64> = range.iter().map(|&i| 1.0 / lam[i].sqrt()).collect();
+    scale_cols(&mut ur, &inv);
+    let mut p = abt(ur.as_ref(), qr.as_ref());
+    if !null.is_empty() {
+        // J Q_n: Q_n padded with zero rows to d rows; project out span(U_r) twice.
+        let mut jn = Mat::from_fn(d, null.len(), |i, j| if i < k { qn[(i, j)] } else { 0.0 });
+        for _ in 0..2 {
+            let c = atb(ur.as_ref(), jn.as_ref());
+            jn -= ab(ur.as_ref(), c.as_ref());
+        }
+        let wn = orthonormal_polar(jn, ur.as_ref())?;
+        p += abt(wn.as_ref(), qn.as_ref());
+    }
+    Ok(retract_newton_schulz(p))
+}
+
+/// `polar(X)` for a `d x m` block orthogonal to `span(Ur)`; if `X` is rank deficient (a
+/// degenerate corner case), it is completed deterministically by Gram–Schmidt over the
+/// coordinate vectors.
+fn orthonormal_polar(x: Mat<f64>, ur: MatRef<'_, f64>) -> Result<Mat<f64>> {
+    let (d, m) = (x.nrows(), x.ncols());
+    let gram = atb(x.as_ref(), x.as_ref());
+    let (q, lam) = sym_eig(gram.as_ref())?;
+    if lam[0] > 1e-12 * lam[m - 1].max(1e-300) && lam[0] > 1e-24 {
+        let mut u = ab(x.as_ref(), q.as_ref());
+        let inv: Vec<f64> = lam.iter().map(|l| 1.0 / l.sqrt()).collect();
+        scale_cols(&mut u, &inv);
+        return Ok(abt(u.as_ref(), q.as_ref()));
+    }
+    // Fallback: Gram–Schmidt of the columns of X, then of e_1, e_2, ..., against U_r and the
+    // vectors already accepted, until m vectors are found.
+    let mut basis: Vec<Vec<f64>> = (0..ur.ncols())
+        .map(|j| (0..d).map(|i| ur[(i, j)]).collect())
+        .collect();
+    let nr = basis.len();
+    let cands = (0..m)
+        .map(|j| (0..d).map(|i| x[(i, j)]).collect::<Vec<f64>>())
+        .chain((0..d).map(|e| (0..d).map(|i| if i == e { 1.0 } else { 0.0 }).collect()));
+    for mut v in cands {
+        if basis.len() == nr + m {
+            break;
+        }
+        for _ in 0..2 {
+            for b in &basis {
+                let dot: f64 = b.iter().zip(&v).map(|(a, c)| a * c).sum();
+                v.iter_mut().zip(b).for_each(|(vi, bi)| *vi -= dot * bi);
+            }
+        }
+        let n: f64 = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if n > 1e-6 {
+            v.iter_mut().for_each(|a| *a /= n);
+            basis.push(v);
+        }
+    }
+    if basis.len() != nr + m {
+        return Err(Error::Numerical {
+            what: "could not complete the first-step null directions",
+        });
+    }
+    Ok(Mat::from_fn(d, m, |i, j| basis[nr + j][i]))
+}
+
+/// The Riemannian route: Newton iterations from `p0` with a safeguarded gradient step.
+fn riemannian(g: MatRef<'_, f64>, p0: Mat<f64>, max_iters: usize) -> Result<(Factor, usize)> {
+    let tol = GRAD_RTOL * fro(g);
+    let h = |p: &Mat<f64>| -> f64 {
+        let mut t = 0.0;
+        for j in 0..p.ncols() {
+            for i in 0..p.nrows() {
+                t += p[(i, j)] * g[(i, j)];
+            }
+        }
+        t
+    };
+    let mut f = factor_at(retract_exact(p0)?, g)?;
+    let mut it = 0;
+    while it < max_iters {
+        let grad = riemannian_grad(&f, g);
+        if grad <= tol {
+            break;
+        }
+        let h0 = h(&f.p);
+        let mut next = None;
+        if f.s[0] > 0.0 {
+            let x = newton_direction(&f, g)?;
+            let cand = retract_exact(&f.p + &x)?;
+            if h(&cand) >= h0 - 1e-15 * h0.abs() {
+                next = Some(cand);
+            }
+        }
+        if next.is_none() {
+            // Gradient ascent on tr(P^T G) with backtracking: X = t (G - P B).
+            let mut us = f.u.clone();
+            scale_cols(&mut us, &f.s);
+            let dir = g - abt(us.as_ref(), f.q.as_ref());
+            let mut t = 1.0 / f.s.iter().fold(fro(g), |m, v| m.max(v.abs()));
+            for _ in 0..40 {
+                let cand = retract_exact(&f.p + &dir * faer::Scale(t))?;
+                if h(&cand) > h0 {
+                    next = Some(cand);
+                    break;
+                }
+                t *= 0.5;
+            }
+        }
+        match next {
+            Some(p) => f = factor_at(p, g)?,
+            None => break,
+        }
+        it += 1;
+    }
+    Ok((f, it))
+}
+
+/// Exact polar retraction (through the Gram matrix), for steps of any size.
+fn retract_exact(z: Mat<f64>) -> Result<Mat<f64>> {
+    Ok(polar_gram(z.as_ref())?.p)
+}
+/// `G = c Y M + delta Prox`.
+pub fn g_matrix(y: MatRef<'_, f64>, prox: MatRef<'_, f64>, delta: f64) -> Mat<f64> {
+    let mut a = y.to_owned();
+    center_rows(&mut a);
+    a *= faer::Scale(c_of(y.ncols()));
+    a + prox * faer::Scale(delta)
+}

@@ -291,13 +291,20 @@ extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsi
         rs,
         "pub(crate) const PTXAS_REPORT: Option<&str> = {};",
         if nvcc_used.is_some() {
-            format!("Some(include_str!({:?}))", report_path.display().to_string())
+            format!(
+                "Some(include_str!({:?}))",
+                report_path.display().to_string()
+            )
         } else {
             "None".into()
         }
     )
     .unwrap();
-    writeln!(rs, "pub(crate) const NVCC_USED: Option<&str> = {nvcc_used:?};").unwrap();
+    writeln!(
+        rs,
+        "pub(crate) const NVCC_USED: Option<&str> = {nvcc_used:?};"
+    )
+    .unwrap();
     writeln!(rs, "pub(crate) const CPU_ASAN: bool = {asan};").unwrap();
     write_if_changed(&out.join("kernels_gen.rs"), &rs);
 }

@@ -10,7 +10,8 @@
 #include "etf_cuda.h"
 
 // One block (any size <= 1024, a multiple of 32). policy: 0 = Hold, 1 = Reference.
-// seen: K ints (0/1), updated in place (Reference: seen |= present, only if a class is absent).
+// seen: K ints (0/1), updated in place: seen |= present (Hold: always; Reference: only on
+// batches in which some class is absent, the reference's quirk).
 extern "C" __global__ void moving_plan(const int* counts, int k, int step, int policy, int* seen, int* source) {
     int absent = 0;
     for (int c = threadIdx.x; c < k; c += blockDim.x) absent |= counts[c] == 0;
@@ -24,7 +25,7 @@ extern "C" __global__ void moving_plan(const int* counts, int k, int step, int p
         else if (!seen[c]) s = 2;
         else s = 3;
         source[c] = s;
-        if (policy == 1 && any_absent && present) seen[c] = 1;
+        if ((policy == 0 || any_absent) && present) seen[c] = 1;
     }
 }
 

@@ -3,9 +3,7 @@
 
 use super::{gen, Arg, KernelSig, LaunchConfig};
 use crate::error::{Error, Result};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -181,7 +179,12 @@ impl CudaDevice {
         Ok(f)
     }
 
-    pub(super) fn launch(&self, sig: &KernelSig, cfg: LaunchConfig, args: &[Arg<'_>]) -> Result<()> {
+    pub(super) fn launch(
+        &self,
+        sig: &KernelSig,
+        cfg: LaunchConfig,
+        args: &[Arg<'_>],
+    ) -> Result<()> {
         let f = self.function(sig)?;
         let mut guards = Vec::new();
         let mut slots: Vec<u64> = Vec::with_capacity(args.len());

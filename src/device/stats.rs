@@ -68,7 +68,13 @@ pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Resul
     dev.launch(
         kernel,
         LaunchConfig::linear(n, BLOCK),
-        &[Arg::Buf(labels), Arg::I32(ni), Arg::I32(ki), Arg::Buf(&out), Arg::Buf(&bad)],
+        &[
+            Arg::Buf(labels),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            Arg::Buf(&out),
+            Arg::Buf(&bad),
+        ],
     )?;
     let first_bad = dev.download::<i32>(&bad)?[0];
     if first_bad < ni {
@@ -97,7 +103,12 @@ pub fn tau_normalise(dev: &Device, raw: &Buffer, n: usize, d: usize, tau: f64) -
     dev.launch(
         &format!("tau_normalise_{sfx}"),
         LaunchConfig::new((n as u32, 1, 1), (BLOCK, 1, 1)),
-        &[Arg::Buf(raw), Arg::I32(i32_dim(d, "d")?), Arg::F32(tau as f32), Arg::Buf(&x)],
+        &[
+            Arg::Buf(raw),
+            Arg::I32(i32_dim(d, "d")?),
+            Arg::F32(tau as f32),
+            Arg::Buf(&x),
+        ],
     )?;
     Ok(x)
 }
@@ -180,7 +191,12 @@ pub fn class_stats(
     dev.launch(
         "class_counts",
         per_class,
-        &[Arg::Buf(&labels), Arg::I32(ni), Arg::I32(ki), Arg::Buf(&counts)],
+        &[
+            Arg::Buf(&labels),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            Arg::Buf(&counts),
+        ],
     )?;
     dev.launch(
         "class_offsets",
@@ -322,12 +338,17 @@ pub struct MovingUpdateDev {
     pub source: Buffer,
     /// Weight of the new column: `alpha` (exponential) or `1/(t+1)` (cumulative).
     pub a: f64,
-    /// Weight of the stored column: `1 - alpha` or `t/(t+1)`.
+    /// Weight of the stored column: `1 - a`.
     pub b: f64,
 }
 
 /// The weights `(a, b)` of `E_new = a C + b E` and the new `alpha` for step `t`.
-pub fn moving_weights(avg: MovingAverage, step: u64, alpha: f64, alpha_floor: f64) -> (f64, f64, f64) {
+pub fn moving_weights(
+    avg: MovingAverage,
+    step: u64,
+    alpha: f64,
+    alpha_floor: f64,
+) -> (f64, f64, f64) {
     match avg {
         MovingAverage::Exponential => {
             let a = if alpha > alpha_floor {
@@ -338,8 +359,8 @@ pub fn moving_weights(avg: MovingAverage, step: u64, alpha: f64, alpha_floor: f6
             (a, 1.0 - a, a)
         }
         MovingAverage::Cumulative => {
-            let t = step as f64;
-            (1.0 / (t + 1.0), t / (t + 1.0), alpha)
+            let w = 1.0 / (step as f64 + 1.0);
+            (w, 1.0 - w, w)
         }
     }
 }
@@ -459,7 +480,13 @@ pub fn frobenius_normalise(dev: &Device, e: &Buffer) -> Result<(Buffer, Buffer, 
     dev.launch(
         "dot_single_block",
         LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
-        &[Arg::Buf(e), Arg::Buf(e), Arg::I32(li), Arg::I32(1), Arg::Buf(&norm)],
+        &[
+            Arg::Buf(e),
+            Arg::Buf(e),
+            Arg::I32(li),
+            Arg::I32(1),
+            Arg::Buf(&norm),
+        ],
     )?;
     let nv = dev.download::<f32>(&norm)?[0];
     if nv.is_nan() || nv <= 0.0 {
@@ -488,7 +515,13 @@ pub fn frobenius_normalise_backward(
     dev.launch(
         "dot_single_block",
         LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
-        &[Arg::Buf(y), Arg::Buf(dy), Arg::I32(li), Arg::I32(0), Arg::Buf(&dot)],
+        &[
+            Arg::Buf(y),
+            Arg::Buf(dy),
+            Arg::I32(li),
+            Arg::I32(0),
+            Arg::Buf(&dot),
+        ],
     )?;
     let de = dev.alloc_zeros(DType::F32, len)?;
     dev.launch(
@@ -568,7 +601,14 @@ pub fn forward(
         d,
         k,
     };
-    let update = moving_update(dev, &mut trial, &stats, opt.average, opt.policy, opt.alpha_floor)?;
+    let update = moving_update(
+        dev,
+        &mut trial,
+        &stats,
+        opt.average,
+        opt.policy,
+        opt.alpha_floor,
+    )?;
     let (y, norm_buf, norm) = frobenius_normalise(dev, &update.e_new)?;
     *state = trial;
     Ok(StatsForward {

@@ -58,6 +58,40 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
 }
 
+/// Like [`assert_close`], relative to `max(||want||, floor)`: for results that are a
+/// cancellation of terms of size `floor` (e.g. the tau-normalisation backward at d = 1, whose
+/// exact value is 0).
+fn assert_close_floor(what: &str, got: &[f32], want: &[f64], floor: f64, tol: f64) {
+    let den = want.iter().map(|w| w * w).sum::<f64>().sqrt().max(floor);
+    let num = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        num <= tol * den,
+        "{what}: error {:e} relative to {den:e} > {tol:e}",
+        num / den
+    );
+}
+
+/// Size of the first term of the tau-normalisation backward, `tau / ||r_i|| * dx_i`.
+fn tau_term_scale(raw: &[f64], dx: &[f64], n: usize, d: usize, tau: f64) -> f64 {
+    (0..n)
+        .map(|i| {
+            let r: f64 = raw[i * d..(i + 1) * d]
+                .iter()
+                .map(|v| v * v)
+                .sum::<f64>()
+                .sqrt();
+            let g: f64 = dx[i * d..(i + 1) * d].iter().map(|v| v * v).sum::<f64>();
+            (tau / r.max(1e-12)).powi(2) * g
+        })
+        .sum::<f64>()
+        .sqrt()
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Feat {
     F32,
@@ -106,10 +140,10 @@ fn upload_labels(dev: &Device, y: &[usize], wide: bool) -> Buffer {
 const SHAPES: &[(usize, usize, usize, usize)] = &[
     (1, 7, 3, 2),
     (5, 300, 10, 5),
-    (64, 257, 5, 0),
+    (24, 257, 5, 0),
     (33, 64, 4, 1),
-    (200, 513, 12, 3),
-    (96, 1, 2, 0),
+    (40, 513, 12, 3),
+    (16, 1, 2, 0),
 ];
 
 fn labels_for(rng: &mut Rng, n: usize, k: usize, absent: usize) -> Vec<usize> {
@@ -146,10 +180,11 @@ fn tau_normalise_and_backward_match_reference() {
                 let dxb = dev.upload(&dx).unwrap();
                 let dr = dstats::tau_normalise_backward(&dev, &buf, &dxb, n, d, tau).unwrap();
                 let want = stats::tau_normalise_backward(&raw64, &dx64, n, d, tau);
-                assert_close(
+                assert_close_floor(
                     &format!("{what} backward"),
                     &dev.download::<f32>(&dr).unwrap(),
                     &want,
+                    tau_term_scale(&raw64, &dx64, n, d, tau),
                     TOL,
                 );
             }
@@ -254,7 +289,7 @@ fn moving_means_and_frobenius_match_reference() {
                 let mut st_dev = dstats::MovingStateDev::new(&dev, d, k).unwrap();
                 let mut st_ref = moving::MovingMeans::<f64>::new(d, k);
                 // Batches: absent classes at step 0 and 2 (as in the goldens), complete at 1.
-                for (step, &(n, absent)) in [(9usize, 2usize), (30, 0), (4, 3), (12, 1)]
+                for (step, &(n, absent)) in [(9usize, 2usize), (16, 0), (4, 3), (12, 1)]
                     .iter()
                     .enumerate()
                 {
@@ -326,18 +361,18 @@ fn moving_means_and_frobenius_match_reference() {
                     assert_close(&format!("{what} Y"), &dev.download(&yb).unwrap(), &y_r, TOL);
                     let dy: Vec<f32> = (0..d * k).map(|_| rng.normal() as f32).collect();
                     let dy64: Vec<f64> = dy.iter().map(|&v| v as f64).collect();
-                    let dE = dstats::frobenius_normalise_backward(
+                    let d_e = dstats::frobenius_normalise_backward(
                         &dev,
                         &yb,
                         &normb,
                         &dev.upload(&dy).unwrap(),
                     )
                     .unwrap();
-                    let dE_r = moving::frobenius_normalise_backward(&y_r, norm_r, &dy64);
+                    let d_e_ref = moving::frobenius_normalise_backward(&y_r, norm_r, &dy64);
                     assert_close(
                         &format!("{what} dE"),
-                        &dev.download(&dE).unwrap(),
-                        &dE_r,
+                        &dev.download(&d_e).unwrap(),
+                        &d_e_ref,
                         TOL,
                     );
                     st_ref = ur.next;
@@ -380,6 +415,11 @@ fn composed_stage_matches_reference() {
                 let st_r = moving::MovingMeans::<f64>::new(d, k);
                 let ur = moving::update(&st_r, &r, opt.average, opt.policy, 1e-4);
                 let (y_r, norm_r) = moving::frobenius_normalise(&ur.e_new);
+                if norm_r < 1e-4 {
+                    // Degenerate batch (e.g. d = 1 and every class mean equals mu): E_new is
+                    // zero up to rounding, so Y is undefined; the f32 result is noise.
+                    continue;
+                }
                 let what = format!("{} composed {ft:?} n={n} d={d} k={k}", dev.name());
                 assert_close(
                     &format!("{what} Y"),
@@ -408,10 +448,11 @@ fn composed_stage_matches_reference() {
                 let want = stats::tau_normalise_backward(&raw64, &dx, n, d, 5.0);
                 // Gradients of a composition: the f32 error of Y (~1e-7) is amplified by the
                 // conditioning of the chain; 1e-5 still holds on these shapes.
-                assert_close(
+                assert_close_floor(
                     &format!("{what} d_raw"),
                     &dev.download(&dr).unwrap(),
                     &want,
+                    tau_term_scale(&raw64, &dx, n, d, 5.0),
                     TOL,
                 );
                 assert_eq!(dr.dtype(), DType::F32);
@@ -425,7 +466,7 @@ fn composed_stage_matches_reference() {
 fn results_are_deterministic() {
     for dev in devices() {
         let mut rng = Rng(42);
-        let (n, d, k) = (300, 129, 7);
+        let (n, d, k) = (48, 129, 7);
         let raw: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let y: Vec<u32> = (0..n).map(|_| (rng.next() % k as u64) as u32).collect();
         let run = || {

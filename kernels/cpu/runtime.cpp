@@ -10,7 +10,10 @@
 
 #include <pthread.h>
 
+#include <atomic>
 #include <condition_variable>
+#include <memory>
+#include <semaphore>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -91,14 +94,16 @@ void check_deadlock_locked(Block& b) {
 }
 
 // ---- thread pool -------------------------------------------------------------------------
+// One semaphore per worker, so a block of n threads wakes exactly n workers.
+struct Worker {
+    std::binary_semaphore go{0};
+};
 struct Pool {
-    std::mutex m;
-    std::condition_variable cv_start, cv_done;
-    unsigned long job_gen = 0;
     unsigned job_threads = 0;
-    unsigned done = 0;
     const std::function<void()>* job = nullptr;
-    unsigned size = 0;
+    std::atomic<unsigned> done{0};
+    std::binary_semaphore all_done{0};
+    std::vector<std::unique_ptr<Worker>> workers;
 };
 Pool g_pool;
 
@@ -121,44 +126,40 @@ void run_one_thread(unsigned i) {
 
 void* worker_main(void* arg) {
     unsigned i = (unsigned)(uintptr_t)arg;
-    unsigned long seen = 0;
+    Worker* w = g_pool.workers[i].get();
     for (;;) {
-        {
-            std::unique_lock<std::mutex> lk(g_pool.m);
-            g_pool.cv_start.wait(lk, [&] { return g_pool.job_gen != seen; });
-            seen = g_pool.job_gen;
-            if (i >= g_pool.job_threads) continue;
-        }
+        w->go.acquire();
         run_one_thread(i);
-        std::lock_guard<std::mutex> lk(g_pool.m);
-        if (++g_pool.done == g_pool.job_threads) g_pool.cv_done.notify_all();
+        if (g_pool.done.fetch_add(1) + 1 == g_pool.job_threads) g_pool.all_done.release();
     }
     return nullptr;
 }
 
 std::string grow_pool(unsigned n) {
-    while (g_pool.size < n) {
+    if (g_pool.workers.empty()) g_pool.workers.reserve(1024);
+    while (g_pool.workers.size() < n) {
+        g_pool.workers.push_back(std::make_unique<Worker>());
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setstacksize(&attr, 1u << 20);
         pthread_t t;
-        int rc = pthread_create(&t, &attr, worker_main, (void*)(uintptr_t)g_pool.size);
+        int rc = pthread_create(&t, &attr, worker_main, (void*)(uintptr_t)(g_pool.workers.size() - 1));
         pthread_attr_destroy(&attr);
-        if (rc != 0) return "cannot create host thread for the CPU execution";
+        if (rc != 0) {
+            g_pool.workers.pop_back();
+            return "cannot create host thread for the CPU execution";
+        }
         pthread_detach(t);
-        g_pool.size++;
     }
     return "";
 }
 
 void run_block(unsigned nthreads, const std::function<void()>& fn) {
-    std::unique_lock<std::mutex> lk(g_pool.m);
     g_pool.job = &fn;
     g_pool.job_threads = nthreads;
-    g_pool.done = 0;
-    g_pool.job_gen++;
-    g_pool.cv_start.notify_all();
-    g_pool.cv_done.wait(lk, [&] { return g_pool.done == nthreads; });
+    g_pool.done.store(0);
+    for (unsigned i = 0; i < nthreads; i++) g_pool.workers[i]->go.release();
+    g_pool.all_done.acquire();
 }
 
 std::mutex g_launch_mutex;
@@ -181,6 +182,7 @@ int syncthreads_count(int pred, const char* site) {
     }
     b.count_acc += pred;
     if (++b.arrived == b.nthreads) {
+        b.blocked -= b.nthreads - 1;  // the waiters are released now
         b.count_result = b.count_acc;
         b.arrived = 0;
         b.site = nullptr;
@@ -192,7 +194,6 @@ int syncthreads_count(int pred, const char* site) {
     b.blocked++;
     check_deadlock_locked(b);
     b.cv.wait(lk, [&] { return b.gen != my || b.aborted; });
-    b.blocked--;
     if (b.gen == my) throw Abort{};
     return b.count_result;
 }
@@ -200,11 +201,22 @@ int syncthreads_count(int pred, const char* site) {
 void syncthreads(const char* site) { (void)syncthreads_count(0, site); }
 
 namespace {
+unsigned long long pick(const Warp& w, unsigned need, unsigned lane, int read_lane,
+                        unsigned long long mine) {
+    if (read_lane < 0) return w.results[lane];
+    if (read_lane < 32 && (need >> read_lane) & 1u) return w.results[read_lane];
+    return mine;
+}
+
 // One warp-synchronous step: every lane of `mask` deposits `mine`; `finish` computes the
 // per-lane results once all have arrived. Returns this lane's result.
+// `read_lane`: which lane's result this lane takes (-1: its own); an absent or out-of-mask
+// lane yields `mine` (shuffles from inactive lanes are undefined on the GPU). The result is
+// read under the lock before returning; the next warp step cannot complete (and overwrite
+// `results`) before this lane arrives there, so one barrier per step is enough.
 template <typename F>
 unsigned long long warp_step(unsigned mask, unsigned long long mine, const char* what,
-                             const char* site, F finish) {
+                             const char* site, F finish, int read_lane = -1) {
     Block& b = *g_block;
     unsigned lin = linear_tid();
     unsigned lane = lin & 31u;
@@ -228,19 +240,19 @@ unsigned long long warp_step(unsigned mask, unsigned long long mine, const char*
     w.slots[lane] = mine;
     w.arrived_mask |= 1u << lane;
     if (++w.arrived == (unsigned)__builtin_popcount(need)) {
+        b.blocked -= w.arrived - 1;  // the waiting lanes are released now
         finish(w, need);
         w.arrived = 0;
         w.gen++;
         w.cv.notify_all();
-        return w.results[lane];
+        return pick(w, need, lane, read_lane, mine);
     }
     unsigned long my = w.gen;
     b.blocked++;
     check_deadlock_locked(b);
     w.cv.wait(lk, [&] { return w.gen != my || b.aborted; });
-    b.blocked--;
     if (w.gen == my) throw Abort{};
-    return w.results[lane];
+    return pick(w, mask & w.existing, lane, read_lane, mine);
 }
 }  // namespace
 
@@ -250,29 +262,12 @@ void syncwarp(unsigned mask, const char* site) {
 
 unsigned long long warp_exchange(unsigned mask, unsigned long long mine, int src_lane,
                                  const char* site) {
-    // Each lane asks for one source lane: pack (value) into slots, the request separately.
-    Block& b = *g_block;
-    unsigned lin = linear_tid();
-    Warp& w = b.warps[lin >> 5];
-    // Two-phase: deposit values, then every lane reads its source once all deposited.
-    unsigned long long v = warp_step(mask, mine, "__shfl_sync", site, [&](Warp& ww, unsigned) {
-        for (int l = 0; l < 32; l++) ww.results[l] = ww.slots[l];
-    });
-    // The results array now holds every lane's value; read the source (an absent source lane
-    // returns the caller's own value, as shuffles from inactive lanes are undefined).
-    (void)v;
-    unsigned long long out;
-    {
-        std::lock_guard<std::mutex> lk(b.m);
-        unsigned need = mask & w.existing;
-        if (src_lane >= 0 && src_lane < 32 && (need & (1u << src_lane)))
-            out = w.results[src_lane];
-        else
-            out = mine;
-    }
-    // Second barrier so no lane overwrites `results` before everyone read it.
-    (void)warp_step(mask, 0, "__shfl_sync", site, [](Warp&, unsigned) {});
-    return out;
+    return warp_step(
+        mask, mine, "__shfl_sync", site,
+        [](Warp& w, unsigned) {
+            for (int l = 0; l < 32; l++) w.results[l] = w.slots[l];
+        },
+        src_lane < 0 ? 32 : src_lane);
 }
 
 unsigned warp_ballot(unsigned mask, int pred, const char* site) {

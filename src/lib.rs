@@ -51,6 +51,10 @@
 //! | the stateful head | [`cpu::head`] |
 //! | neural-collapse metrics (NC1-NC4, ...) | [`metrics`] |
 //!
+//! The CUDA side: [`device`] is the device layer (CUDA through cudarc, or the crate's CPU
+//! execution of the same CUDA sources in `kernels/`), with the statistics stage on it
+//! ([`device::stats`]).
+//!
 //! All matrices are row-major slices at the API: features `N x d`, moving means and `P`
 //! `d x K`, `W` `K x d`, logits `N x K`. `f64` is the reference precision; `f32` storage is
 //! supported, with the `K x K` factorisations always in `f64`.
@@ -63,6 +67,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod device;
 pub mod error;
 pub mod etf;
 pub mod label;

@@ -1,0 +1,53 @@
+// Common prelude of every kernels/*.cu file.
+//
+// Under nvcc / NVRTC (__CUDACC__ defined) it pulls in the half and bfloat16 types.
+// Under the host C++ compiler it pulls in the CPU execution model (cpu/cuda_cpu.h), which
+// supplies the subset of CUDA C++ listed in kernels/README.md.
+#pragma once
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#else
+#include "cpu/cuda_cpu.h"
+#endif
+
+// Helpers shared by the kernels (device-side, both executions).
+namespace etf {
+
+// Converts a stored feature to f32 (the arithmetic type of every kernel).
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Kahan-compensated running sum: deterministic, error independent of the length.
+struct Kahan {
+    float s, c;
+    __device__ __forceinline__ Kahan() : s(0.0f), c(0.0f) {}
+    __device__ __forceinline__ void add(float v) {
+        float y = v - c;
+        float t = s + y;
+        c = (t - s) - y;
+        s = t;
+    }
+};
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024) in a fixed order: per-warp
+// xor-shuffle tree, then warp 0 reduces the per-warp partials. Every thread returns the sum.
+// `scratch` holds at least 33 floats of shared memory; the call starts and ends with a barrier.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    __syncthreads();
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < nwarps ? scratch[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+        if (lane == 0) scratch[32] = w;
+    }
+    __syncthreads();
+    return scratch[32];
+}
+
+}  // namespace etf

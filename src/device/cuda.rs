@@ -1,0 +1,233 @@
+//! CUDA backend (cudarc driver API). Never panics when `libcuda` is absent: availability is
+//! checked with `cudarc::driver::sys::is_culib_present()` first.
+
+use super::{gen, Arg, KernelSig, LaunchConfig};
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+fn dev_err(op: impl Into<String>, e: impl std::fmt::Debug) -> Error {
+    Error::Device {
+        op: op.into(),
+        message: format!("{e:?}"),
+    }
+}
+
+/// A device allocation (at least one byte, so that empty buffers are valid too).
+#[derive(Debug)]
+pub(super) struct CudaBuf {
+    slice: CudaSlice<u8>,
+    bytes: usize,
+}
+
+/// One CUDA context and stream, with the kernel modules loaded on first use.
+pub(super) struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    cc: (i32, i32),
+    modules: Mutex<HashMap<usize, Arc<CudaModule>>>,
+    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice({})", self.name())
+    }
+}
+
+impl CudaDevice {
+    pub(super) fn new(ordinal: usize) -> Result<CudaDevice> {
+        // SAFETY: only tries to dlopen the driver library; no other effect.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice {
+                reason: "the CUDA driver library (libcuda) is not installed".into(),
+            });
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| Error::NoDevice {
+                reason: "the CUDA driver could not be loaded".into(),
+            })?
+            .map_err(|e| Error::NoDevice {
+                reason: format!("no CUDA device {ordinal}: {e:?}"),
+            })?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| dev_err("compute capability", e))?;
+        let stream = ctx.default_stream();
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            cc,
+            modules: Mutex::new(HashMap::new()),
+            funcs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(super) fn name(&self) -> String {
+        let n = self.ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        format!("{n} (sm_{}{})", self.cc.0, self.cc.1)
+    }
+
+    pub(super) fn alloc_zeros(&self, bytes: usize) -> Result<CudaBuf> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| dev_err("alloc", e))?;
+        Ok(CudaBuf { slice, bytes })
+    }
+
+    pub(super) fn upload(&self, data: &[u8]) -> Result<CudaBuf> {
+        let mut b = self.alloc_zeros(data.len())?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    pub(super) fn write(&self, b: &mut CudaBuf, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut view = b.slice.slice_mut(..data.len());
+        self.stream
+            .memcpy_htod(data, &mut view)
+            .map_err(|e| dev_err("copy to device", e))
+    }
+
+    pub(super) fn read(&self, b: &CudaBuf, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return self.synchronize();
+        }
+        let view = b.slice.slice(..dst.len());
+        self.stream
+            .memcpy_dtoh(&view, dst)
+            .map_err(|e| dev_err("copy to host", e))?;
+        self.synchronize()
+    }
+
+    pub(super) fn copy(&self, b: &CudaBuf) -> Result<CudaBuf> {
+        let slice = self
+            .stream
+            .clone_dtod(&b.slice)
+            .map_err(|e| dev_err("copy on device", e))?;
+        Ok(CudaBuf {
+            slice,
+            bytes: b.bytes,
+        })
+    }
+
+    pub(super) fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+
+    fn module(&self, file: usize) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = mods.get(&file) {
+            return Ok(m.clone());
+        }
+        let kf = &gen::KERNEL_FILES[file];
+        let image = match (kf.cubin_sm90, kf.ptx) {
+            (Some(c), _) if self.cc == (9, 0) => Ptx::from_binary(c.to_vec()),
+            (_, Some(p)) => Ptx::from_src(p),
+            _ => {
+                // SAFETY: only tries to dlopen the NVRTC library.
+                if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                    return Err(Error::NoDevice {
+                        reason: "built without nvcc and NVRTC (libnvrtc) is not installed".into(),
+                    });
+                }
+                let opts = cudarc::nvrtc::CompileOptions {
+                    options: vec![
+                        format!("--gpu-architecture=compute_{}{}", self.cc.0, self.cc.1),
+                        "-std=c++17".into(),
+                    ],
+                    name: Some(format!("{}.cu", kf.name)),
+                    ..Default::default()
+                };
+                cudarc::nvrtc::compile_ptx_with_opts(kf.source, opts)
+                    .map_err(|e| dev_err(format!("NVRTC compile of kernels/{}.cu", kf.name), e))?
+            }
+        };
+        let m = self
+            .ctx
+            .load_module(image)
+            .map_err(|e| dev_err(format!("load module kernels/{}.cu", kf.name), e))?;
+        mods.insert(file, m.clone());
+        Ok(m)
+    }
+
+    fn function(&self, sig: &KernelSig) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .funcs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sig.name)
+        {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module(sig.file)?
+            .load_function(sig.name)
+            .map_err(|e| dev_err(format!("load function {}", sig.name), e))?;
+        self.funcs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sig.name, f.clone());
+        Ok(f)
+    }
+
+    pub(super) fn launch(
+        &self,
+        sig: &KernelSig,
+        cfg: LaunchConfig,
+        args: &[Arg<'_>],
+    ) -> Result<()> {
+        let f = self.function(sig)?;
+        let mut guards = Vec::new();
+        let mut slots: Vec<u64> = Vec::with_capacity(args.len());
+        for a in args {
+            slots.push(match a {
+                Arg::Buf(b) => match &b.inner {
+                    super::BufInner::Cuda(c) => {
+                        let (p, g) = c.slice.device_ptr(&self.stream);
+                        guards.push(g);
+                        p
+                    }
+                    super::BufInner::Cpu(_) => 0,
+                },
+                Arg::I32(v) => u64::from(*v as u32),
+                Arg::U32(v) => u64::from(*v),
+                Arg::I64(v) => *v as u64,
+                Arg::U64(v) => *v,
+                Arg::F32(v) => u64::from(v.to_bits()),
+                Arg::F64(v) => v.to_bits(),
+            });
+        }
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        // SAFETY: `params` points at one 8-byte slot per parameter (little-endian, so 4-byte
+        // scalars read correctly), matching the kernel's signature (checked by
+        // `Device::launch`); the buffers stay alive until the guards drop after the launch is
+        // queued, and `Buffer` drops synchronise through cudarc's stream-ordered free.
+        let r = unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                cfg.grid,
+                cfg.block,
+                cfg.shared_bytes,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        };
+        drop(guards);
+        r.map_err(|e| dev_err(format!("launch {}", sig.name), e))
+    }
+}

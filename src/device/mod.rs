@@ -1,0 +1,487 @@
+//! Device layer: allocate, copy, launch a kernel by name, synchronise.
+//!
+//! Two implementations behind one [`Device`]:
+//! - **CUDA** (cudarc, driver API): kernels come from the PTX / `sm_90` cubin that `build.rs`
+//!   compiled with `nvcc`, or, when the crate was built without `nvcc`, from the embedded
+//!   sources compiled at run time with NVRTC.
+//! - **CPU execution**: the same `kernels/*.cu` compiled by the host C++ compiler against
+//!   `kernels/cpu/cuda_cpu.h`; the threads of a block run as real host threads, so barriers,
+//!   shuffles and atomics have their CUDA semantics (see `kernels/README.md`).
+//!
+//! All GPU-side orchestration (buffer layout, launch shapes, kernel order) is written once
+//! against [`Device`] (see [`stats`]), so CI runs the real orchestration on the CPU.
+//!
+//! Kernels are called by name with a list of [`Arg`]s; every launch is checked against the
+//! kernel's C signature (parsed by `build.rs`): argument count, pointer element types and
+//! scalar types, on both backends.
+
+mod cpu;
+mod cuda;
+pub mod stats;
+
+use crate::error::{Error, Result};
+
+/// Element type of a [`Buffer`] (and of kernel pointer / scalar parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// `float`
+    F32,
+    /// `double`
+    F64,
+    /// `__half`
+    F16,
+    /// `__nv_bfloat16`
+    BF16,
+    /// `int`
+    I32,
+    /// `unsigned int`
+    U32,
+    /// `long long`
+    I64,
+    /// `unsigned long long`
+    U64,
+    /// `unsigned char`
+    U8,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::U8 => 1,
+        }
+    }
+}
+
+/// A host type that has a device [`DType`].
+pub trait DeviceScalar: bytemuck::Pod {
+    /// Its device element type.
+    const DTYPE: DType;
+}
+macro_rules! scalar {
+    ($t:ty, $d:ident) => {
+        impl DeviceScalar for $t {
+            const DTYPE: DType = DType::$d;
+        }
+    };
+}
+scalar!(f32, F32);
+scalar!(f64, F64);
+scalar!(half::f16, F16);
+scalar!(half::bf16, BF16);
+scalar!(i32, I32);
+scalar!(u32, U32);
+scalar!(i64, I64);
+scalar!(u64, U64);
+scalar!(u8, U8);
+
+/// A kernel parameter kind, as parsed from the C signature by `build.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    /// A pointer to `dtype` elements (`writable`: not `const`).
+    Ptr {
+        /// Element type.
+        dtype: DType,
+        /// `false` for `const T*`.
+        writable: bool,
+    },
+    /// A scalar passed by value.
+    Scalar(DType),
+}
+
+/// Signature of one kernel of `kernels/*.cu`.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSig {
+    /// The `extern "C"` name.
+    pub name: &'static str,
+    /// Index into the kernel files.
+    file: usize,
+    /// Parameters in order.
+    pub params: &'static [Param],
+}
+
+/// One `kernels/*.cu` file as embedded by `build.rs`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KernelFile {
+    /// File stem.
+    pub(crate) name: &'static str,
+    /// Self-contained source (local includes inlined), for NVRTC.
+    pub(crate) source: &'static str,
+    /// PTX for `compute_75`, if `nvcc` was available.
+    pub(crate) ptx: Option<&'static str>,
+    /// `sm_90` cubin, if `nvcc` was available.
+    pub(crate) cubin_sm90: Option<&'static [u8]>,
+}
+
+mod gen {
+    use super::{DType, KernelFile, KernelSig, Param};
+    include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));
+}
+
+/// Every kernel of `kernels/*.cu` with its parsed signature.
+pub fn kernels() -> &'static [KernelSig] {
+    gen::KERNELS
+}
+
+/// The ptxas resource report (TSV: file, kernel, registers, spill store/load bytes, stack
+/// frame bytes, static shared memory bytes) of the `sm_90` build, if `nvcc` was used.
+pub fn ptxas_report() -> Option<&'static str> {
+    gen::PTXAS_REPORT
+}
+
+/// The `nvcc` that compiled the embedded PTX / cubins, if any.
+pub fn nvcc_used() -> Option<&'static str> {
+    gen::NVCC_USED
+}
+
+/// Whether the CPU execution was built with AddressSanitizer (`IMPLICIT_ETF_ASAN=1`).
+pub fn cpu_asan() -> bool {
+    gen::CPU_ASAN
+}
+
+fn sig(name: &str) -> Result<&'static KernelSig> {
+    gen::KERNELS
+        .iter()
+        .find(|k| k.name == name)
+        .ok_or_else(|| Error::Device {
+            op: format!("launch {name}"),
+            message: "no kernel of that name in kernels/*.cu".into(),
+        })
+}
+
+/// Which implementation a [`Device`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CUDA GPU through the driver API.
+    Cuda,
+    /// The CPU execution of the kernels.
+    Cpu,
+}
+
+/// Launch shape: like `cuLaunchKernel`'s grid, block and dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// Blocks per grid (x, y, z).
+    pub grid: (u32, u32, u32),
+    /// Threads per block (x, y, z).
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes (at most 48 KiB).
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch of `ceil(n / block)` blocks of `block` threads.
+    pub fn linear(n: usize, block: u32) -> Self {
+        LaunchConfig {
+            grid: ((n.div_ceil(block as usize)).max(1) as u32, 1, 1),
+            block: (block, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+    /// `grid` x `block` with no dynamic shared memory.
+    pub fn new(grid: (u32, u32, u32), block: (u32, u32, u32)) -> Self {
+        LaunchConfig {
+            grid,
+            block,
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg<'a> {
+    /// A device buffer, passed as a pointer to its first element.
+    Buf(&'a Buffer),
+    /// `int`
+    I32(i32),
+    /// `unsigned int`
+    U32(u32),
+    /// `long long`
+    I64(i64),
+    /// `unsigned long long`
+    U64(u64),
+    /// `float`
+    F32(f32),
+    /// `double`
+    F64(f64),
+}
+
+/// A typed device allocation (`len` elements of `dtype`).
+#[derive(Debug)]
+pub struct Buffer {
+    dtype: DType,
+    len: usize,
+    inner: BufInner,
+}
+
+#[derive(Debug)]
+enum BufInner {
+    Cpu(cpu::CpuBuf),
+    Cuda(cuda::CudaBuf),
+}
+
+impl Buffer {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// `true` when it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+/// A device: CUDA GPU or CPU execution of the kernels.
+#[derive(Debug)]
+pub struct Device {
+    inner: DevInner,
+}
+
+#[derive(Debug)]
+enum DevInner {
+    Cpu,
+    Cuda(Box<cuda::CudaDevice>),
+}
+
+impl Device {
+    /// The CPU execution of the kernels (always available).
+    pub fn cpu() -> Device {
+        Device {
+            inner: DevInner::Cpu,
+        }
+    }
+
+    /// CUDA device `ordinal`; [`Error::NoDevice`] when there is no driver or no GPU.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device {
+            inner: DevInner::Cuda(Box::new(cuda::CudaDevice::new(ordinal)?)),
+        })
+    }
+
+    /// Chosen by `IMPLICIT_ETF_DEVICE`: `cpu`, `cuda` (error if unavailable), or `auto`
+    /// (the default: CUDA device 0 when available, else the CPU execution).
+    pub fn from_env() -> Result<Device> {
+        match std::env::var("IMPLICIT_ETF_DEVICE").as_deref() {
+            Ok("cpu") => Ok(Device::cpu()),
+            Ok("cuda") => Device::cuda(0),
+            Ok("auto") | Err(_) => Ok(Device::cuda(0).unwrap_or_else(|_| Device::cpu())),
+            Ok(other) => Err(Error::InvalidParameter {
+                name: "IMPLICIT_ETF_DEVICE",
+                reason: format!("`{other}` is not one of cpu, cuda, auto"),
+            }),
+        }
+    }
+
+    /// The devices tests should run on: the CPU execution, plus CUDA device 0 when present
+    /// (`IMPLICIT_ETF_DEVICE=cpu` or `cuda` keeps only that one). The second value is the
+    /// reason the CUDA part is skipped, if it is.
+    pub fn all_available() -> (Vec<Device>, Option<String>) {
+        let want = std::env::var("IMPLICIT_ETF_DEVICE").unwrap_or_default();
+        let mut v = Vec::new();
+        if want != "cuda" {
+            v.push(Device::cpu());
+        }
+        if want == "cpu" {
+            return (v, Some("IMPLICIT_ETF_DEVICE=cpu".into()));
+        }
+        match Device::cuda(0) {
+            Ok(d) => {
+                v.push(d);
+                (v, None)
+            }
+            Err(e) => (v, Some(e.to_string())),
+        }
+    }
+
+    /// Which implementation this is.
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            DevInner::Cpu => Backend::Cpu,
+            DevInner::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// A short description ("CPU execution", or the GPU's name).
+    pub fn name(&self) -> String {
+        match &self.inner {
+            DevInner::Cpu => {
+                if cpu_asan() {
+                    "CPU execution (AddressSanitizer)".into()
+                } else {
+                    "CPU execution".into()
+                }
+            }
+            DevInner::Cuda(c) => c.name(),
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn alloc_zeros(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let bytes = len * dtype.size();
+        let inner = match &self.inner {
+            DevInner::Cpu => BufInner::Cpu(cpu::CpuBuf::zeroed(bytes)),
+            DevInner::Cuda(c) => BufInner::Cuda(c.alloc_zeros(bytes)?),
+        };
+        Ok(Buffer { dtype, len, inner })
+    }
+
+    /// A new buffer holding a copy of `data`.
+    pub fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let inner = match &self.inner {
+            DevInner::Cpu => {
+                let b = cpu::CpuBuf::zeroed(bytes.len());
+                b.write(bytes);
+                BufInner::Cpu(b)
+            }
+            DevInner::Cuda(c) => BufInner::Cuda(c.upload(bytes)?),
+        };
+        Ok(Buffer {
+            dtype: T::DTYPE,
+            len: data.len(),
+            inner,
+        })
+    }
+
+    /// Overwrites `buf` with `data` (same type and length).
+    pub fn write<T: DeviceScalar>(&self, buf: &mut Buffer, data: &[T]) -> Result<()> {
+        check_type::<T>(buf, "write")?;
+        if data.len() != buf.len {
+            return Err(Error::ShapeMismatch {
+                what: "device write",
+                expected: buf.len,
+                got: data.len(),
+            });
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        match (&self.inner, &mut buf.inner) {
+            (DevInner::Cpu, BufInner::Cpu(b)) => {
+                b.write(bytes);
+                Ok(())
+            }
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => c.write(b, bytes),
+            _ => Err(foreign("write")),
+        }
+    }
+
+    /// Copies `buf` back to the host (waits for pending work).
+    pub fn download<T: DeviceScalar>(&self, buf: &Buffer) -> Result<Vec<T>> {
+        check_type::<T>(buf, "download")?;
+        let mut out = vec![T::zeroed(); buf.len];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        match (&self.inner, &buf.inner) {
+            (DevInner::Cpu, BufInner::Cpu(b)) => b.read(dst),
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => c.read(b, dst)?,
+            _ => return Err(foreign("download")),
+        }
+        Ok(out)
+    }
+
+    /// A new buffer with a copy of `buf`'s contents (device to device).
+    pub fn copy(&self, buf: &Buffer) -> Result<Buffer> {
+        let inner = match (&self.inner, &buf.inner) {
+            (DevInner::Cpu, BufInner::Cpu(b)) => BufInner::Cpu(b.clone_buf()),
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => BufInner::Cuda(c.copy(b)?),
+            _ => return Err(foreign("copy")),
+        };
+        Ok(Buffer {
+            dtype: buf.dtype,
+            len: buf.len,
+            inner,
+        })
+    }
+
+    /// Launches kernel `name` (an `extern "C" __global__` function of `kernels/*.cu`).
+    /// The arguments are checked against its C signature. On CUDA the launch is
+    /// asynchronous (errors of the kernel itself surface at [`Device::synchronize`] or the
+    /// next download); on the CPU it runs to completion before returning.
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg<'_>]) -> Result<()> {
+        let sig = sig(name)?;
+        let bad = |message: String| Error::Device {
+            op: format!("launch {name}"),
+            message,
+        };
+        if args.len() != sig.params.len() {
+            return Err(bad(format!(
+                "takes {} arguments, got {}",
+                sig.params.len(),
+                args.len()
+            )));
+        }
+        for (i, (p, a)) in sig.params.iter().zip(args).enumerate() {
+            let ok = match (p, a) {
+                (Param::Ptr { dtype, .. }, Arg::Buf(b)) => {
+                    if b.dtype != *dtype {
+                        return Err(bad(format!(
+                            "argument {i}: kernel expects a {dtype:?} pointer, got a {:?} buffer",
+                            b.dtype
+                        )));
+                    }
+                    matches!(
+                        (&self.inner, &b.inner),
+                        (DevInner::Cpu, BufInner::Cpu(_)) | (DevInner::Cuda(_), BufInner::Cuda(_))
+                    )
+                }
+                (Param::Scalar(DType::I32), Arg::I32(_))
+                | (Param::Scalar(DType::U32), Arg::U32(_))
+                | (Param::Scalar(DType::I64), Arg::I64(_))
+                | (Param::Scalar(DType::U64), Arg::U64(_))
+                | (Param::Scalar(DType::F32), Arg::F32(_))
+                | (Param::Scalar(DType::F64), Arg::F64(_)) => true,
+                _ => false,
+            };
+            if !ok {
+                return Err(bad(format!(
+                    "argument {i}: kernel expects {p:?}, got {a:?} (or a buffer of another device)"
+                )));
+            }
+        }
+        if cfg.shared_bytes > 48 * 1024 {
+            return Err(bad(format!(
+                "dynamic shared memory {} bytes exceeds the 48 KiB limit",
+                cfg.shared_bytes
+            )));
+        }
+        match &self.inner {
+            DevInner::Cpu => cpu::launch(name, cfg, args),
+            DevInner::Cuda(c) => c.launch(sig, cfg, args),
+        }
+    }
+
+    /// Waits for all launched work; reports asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.inner {
+            DevInner::Cpu => Ok(()),
+            DevInner::Cuda(c) => c.synchronize(),
+        }
+    }
+}
+
+fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
+    if buf.dtype != T::DTYPE {
+        return Err(Error::Device {
+            op: op.into(),
+            message: format!("buffer holds {:?}, asked for {:?}", buf.dtype, T::DTYPE),
+        });
+    }
+    Ok(())
+}
+
+fn foreign(op: &str) -> Error {
+    Error::Device {
+        op: op.into(),
+        message: "the buffer belongs to another device".into(),
+    }
+}

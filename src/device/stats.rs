@@ -1,0 +1,652 @@
+//! GPU-side orchestration of the head's statistics stage (`method.md` §2 steps 1-4), written
+//! once against [`Device`]: buffer layout, launch shapes and kernel order. It runs unchanged on
+//! a CUDA GPU and on the CPU execution.
+//!
+//! Layouts: features N x d row-major (`f32`, `f16` or `bf16`), labels N (`u32` or `i64`),
+//! centred means and moving means d x K row-major, mu length d. Arithmetic is `f32`;
+//! gradients are `f32`. Every reduction runs in a fixed order (no float atomics), so results
+//! are bitwise reproducible from run to run.
+
+use super::{Arg, Buffer, DType, Device, LaunchConfig};
+use crate::config::{AbsentClassPolicy, MovingAverage};
+use crate::error::{Error, Result};
+
+/// Threads per block of the element-wise and per-feature kernels.
+pub const BLOCK: u32 = 256;
+
+fn feat_suffix(b: &Buffer, what: &'static str) -> Result<&'static str> {
+    match b.dtype() {
+        DType::F32 => Ok("f32"),
+        DType::F16 => Ok("f16"),
+        DType::BF16 => Ok("bf16"),
+        other => Err(Error::InvalidParameter {
+            name: what,
+            reason: format!("features must be f32, f16 or bf16, got {other:?}"),
+        }),
+    }
+}
+
+fn check_len(b: &Buffer, what: &'static str, expected: usize) -> Result<()> {
+    if b.len() != expected {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected,
+            got: b.len(),
+        });
+    }
+    Ok(())
+}
+
+fn i32_dim(v: usize, what: &'static str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::InvalidParameter {
+        name: what,
+        reason: format!("{v} exceeds the i32 range of the kernels"),
+    })
+}
+
+fn cols(d: usize) -> u32 {
+    (d.div_ceil(BLOCK as usize)).max(1) as u32
+}
+
+/// Validates labels (`u32` or `i64`, length `n`) and converts them to `i32` on the device.
+/// A label outside `0..k` gives [`Error::LabelOutOfRange`] (first offending position).
+pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Result<Buffer> {
+    check_len(labels, "labels", n)?;
+    let kernel = match labels.dtype() {
+        DType::U32 => "labels_to_i32_u32",
+        DType::I64 => "labels_to_i32_i64",
+        other => {
+            return Err(Error::InvalidParameter {
+                name: "labels",
+                reason: format!("labels must be u32 or i64, got {other:?}"),
+            })
+        }
+    };
+    let (ni, ki) = (i32_dim(n, "N")?, i32_dim(k, "K")?);
+    let out = dev.alloc_zeros(DType::I32, n)?;
+    let bad = dev.upload(&[ni])?;
+    dev.launch(
+        kernel,
+        LaunchConfig::linear(n, BLOCK),
+        &[
+            Arg::Buf(labels),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            Arg::Buf(&out),
+            Arg::Buf(&bad),
+        ],
+    )?;
+    let first_bad = dev.download::<i32>(&bad)?[0];
+    if first_bad < ni {
+        let i = first_bad as usize;
+        let label = match labels.dtype() {
+            DType::U32 => i64::from(dev.download::<u32>(labels)?[i]),
+            _ => dev.download::<i64>(labels)?[i],
+        };
+        return Err(Error::LabelOutOfRange {
+            index: i,
+            label,
+            classes: k,
+        });
+    }
+    Ok(out)
+}
+
+/// `x_i = tau * r_i / max(||r_i||, 1e-12)`: `raw` N x d (f32/f16/bf16) to `x` N x d f32.
+pub fn tau_normalise(dev: &Device, raw: &Buffer, n: usize, d: usize, tau: f64) -> Result<Buffer> {
+    check_len(raw, "raw features", n * d)?;
+    let sfx = feat_suffix(raw, "raw features")?;
+    let x = dev.alloc_zeros(DType::F32, n * d)?;
+    if n == 0 || d == 0 {
+        return Ok(x);
+    }
+    dev.launch(
+        &format!("tau_normalise_{sfx}"),
+        LaunchConfig::new((n as u32, 1, 1), (BLOCK, 1, 1)),
+        &[
+            Arg::Buf(raw),
+            Arg::I32(i32_dim(d, "d")?),
+            Arg::F32(tau as f32),
+            Arg::Buf(&x),
+        ],
+    )?;
+    Ok(x)
+}
+
+/// Backward of [`tau_normalise`]: `dx` N x d f32 to `d_raw` N x d f32.
+pub fn tau_normalise_backward(
+    dev: &Device,
+    raw: &Buffer,
+    dx: &Buffer,
+    n: usize,
+    d: usize,
+    tau: f64,
+) -> Result<Buffer> {
+    check_len(raw, "raw features", n * d)?;
+    check_len(dx, "dx", n * d)?;
+    let sfx = feat_suffix(raw, "raw features")?;
+    let dr = dev.alloc_zeros(DType::F32, n * d)?;
+    if n == 0 || d == 0 {
+        return Ok(dr);
+    }
+    dev.launch(
+        &format!("tau_normalise_backward_{sfx}"),
+        LaunchConfig::new((n as u32, 1, 1), (BLOCK, 1, 1)),
+        &[
+            Arg::Buf(raw),
+            Arg::Buf(dx),
+            Arg::I32(i32_dim(d, "d")?),
+            Arg::F32(tau as f32),
+            Arg::Buf(&dr),
+        ],
+    )?;
+    Ok(dr)
+}
+
+/// Batch statistics on the device (all buffers stay there).
+#[derive(Debug)]
+pub struct ClassStatsDev {
+    /// Samples `N`.
+    pub n: usize,
+    /// Feature dimension `d`.
+    pub d: usize,
+    /// Classes `K`.
+    pub k: usize,
+    /// Validated labels, `i32`, length N.
+    pub labels: Buffer,
+    /// Class counts, `i32`, length K.
+    pub counts: Buffer,
+    /// Global mean `mu`, `f32`, length d.
+    pub mu: Buffer,
+    /// Centred class means `c_k = mean_k - mu`, `f32`, d x K (zero column if absent).
+    pub centred: Buffer,
+}
+
+/// Class counts, global mean and centred class means of `x` (N x d, f32/f16/bf16) with
+/// validated `i32` labels (see [`labels_to_i32`]). Kernel order: `class_counts`,
+/// `class_offsets`, `class_members` (stable per-class member lists), `class_sums_*`
+/// (grid `ceil(d/256) x K`), `class_means` (one thread per feature).
+pub fn class_stats(
+    dev: &Device,
+    x: &Buffer,
+    labels: Buffer,
+    n: usize,
+    d: usize,
+    k: usize,
+) -> Result<ClassStatsDev> {
+    if n == 0 {
+        return Err(Error::EmptyBatch);
+    }
+    check_len(x, "features", n * d)?;
+    check_len(&labels, "labels", n)?;
+    let sfx = feat_suffix(x, "features")?;
+    let (ni, di, ki) = (i32_dim(n, "N")?, i32_dim(d, "d")?, i32_dim(k, "K")?);
+    let counts = dev.alloc_zeros(DType::I32, k)?;
+    let offsets = dev.alloc_zeros(DType::I32, k + 1)?;
+    let members = dev.alloc_zeros(DType::I32, n)?;
+    let sums = dev.alloc_zeros(DType::F32, k * d)?;
+    let mu = dev.alloc_zeros(DType::F32, d)?;
+    let centred = dev.alloc_zeros(DType::F32, d * k)?;
+    let per_class = LaunchConfig::linear(k, BLOCK);
+    dev.launch(
+        "class_counts",
+        per_class,
+        &[
+            Arg::Buf(&labels),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            Arg::Buf(&counts),
+        ],
+    )?;
+    dev.launch(
+        "class_offsets",
+        LaunchConfig::new((1, 1, 1), (1, 1, 1)),
+        &[Arg::Buf(&counts), Arg::I32(ki), Arg::Buf(&offsets)],
+    )?;
+    dev.launch(
+        "class_members",
+        per_class,
+        &[
+            Arg::Buf(&labels),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            Arg::Buf(&offsets),
+            Arg::Buf(&members),
+        ],
+    )?;
+    if d > 0 {
+        dev.launch(
+            &format!("class_sums_{sfx}"),
+            LaunchConfig::new((cols(d), k as u32, 1), (BLOCK, 1, 1)),
+            &[
+                Arg::Buf(x),
+                Arg::I32(di),
+                Arg::Buf(&offsets),
+                Arg::Buf(&members),
+                Arg::Buf(&sums),
+            ],
+        )?;
+        dev.launch(
+            "class_means",
+            LaunchConfig::linear(d, BLOCK),
+            &[
+                Arg::Buf(&sums),
+                Arg::Buf(&counts),
+                Arg::I32(ni),
+                Arg::I32(di),
+                Arg::I32(ki),
+                Arg::Buf(&mu),
+                Arg::Buf(&centred),
+            ],
+        )?;
+    }
+    Ok(ClassStatsDev {
+        n,
+        d,
+        k,
+        labels,
+        counts,
+        mu,
+        centred,
+    })
+}
+
+/// Backward of [`class_stats`]: `d_centred` (d x K) and `d_mu` (d) to `dx` (N x d, f32):
+/// `dx_i = d_centred[:, y_i] / n_{y_i} + (d_mu - sum_{k present} d_centred[:, k]) / N`.
+pub fn class_stats_backward(
+    dev: &Device,
+    s: &ClassStatsDev,
+    d_centred: &Buffer,
+    d_mu: &Buffer,
+) -> Result<Buffer> {
+    let (n, d, k) = (s.n, s.d, s.k);
+    check_len(d_centred, "d_centred", d * k)?;
+    check_len(d_mu, "d_mu", d)?;
+    let (ni, di, ki) = (i32_dim(n, "N")?, i32_dim(d, "d")?, i32_dim(k, "K")?);
+    let g = dev.alloc_zeros(DType::F32, d)?;
+    let dx = dev.alloc_zeros(DType::F32, n * d)?;
+    if d == 0 {
+        return Ok(dx);
+    }
+    dev.launch(
+        "class_stats_backward_prep",
+        LaunchConfig::linear(d, BLOCK),
+        &[
+            Arg::Buf(d_centred),
+            Arg::Buf(d_mu),
+            Arg::Buf(&s.counts),
+            Arg::I32(ni),
+            Arg::I32(di),
+            Arg::I32(ki),
+            Arg::Buf(&g),
+        ],
+    )?;
+    dev.launch(
+        "class_stats_backward_scatter",
+        LaunchConfig::new((cols(d), n as u32, 1), (BLOCK, 1, 1)),
+        &[
+            Arg::Buf(&s.labels),
+            Arg::Buf(&s.counts),
+            Arg::Buf(d_centred),
+            Arg::Buf(&g),
+            Arg::I32(di),
+            Arg::I32(ki),
+            Arg::Buf(&dx),
+        ],
+    )?;
+    Ok(dx)
+}
+
+/// Moving class means state on the device (`method.md` §2 step 3).
+#[derive(Debug)]
+pub struct MovingStateDev {
+    /// `E`, f32, d x K (zero at start).
+    pub e: Buffer,
+    /// Step count `t`.
+    pub step: u64,
+    /// Current EMA weight `alpha` (starts at 1).
+    pub alpha: f64,
+    /// `seen` flags, `i32` 0/1, length K (all 0 at start).
+    pub seen: Buffer,
+    /// Feature dimension.
+    pub d: usize,
+    /// Classes.
+    pub k: usize,
+}
+
+impl MovingStateDev {
+    /// The initial state: `E = 0`, `t = 0`, `alpha = 1`, nothing seen.
+    pub fn new(dev: &Device, d: usize, k: usize) -> Result<Self> {
+        Ok(MovingStateDev {
+            e: dev.alloc_zeros(DType::F32, d * k)?,
+            step: 0,
+            alpha: 1.0,
+            seen: dev.alloc_zeros(DType::I32, k)?,
+            d,
+            k,
+        })
+    }
+}
+
+/// Result of one moving-mean update (what the backward needs).
+#[derive(Debug)]
+pub struct MovingUpdateDev {
+    /// `E_new`, f32, d x K.
+    pub e_new: Buffer,
+    /// Per-class column source (`i32`, K): 0 update from `c_k`, 1 update from `mu`,
+    /// 2 set to `mu` (with gradient), 3 hold (no gradient). See `kernels/moving.cu`.
+    pub source: Buffer,
+    /// Weight of the new column: `alpha` (exponential) or `1/(t+1)` (cumulative).
+    pub a: f64,
+    /// Weight of the stored column: `1 - a`.
+    pub b: f64,
+}
+
+/// The weights `(a, b)` of `E_new = a C + b E` and the new `alpha` for step `t`.
+pub fn moving_weights(
+    avg: MovingAverage,
+    step: u64,
+    alpha: f64,
+    alpha_floor: f64,
+) -> (f64, f64, f64) {
+    match avg {
+        MovingAverage::Exponential => {
+            let a = if alpha > alpha_floor {
+                2.0 / (step as f64 + 2.0)
+            } else {
+                alpha_floor
+            };
+            (a, 1.0 - a, a)
+        }
+        MovingAverage::Cumulative => {
+            let w = 1.0 / (step as f64 + 1.0);
+            (w, 1.0 - w, w)
+        }
+    }
+}
+
+/// One moving-mean update: `moving_plan` (per-class sources, `seen` flags), then
+/// `moving_update` (element-wise over d x K). Advances `state` (`E <- E_new`, `t += 1`,
+/// `alpha`).
+pub fn moving_update(
+    dev: &Device,
+    state: &mut MovingStateDev,
+    s: &ClassStatsDev,
+    avg: MovingAverage,
+    policy: AbsentClassPolicy,
+    alpha_floor: f64,
+) -> Result<MovingUpdateDev> {
+    let (d, k) = (state.d, state.k);
+    if s.d != d || s.k != k {
+        return Err(Error::ShapeMismatch {
+            what: "moving means (d x K)",
+            expected: d * k,
+            got: s.d * s.k,
+        });
+    }
+    let (a, b, alpha) = moving_weights(avg, state.step, state.alpha, alpha_floor);
+    let source = dev.alloc_zeros(DType::I32, k)?;
+    let pol = match policy {
+        AbsentClassPolicy::Hold => 0,
+        AbsentClassPolicy::Reference => 1,
+    };
+    let step = i32::try_from(state.step.min(i32::MAX as u64)).unwrap_or(i32::MAX);
+    dev.launch(
+        "moving_plan",
+        LaunchConfig::new((1, 1, 1), (BLOCK, 1, 1)),
+        &[
+            Arg::Buf(&s.counts),
+            Arg::I32(i32_dim(k, "K")?),
+            Arg::I32(step),
+            Arg::I32(pol),
+            Arg::Buf(&state.seen),
+            Arg::Buf(&source),
+        ],
+    )?;
+    let e_new = dev.alloc_zeros(DType::F32, d * k)?;
+    if d * k > 0 {
+        dev.launch(
+            "moving_update",
+            LaunchConfig::linear(d * k, BLOCK),
+            &[
+                Arg::Buf(&state.e),
+                Arg::Buf(&s.centred),
+                Arg::Buf(&s.mu),
+                Arg::Buf(&source),
+                Arg::I32(i32_dim(d, "d")?),
+                Arg::I32(i32_dim(k, "K")?),
+                Arg::F32(a as f32),
+                Arg::F32(b as f32),
+                Arg::Buf(&e_new),
+            ],
+        )?;
+    }
+    state.e = dev.copy(&e_new)?;
+    state.step += 1;
+    state.alpha = alpha;
+    Ok(MovingUpdateDev {
+        e_new,
+        source,
+        a,
+        b,
+    })
+}
+
+/// Backward of [`moving_update`]: `d_e_new` (d x K) to `(d_centred, d_mu)`. When
+/// `d_mu_in` is given (e.g. the gradient reaching `mu` through the bias), the result is added
+/// to it.
+pub fn moving_update_backward(
+    dev: &Device,
+    u: &MovingUpdateDev,
+    d_e_new: &Buffer,
+    d_mu_in: Option<&Buffer>,
+    d: usize,
+    k: usize,
+) -> Result<(Buffer, Buffer)> {
+    check_len(d_e_new, "d_e_new", d * k)?;
+    let d_centred = dev.alloc_zeros(DType::F32, d * k)?;
+    let d_mu = match d_mu_in {
+        Some(m) => {
+            check_len(m, "d_mu", d)?;
+            dev.copy(m)?
+        }
+        None => dev.alloc_zeros(DType::F32, d)?,
+    };
+    if d > 0 {
+        dev.launch(
+            "moving_update_backward",
+            LaunchConfig::linear(d, BLOCK),
+            &[
+                Arg::Buf(d_e_new),
+                Arg::Buf(&u.source),
+                Arg::I32(i32_dim(d, "d")?),
+                Arg::I32(i32_dim(k, "K")?),
+                Arg::F32(u.a as f32),
+                Arg::I32(i32::from(d_mu_in.is_some())),
+                Arg::Buf(&d_centred),
+                Arg::Buf(&d_mu),
+            ],
+        )?;
+    }
+    Ok((d_centred, d_mu))
+}
+
+/// `Y = E / ||E||_F`. Returns `(Y, norm buffer (1 f32), norm)`; [`Error::DegenerateMeans`] if
+/// the norm is zero.
+pub fn frobenius_normalise(dev: &Device, e: &Buffer) -> Result<(Buffer, Buffer, f32)> {
+    let len = e.len();
+    let li = i32_dim(len, "d*K")?;
+    let norm = dev.alloc_zeros(DType::F32, 1)?;
+    dev.launch(
+        "dot_single_block",
+        LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
+        &[
+            Arg::Buf(e),
+            Arg::Buf(e),
+            Arg::I32(li),
+            Arg::I32(1),
+            Arg::Buf(&norm),
+        ],
+    )?;
+    let nv = dev.download::<f32>(&norm)?[0];
+    if nv.is_nan() || nv <= 0.0 {
+        return Err(Error::DegenerateMeans);
+    }
+    let y = dev.alloc_zeros(DType::F32, len)?;
+    dev.launch(
+        "frobenius_scale",
+        LaunchConfig::linear(len, BLOCK),
+        &[Arg::Buf(e), Arg::Buf(&norm), Arg::I32(li), Arg::Buf(&y)],
+    )?;
+    Ok((y, norm, nv))
+}
+
+/// Backward of [`frobenius_normalise`]: `dE = (dY - Y <Y, dY>) / ||E||`.
+pub fn frobenius_normalise_backward(
+    dev: &Device,
+    y: &Buffer,
+    norm: &Buffer,
+    dy: &Buffer,
+) -> Result<Buffer> {
+    let len = y.len();
+    check_len(dy, "dY", len)?;
+    let li = i32_dim(len, "d*K")?;
+    let dot = dev.alloc_zeros(DType::F32, 1)?;
+    dev.launch(
+        "dot_single_block",
+        LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
+        &[
+            Arg::Buf(y),
+            Arg::Buf(dy),
+            Arg::I32(li),
+            Arg::I32(0),
+            Arg::Buf(&dot),
+        ],
+    )?;
+    let de = dev.alloc_zeros(DType::F32, len)?;
+    dev.launch(
+        "frobenius_normalise_backward",
+        LaunchConfig::linear(len, BLOCK),
+        &[
+            Arg::Buf(y),
+            Arg::Buf(dy),
+            Arg::Buf(norm),
+            Arg::Buf(&dot),
+            Arg::I32(li),
+            Arg::Buf(&de),
+        ],
+    )?;
+    Ok(de)
+}
+
+/// Everything the statistics stage's forward leaves on the device for its backward.
+#[derive(Debug)]
+pub struct StatsForward {
+    /// Normalised features `x` (f32, N x d) when `tau` was given.
+    pub x: Option<Buffer>,
+    /// Batch statistics.
+    pub stats: ClassStatsDev,
+    /// The moving-mean update.
+    pub update: MovingUpdateDev,
+    /// `Y = E_new / ||E_new||`, f32, d x K.
+    pub y: Buffer,
+    /// `||E_new||` on the device (1 f32).
+    pub norm_buf: Buffer,
+    /// `||E_new||`.
+    pub norm: f32,
+    /// `tau` of the feature normalisation.
+    pub tau: Option<f64>,
+}
+
+/// Options of the statistics stage.
+#[derive(Debug, Clone, Copy)]
+pub struct StatsOptions {
+    /// Feature normalisation temperature (`None`: rows fed unchanged).
+    pub tau: Option<f64>,
+    /// Exponential or cumulative moving means.
+    pub average: MovingAverage,
+    /// Absent-class policy.
+    pub policy: AbsentClassPolicy,
+    /// Floor of the EMA weight (reference `1e-4`).
+    pub alpha_floor: f64,
+}
+
+/// The composed statistics stage (steps 1-4): `raw` (N x d, f32/f16/bf16) and `labels`
+/// (N, u32/i64) to `Y` (d x K), advancing `state`.
+pub fn forward(
+    dev: &Device,
+    raw: &Buffer,
+    labels: &Buffer,
+    n: usize,
+    state: &mut MovingStateDev,
+    opt: StatsOptions,
+) -> Result<StatsForward> {
+    let (d, k) = (state.d, state.k);
+    if n == 0 {
+        return Err(Error::EmptyBatch);
+    }
+    check_len(raw, "raw features", n * d)?;
+    let lab = labels_to_i32(dev, labels, n, k)?;
+    let x = match opt.tau {
+        Some(t) => Some(tau_normalise(dev, raw, n, d, t)?),
+        None => None,
+    };
+    let stats = class_stats(dev, x.as_ref().unwrap_or(raw), lab, n, d, k)?;
+    // Check the norm before advancing the state, so an error leaves it unchanged.
+    let mut trial = MovingStateDev {
+        e: dev.copy(&state.e)?,
+        step: state.step,
+        alpha: state.alpha,
+        seen: dev.copy(&state.seen)?,
+        d,
+        k,
+    };
+    let update = moving_update(
+        dev,
+        &mut trial,
+        &stats,
+        opt.average,
+        opt.policy,
+        opt.alpha_floor,
+    )?;
+    let (y, norm_buf, norm) = frobenius_normalise(dev, &update.e_new)?;
+    *state = trial;
+    Ok(StatsForward {
+        x,
+        stats,
+        update,
+        y,
+        norm_buf,
+        norm,
+        tau: opt.tau,
+    })
+}
+
+/// Backward of [`forward`]: `dY` (d x K) and an optional extra gradient on `mu` (d) to the
+/// gradient on `raw` (N x d, f32). Gradients reaching `x` by other paths (e.g. logits) are
+/// added through `dx_extra` (N x d f32) before the feature normalisation's backward.
+pub fn backward(
+    dev: &Device,
+    f: &StatsForward,
+    raw: &Buffer,
+    dy: &Buffer,
+    d_mu_extra: Option<&Buffer>,
+    dx_extra: Option<&Buffer>,
+) -> Result<Buffer> {
+    let (n, d, k) = (f.stats.n, f.stats.d, f.stats.k);
+    let de = frobenius_normalise_backward(dev, &f.y, &f.norm_buf, dy)?;
+    let (dc, dmu) = moving_update_backward(dev, &f.update, &de, d_mu_extra, d, k)?;
+    let mut dx = class_stats_backward(dev, &f.stats, &dc, &dmu)?;
+    if let Some(extra) = dx_extra {
+        check_len(extra, "dx_extra", n * d)?;
+        // Small host round trip; a fused add kernel can replace it when the head needs it.
+        let mut a = dev.download::<f32>(&dx)?;
+        let b = dev.download::<f32>(extra)?;
+        a.iter_mut().zip(&b).for_each(|(p, q)| *p += q);
+        dev.write(&mut dx, &a)?;
+    }
+    match f.tau {
+        Some(t) => tau_normalise_backward(dev, raw, &dx, n, d, t),
+        None => Ok(dx),
+    }
+}

@@ -113,7 +113,7 @@ fn run() -> Result<(), String> {
         .collect();
     println!("wrote {} and {}", csv.display(), png.display());
     println!(
-        "plot: top accuracy (0-100%), bottom log10(train loss), x epochs; lines: {}",
+        "plot: top accuracy (grid every 25%), bottom log10(mean train loss) (grid every 0.1), x epochs 1..E; lines: {}",
         legend.join(", ")
     );
     println!("output folder: {}", out.display());
@@ -212,24 +212,22 @@ fn plot(path: &Path, runs: &[HeadRun], cfg: &Config) -> Result<(), Box<dyn std::
         .iter()
         .flat_map(|r| r.records.iter().map(|e| e.train_loss.max(1e-12).log10()))
         .collect();
-    let lo = logs.iter().copied().fold(f64::INFINITY, f64::min).floor();
-    let hi = logs
-        .iter()
-        .copied()
-        .fold(f64::NEG_INFINITY, f64::max)
-        .ceil();
-    let (lo, hi) = if lo.is_finite() && hi > lo {
-        (lo, hi)
+    let lo = logs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let pad = 0.05 * (hi - lo).max(0.1);
+    let (lo, hi) = if lo.is_finite() && hi.is_finite() {
+        (lo - pad, hi + pad)
     } else {
         (-1.0, 1.0)
     };
     let mut chart = ChartBuilder::on(&bottom)
         .margin(20)
         .build_cartesian_2d(1f64..x_max, lo..hi)?;
-    let mut y = lo;
+    // Grid lines at every tenth of a decade.
+    let mut y = (lo * 10.0).ceil() / 10.0;
     while y <= hi {
         chart.draw_series(LineSeries::new([(1.0, y), (x_max, y)], &grey))?;
-        y += 1.0;
+        y += 0.1;
     }
     for r in runs {
         let pts = r

@@ -9,44 +9,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use implicit_etf::cpu::stats::{tau_normalise, tau_normalise_backward};
-// TEMPORARY until the `metrics` branch lands: a stand-in with the planned API that reports
-// NaN (no reimplementation). Replace by `use implicit_etf::metrics::{nc_metrics, NcMetrics};`.
-mod metrics_stub {
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    pub struct NcMetrics {
-        pub nc1: f64,
-        pub nc2: f64,
-        pub nc3: f64,
-        pub nc4: f64,
-        pub equinorm_w: f64,
-        pub equinorm_h: f64,
-        pub ncc_agreement: f64,
-        pub cosine_margin: f64,
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub fn nc_metrics(
-        _x: &[f64],
-        _l: &[usize],
-        _n: usize,
-        _d: usize,
-        _k: usize,
-        _w: &[f64],
-        _b: &[f64],
-    ) -> implicit_etf::Result<NcMetrics> {
-        Ok(NcMetrics {
-            nc1: f64::NAN,
-            nc2: f64::NAN,
-            nc3: f64::NAN,
-            nc4: f64::NAN,
-            equinorm_w: f64::NAN,
-            equinorm_h: f64::NAN,
-            ncc_agreement: f64::NAN,
-            cosine_margin: f64::NAN,
-        })
-    }
-}
-use implicit_etf::{cross_entropy, CpuHead, HeadConfig};
-use metrics_stub::{nc_metrics, NcMetrics};
+use implicit_etf::metrics::{nc_metrics, NcMetrics};
 
 /// One of the three heads the paper compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use implicit_etf::cpu::stats::{tau_normalise, tau_normalise_backward};
 use implicit_etf::metrics::{nc_metrics, NcMetrics};
+use implicit_etf::{cross_entropy, CpuHead, HeadConfig};
 
 /// One of the three heads the paper compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

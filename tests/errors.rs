@@ -505,7 +505,7 @@ fn stateless_api_errors() {
         }
     );
     assert_eq!(
-        solve_etf(&vec![0.0; D * K], None, D, K, 1e-3).unwrap_err(),
+        solve_etf(&[0.0; D * K], None, D, K, 1e-3).unwrap_err(),
         Error::DegenerateMeans
     );
     let e = solve_etf_with(

@@ -75,6 +75,12 @@ pub fn solve_etf_with<T: Real>(
             reason: format!("must be finite and > 0, got {delta}"),
         });
     }
+    if let SolveMethod::Riemannian { max_iters: 0 } = method {
+        return Err(Error::InvalidParameter {
+            name: "max_iters",
+            reason: "must be at least 1".into(),
+        });
+    }
     check_len("y", d * k, y.len())?;
     check_finite("y", y)?;
     if let Some(p) = prox {

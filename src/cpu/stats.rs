@@ -124,9 +124,12 @@ pub fn class_stats<T: Real>(
         if counts[c] == 0 {
             continue;
         }
-        let inv = 1.0 / counts[c] as f64;
+        // Divide exactly as `mu` is divided (not multiply by a rounded reciprocal): a batch
+        // with a single class then has `sums == total`, `n_k == N` and a centred mean that is
+        // exactly zero, so the degenerate case is detected instead of normalising noise.
+        let nk = counts[c] as f64;
         for j in 0..d {
-            centred[j * k + c] = T::from_f64(sums[c * d + j] * inv - mu64[j]);
+            centred[j * k + c] = T::from_f64(sums[c * d + j] / nk - mu64[j]);
         }
     }
     ClassStats {

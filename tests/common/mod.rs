@@ -94,3 +94,119 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Dense linear-algebra helpers for the oracle tests (faer, float64, row-major <-> Mat).
+// ---------------------------------------------------------------------------------------
+
+use faer::Mat;
+
+/// Row-major slice -> column-major faer matrix.
+pub fn to_mat(v: &[f64], rows: usize, cols: usize) -> Mat<f64> {
+    assert_eq!(v.len(), rows * cols);
+    Mat::from_fn(rows, cols, |i, j| v[i * cols + j])
+}
+
+/// faer matrix -> row-major vector.
+pub fn from_mat(m: &Mat<f64>) -> Vec<f64> {
+    let mut out = Vec::with_capacity(m.nrows() * m.ncols());
+    for i in 0..m.nrows() {
+        for j in 0..m.ncols() {
+            out.push(m[(i, j)]);
+        }
+    }
+    out
+}
+
+/// A `rows x cols` matrix of standard normals.
+pub fn gaussian(rng: &mut Rng, rows: usize, cols: usize) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |_, _| rng.normal())
+}
+
+/// Polar factor `U V^T` of a full-column-rank `x` (thin SVD, independent of the crate's
+/// Gram-matrix route).
+pub fn polar(x: &Mat<f64>) -> Mat<f64> {
+    let svd = x.thin_svd().expect("svd");
+    svd.U() * svd.V().transpose()
+}
+
+/// Singular values (descending) of `x`.
+pub fn singular_values(x: &Mat<f64>) -> Vec<f64> {
+    let mut s = x.singular_values().expect("svd");
+    s.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    s
+}
+
+/// A random point of St(d, K): the polar factor of a Gaussian matrix.
+pub fn random_stiefel(rng: &mut Rng, d: usize, k: usize) -> Mat<f64> {
+    polar(&gaussian(rng, d, k))
+}
+
+/// Frobenius norm.
+pub fn fro(m: &Mat<f64>) -> f64 {
+    m.norm_l2()
+}
+
+/// `max |P^T P - I|`.
+pub fn orth_err(p: &Mat<f64>) -> f64 {
+    let g = p.transpose() * p;
+    let mut e = 0.0f64;
+    for i in 0..g.nrows() {
+        for j in 0..g.ncols() {
+            let t = if i == j { 1.0 } else { 0.0 };
+            e = e.max((g[(i, j)] - t).abs());
+        }
+    }
+    e
+}
+
+/// `sym(A) = (A + A^T) / 2`.
+pub fn sym(a: &Mat<f64>) -> Mat<f64> {
+    let n = a.nrows();
+    Mat::from_fn(n, n, |i, j| 0.5 * (a[(i, j)] + a[(j, i)]))
+}
+
+/// `M = I_K - 1 1^T / K`.
+pub fn centering(k: usize) -> Mat<f64> {
+    Mat::from_fn(k, k, |i, j| {
+        (if i == j { 1.0 } else { 0.0 }) - 1.0 / k as f64
+    })
+}
+
+/// `G = c Y M + delta Prox`, `c = 2/sqrt(K-1)`, built independently of the crate.
+pub fn g_of(y: &Mat<f64>, prox: &Mat<f64>, delta: f64) -> Mat<f64> {
+    let k = y.ncols();
+    let c = 2.0 / ((k - 1) as f64).sqrt();
+    y * centering(k) * faer::Scale(c) + prox * faer::Scale(delta)
+}
+
+/// `||Y - P M / sqrt(K-1)||^2 + (delta/2) ||P - Prox||^2`, built independently of the crate.
+pub fn objective_of(y: &Mat<f64>, p: &Mat<f64>, prox: &Mat<f64>, delta: f64) -> f64 {
+    let k = y.ncols();
+    let r = y - p * centering(k) * faer::Scale(1.0 / ((k - 1) as f64).sqrt());
+    let q = p - prox;
+    r.norm_l2().powi(2) + 0.5 * delta * q.norm_l2().powi(2)
+}
+
+/// Riemannian gradient norm `||G - P sym(P^T G)||_F`.
+pub fn riem_grad(p: &Mat<f64>, g: &Mat<f64>) -> f64 {
+    let b = sym(&(p.transpose() * g));
+    fro(&(g - p * b))
+}
+
+/// Determinant of a square matrix.
+pub fn det(m: &Mat<f64>) -> f64 {
+    m.determinant()
+}
+
+/// Random Y (d x K) with unit Frobenius norm, as the head produces.
+pub fn random_y(rng: &mut Rng, d: usize, k: usize) -> Mat<f64> {
+    let y = gaussian(rng, d, k);
+    let n = fro(&y);
+    y * faer::Scale(1.0 / n)
+}
+
+/// `||a - b||_F / ||b||_F` on matrices.
+pub fn rel_mat(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
+    fro(&(a - b)) / fro(b).max(1e-300)
+}

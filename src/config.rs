@@ -41,7 +41,11 @@ pub enum SolveMethod {
     /// The paper's route, for ablations: Riemannian Newton iterations (with a gradient-step
     /// safeguard, a simple trust-region rule) started from the warm start `Prox`, at most
     /// `max_iters` of them (the reference uses 30). For `d = K` it stays in the
-    /// determinant component of its start, like the reference.
+    /// determinant component of its start, like the reference. From a warm start (the
+    /// training regime: the previous step's `P`) it converges in a few iterations; from a
+    /// far start with `delta = 1e-3`, where `sym(P^T G)` is indefinite and only safeguarded
+    /// gradient steps are taken, it can need hundreds (measured in `tests/optimality.rs`),
+    /// and stops at `max_iters` with the report saying so (`grad_norm`).
     Riemannian {
         /// Iteration cap.
         max_iters: usize,

@@ -105,7 +105,10 @@ struct Pool {
     std::binary_semaphore all_done{0};
     std::vector<std::unique_ptr<Worker>> workers;
 };
-Pool g_pool;
+// Leaked on purpose: the detached workers block on their semaphores for the life of the
+// process, so the pool must never be destroyed by static destruction at exit (a destroyed
+// semaphore under a waiting thread crashes the process after the tests have passed).
+Pool& g_pool = *new Pool();
 
 void run_one_thread(unsigned i) {
     Block& b = *g_block;

@@ -17,6 +17,12 @@
 //! `MAX_POLISH`). The factor handed to the backward is always the eigendecomposition of
 //! `sym(P^T G)` at the returned `P` (to rounding).
 //!
+//! When `eps cond(G)^2` exceeds `GRAM_MAX_LOSS` (a tiny `delta`, nearly coincident class
+//! means) the Gram route would lose more than half the digits, so the polar factor is taken
+//! from a Householder QR of `G` and the SVD of its `K x K` factor instead (backward stable,
+//! no squared condition number); the same polish follows. A solve that still does not reach
+//! a feasible optimum returns [`Error::Numerical`] rather than a non-orthonormal `P`.
+//!
 //! **First step (no `Prox`).** The reference solves without the proximal term from
 //! `J = I_{d x K}` and uses the answer as `Prox`. Without `Prox`, `A = c Y M` has rank
 //! `r <= K - 1` and its maximisers differ in the null directions. Tie-break (deterministic):
@@ -49,6 +55,9 @@ pub fn grad_tol(g: MatRef<'_, f64>) -> f64 {
     let dk = (g.nrows() * g.ncols()) as f64;
     f64::EPSILON * (dk.sqrt() / 4.0).max(16.0) * fro(g)
 }
+/// Largest `eps cond(G)^2` the Gram route is used for (it loses that much relative accuracy
+/// in `P`); beyond it the QR + SVD route is taken.
+pub const GRAM_MAX_LOSS: f64 = 1e-6;
 /// `max |P^T P - I|` accepted without polishing (rounding level).
 pub const ORTH_TOL: f64 = 1e-14;
 /// At most this many Newton polishing steps after the Procrustes solution.
@@ -136,7 +145,22 @@ pub fn solve(
         grad: grad_norm,
         orth: orthogonality,
     } = match method {
-        SolveMethod::Procrustes => polish(g.as_ref(), polar_gram(g.as_ref())?)?,
+        SolveMethod::Procrustes => {
+            // The Gram route squares cond(G); when that would cost more than half of the
+            // float64 digits (tiny delta, nearly coincident class means), or fails, use the
+            // QR + SVD route, which does not square it.
+            let f0 = match polar_gram(g.as_ref()) {
+                Ok(f) if f64::EPSILON * cond_of(&f.s).powi(2) <= GRAM_MAX_LOSS => f,
+                _ => polar_svd(g.as_ref())?,
+            };
+            let out = polish(g.as_ref(), f0)?;
+            if !(out.grad <= 1e-8 * fro(g.as_ref()) && out.orth <= 1e-10) {
+                return Err(Error::Numerical {
+                    what: "the nearest-ETF solve did not reach a feasible optimum (G is too ill-conditioned)",
+                });
+            }
+            out
+        }
         SolveMethod::Riemannian { max_iters } => {
             let (factor, steps) = riemannian(g.as_ref(), prox.clone(), max_iters)?;
             Polished {
@@ -209,6 +233,39 @@ pub(crate) fn polar_gram(g: MatRef<'_, f64>) -> Result<Factor> {
     Ok(Factor { p, u, q, s })
 }
 
+/// `s_max / s_min` of positive singular values.
+fn cond_of(s: &[f64]) -> f64 {
+    let smin = s.iter().fold(f64::INFINITY, |m, &v| m.min(v));
+    let smax = s.iter().fold(0.0f64, |m, &v| m.max(v));
+    smax / smin
+}
+
+/// Polar factor through `G = Q_R R` (Householder QR) and the SVD `R = U_r S V_r^T`:
+/// `P = Q_R U_r V_r^T`, `B = V_r S V_r^T`, `U = Q_R U_r`. Backward stable without squaring
+/// `cond(G)`; slower than the Gram route, so used only when that one would lose digits.
+pub(crate) fn polar_svd(g: MatRef<'_, f64>) -> Result<Factor> {
+    let qr = g.qr();
+    let qt = qr.compute_thin_Q();
+    let r = qr.thin_R().to_owned();
+    let svd = r.thin_svd().map_err(|_| Error::Numerical {
+        what: "SVD did not converge",
+    })?;
+    let k = r.ncols();
+    let s: Vec<f64> = (0..k).map(|i| svd.S()[i]).collect();
+    let smax = s.iter().fold(0.0f64, |m, &v| m.max(v));
+    if !(s.iter().all(|&v| v > 0.0)
+        && s.iter().fold(f64::INFINITY, |m, &v| m.min(v)) > smax * 1e-14)
+    {
+        return Err(Error::Numerical {
+            what: "G is rank deficient (no unique nearest ETF)",
+        });
+    }
+    let u = ab(qt.as_ref(), svd.U());
+    let q = svd.V().to_owned();
+    let p = abt(u.as_ref(), q.as_ref());
+    Ok(Factor { p, u, q, s })
+}
+
 /// Factors `B = sym(P^T G)` at a given `P` on the manifold (not necessarily optimal), for
 /// the backward at an arbitrary point.
 pub fn factor_at(p: Mat<f64>, g: MatRef<'_, f64>) -> Result<Factor> {
@@ -242,12 +299,13 @@ fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<Polished> {
             });
         }
     }
-    // Back onto the manifold (the Gram route's error is ~eps cond^2 <= ~1e-10, so one
-    // Newton–Schulz update reaches rounding level). There B = sym(P^T G) equals the Gram
+    // Back onto the manifold (the Gram route's error is ~eps cond^2, ~1e-10 for
+    // delta = 1e-3, where one Newton–Schulz update reaches rounding level; iterate for
+    // worse-conditioned G). There B = sym(P^T G) equals the Gram
     // factor Q diag(s) Q^T to ~1e-12 relative, so the first Newton direction reuses it
     // (saving an eigendecomposition); Newton converges quadratically, to rounding level in
     // one step.
-    let p = newton_schulz_step(f0.p);
+    let p = retract_newton_schulz(f0.p);
     let u = ab(p.as_ref(), f0.q.as_ref());
     let mut f = Factor {
         p,
@@ -260,7 +318,7 @@ fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<Polished> {
     let mut prev;
     while steps < MAX_POLISH && f.s.iter().all(|&v| v > 0.0) {
         let x = newton_direction(&f, g)?;
-        f = factor_at(newton_schulz_step(f.p + x), g)?;
+        f = factor_at(retract_newton_schulz(f.p + x), g)?;
         steps += 1;
         prev = grad;
         grad = riemannian_grad(&f, g);
@@ -276,17 +334,6 @@ fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<Polished> {
         grad,
         orth,
     })
-}
-
-/// One Newton–Schulz update `Z (3 I - Z^T Z) / 2` (for `Z` already within ~1e-6 of the
-/// manifold, this lands at rounding level).
-fn newton_schulz_step(z: Mat<f64>) -> Mat<f64> {
-    let k = z.ncols();
-    let ztz = atb(z.as_ref(), z.as_ref());
-    let m = Mat::from_fn(k, k, |i, j| {
-        0.5 * (if i == j { 3.0 } else { 0.0 } - ztz[(i, j)])
-    });
-    ab(z.as_ref(), m.as_ref())
 }
 
 /// A polished solution with its checks.

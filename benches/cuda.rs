@@ -8,8 +8,21 @@ use implicit_etf::{AbsentClassPolicy, MovingAverage};
 use std::time::Instant;
 
 fn main() {
-    let dev = Device::from_env().expect("device");
+    let dev = match Device::from_env() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cuda bench: {e}");
+            std::process::exit(1);
+        }
+    };
     let cpu = dev.backend() == implicit_etf::device::Backend::Cpu;
+    if cpu {
+        let why = match Device::cuda(0) {
+            Ok(_) => "IMPLICIT_ETF_DEVICE=cpu".to_string(),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("CUDA part skipped: {why}; timing the CPU execution of the kernels instead (not a GPU number)");
+    }
     let shapes: &[(usize, usize, usize)] = if cpu {
         &[(64, 128, 10)]
     } else {

@@ -91,12 +91,7 @@ pub(super) fn launch(name: &str, cfg: LaunchConfig, args: &[Arg<'_>]) -> Result<
                 super::BufInner::Cpu(c) => c.as_ptr() as usize as u64,
                 super::BufInner::Cuda(_) => 0,
             },
-            Arg::I32(v) => u64::from(*v as u32),
-            Arg::U32(v) => u64::from(*v),
-            Arg::I64(v) => *v as u64,
-            Arg::U64(v) => *v,
-            Arg::F32(v) => u64::from(v.to_bits()),
-            Arg::F64(v) => v.to_bits(),
+            scalar => scalar.scalar_slot().unwrap_or(0),
         })
         .collect();
     // Little-endian: a 4-byte scalar read from the start of its slot is the value.

@@ -198,12 +198,7 @@ impl CudaDevice {
                     }
                     super::BufInner::Cpu(_) => 0,
                 },
-                Arg::I32(v) => u64::from(*v as u32),
-                Arg::U32(v) => u64::from(*v),
-                Arg::I64(v) => *v as u64,
-                Arg::U64(v) => *v,
-                Arg::F32(v) => u64::from(v.to_bits()),
-                Arg::F64(v) => v.to_bits(),
+                scalar => scalar.scalar_slot().unwrap_or(0),
             });
         }
         let mut params: Vec<*mut c_void> = slots

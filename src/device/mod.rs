@@ -210,6 +210,23 @@ pub enum Arg<'a> {
     F64(f64),
 }
 
+impl Arg<'_> {
+    /// The 8-byte parameter slot of a scalar argument (as in cuLaunchKernel's parameter
+    /// buffer; little-endian, so a 4-byte scalar read from the start of its slot is the
+    /// value). `None` for a buffer, whose slot holds a backend-specific pointer.
+    pub(crate) fn scalar_slot(&self) -> Option<u64> {
+        Some(match *self {
+            Arg::Buf(_) => return None,
+            Arg::I32(v) => u64::from(v as u32),
+            Arg::U32(v) => u64::from(v),
+            Arg::I64(v) => v as u64,
+            Arg::U64(v) => v,
+            Arg::F32(v) => u64::from(v.to_bits()),
+            Arg::F64(v) => v.to_bits(),
+        })
+    }
+}
+
 /// A typed device allocation (`len` elements of `dtype`).
 #[derive(Debug)]
 pub struct Buffer {

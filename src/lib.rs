@@ -76,6 +76,7 @@ pub mod real;
 
 pub use config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
 pub use cpu::head::{CpuHead, HeadOutput, HeadState};
+pub use device::head::{DeviceHead, DeviceOptions, DeviceSolveReport, Validation};
 pub use error::{Error, Result};
 pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution, SolveReport};
 pub use label::Label;

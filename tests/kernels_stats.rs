@@ -304,8 +304,24 @@ fn moving_means_and_frobenius_match_reference() {
                         dstats::labels_to_i32(&dev, &upload_labels(&dev, &y, false), n, k).unwrap();
                     let s = dstats::class_stats(&dev, &xb, lab, n, d, k).unwrap();
                     let r = stats::class_stats(&x64, &y, n, d, k);
-                    let u =
-                        dstats::moving_update(&dev, &mut st_dev, &s, avg, policy, 1e-4).unwrap();
+                    let u = dstats::moving_update(&dev, &st_dev, &s, avg, policy, 1e-4).unwrap();
+                    // A step whose status word records an error commits nothing.
+                    let bad = implicit_etf::device::status::Status::new(&dev).unwrap();
+                    dev.launch(
+                        "norm_check",
+                        implicit_etf::device::LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+                        &[
+                            implicit_etf::device::Arg::Buf(&dev.upload(&[0.0f32]).unwrap()),
+                            implicit_etf::device::Arg::Buf(&bad.buf),
+                        ],
+                    )
+                    .unwrap();
+                    let before = dev.download::<f32>(&st_dev.e).unwrap();
+                    st_dev.commit(&dev, &u, &bad.buf).unwrap();
+                    assert_eq!(dev.download::<f32>(&st_dev.e).unwrap(), before);
+                    assert_eq!(st_dev.scalars(&dev).unwrap().0, step as u64);
+                    let ok = implicit_etf::device::status::Status::new(&dev).unwrap();
+                    st_dev.commit(&dev, &u, &ok.buf).unwrap();
                     let ur = moving::update(&st_ref, &r, avg, policy, 1e-4);
                     let what = format!("{} {policy:?} {avg:?} step {step}", dev.name());
                     assert_close(
@@ -321,11 +337,9 @@ fn moving_means_and_frobenius_match_reference() {
                         .map(|&v| v != 0)
                         .collect();
                     assert_eq!(seen, ur.next.seen, "{what}: seen flags");
-                    assert_eq!(st_dev.step, ur.next.step);
-                    assert!(
-                        (st_dev.alpha - ur.next.alpha).abs() < 1e-15,
-                        "{what}: alpha"
-                    );
+                    let (t_dev, alpha_dev) = st_dev.scalars(&dev).unwrap();
+                    assert_eq!(t_dev, ur.next.step);
+                    assert!((alpha_dev - ur.next.alpha).abs() < 1e-15, "{what}: alpha");
 
                     let de: Vec<f32> = (0..d * k).map(|_| rng.normal() as f32).collect();
                     let de64: Vec<f64> = de.iter().map(|&v| v as f64).collect();

@@ -12,6 +12,9 @@
 #include <cstdint>
 #include <cstring>
 
+using std::isfinite;
+using std::isnan;
+
 // ---- qualifiers -------------------------------------------------------------------------
 #define __global__
 #define __device__

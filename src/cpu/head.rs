@@ -20,6 +20,32 @@ pub struct HeadState<T> {
     pub prox: Option<Vec<f64>>,
 }
 
+/// Validates a state for a head of configuration `cfg` (shared by the CPU and device heads).
+pub(crate) fn check_state<T: Real>(cfg: &HeadConfig, state: &HeadState<T>) -> Result<()> {
+    let (d, k) = (cfg.dim, cfg.classes);
+    check_len("state.moving.e", d * k, state.moving.e.len())?;
+    check_len("state.moving.seen", k, state.moving.seen.len())?;
+    check_finite("state.moving.e", &state.moving.e)?;
+    if !(state.moving.alpha > 0.0 && state.moving.alpha <= 1.0) {
+        return Err(Error::InvalidParameter {
+            name: "state.moving.alpha",
+            reason: format!("must lie in (0, 1], got {}", state.moving.alpha),
+        });
+    }
+    if let Some(p) = &state.prox {
+        check_len("state.prox", d * k, p.len())?;
+        check_finite("state.prox", p)?;
+        let err = crate::cpu::linalg::orthogonality_error(from_row_major(p, d, k).as_ref());
+        if err > 1e-6 {
+            return Err(Error::InvalidParameter {
+                name: "state.prox",
+                reason: format!("columns are not orthonormal (max |P^T P - I| = {err:.3e})"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What a forward returns.
 #[derive(Debug, Clone)]
 pub struct HeadOutput<T> {
@@ -105,27 +131,7 @@ impl<T: Real> CpuHead<T> {
     /// Replaces the state (validated first: shapes, finiteness, `alpha` in `(0, 1]`, `Prox`
     /// orthonormal to `1e-6`). Drops any pending backward.
     pub fn import_state(&mut self, state: HeadState<T>) -> Result<()> {
-        let (d, k) = (self.cfg.dim, self.cfg.classes);
-        check_len("state.moving.e", d * k, state.moving.e.len())?;
-        check_len("state.moving.seen", k, state.moving.seen.len())?;
-        check_finite("state.moving.e", &state.moving.e)?;
-        if !(state.moving.alpha > 0.0 && state.moving.alpha <= 1.0) {
-            return Err(Error::InvalidParameter {
-                name: "state.moving.alpha",
-                reason: format!("must lie in (0, 1], got {}", state.moving.alpha),
-            });
-        }
-        if let Some(p) = &state.prox {
-            check_len("state.prox", d * k, p.len())?;
-            check_finite("state.prox", p)?;
-            let err = crate::cpu::linalg::orthogonality_error(from_row_major(p, d, k).as_ref());
-            if err > 1e-6 {
-                return Err(Error::InvalidParameter {
-                    name: "state.prox",
-                    reason: format!("columns are not orthonormal (max |P^T P - I| = {err:.3e})"),
-                });
-            }
-        }
+        check_state(&self.cfg, &state)?;
         self.state = state;
         self.cache = None;
         Ok(())

@@ -15,9 +15,15 @@
 //! kernel's C signature (parsed by `build.rs`): argument count, pointer element types and
 //! scalar types, on both backends.
 
+pub mod backward;
+pub mod classifier;
 mod cpu;
 mod cuda;
+pub mod head;
+pub mod linalg;
+pub mod solve;
 pub mod stats;
+pub mod status;
 
 use crate::error::{Error, Result};
 
@@ -483,6 +489,19 @@ impl Device {
             DevInner::Cpu => Ok(()),
             DevInner::Cuda(c) => c.synchronize(),
         }
+    }
+}
+
+/// Launch shape of a grid-stride kernel over `n` items: on a GPU enough 256-thread blocks to
+/// cover `n` (at most 4096 blocks); on the CPU execution one block of 32 threads, because its
+/// blocks run one after another and each block's threads are real host threads.
+pub fn grid_stride(dev: &Device, n: usize) -> LaunchConfig {
+    match dev.backend() {
+        Backend::Cpu => LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+        Backend::Cuda => LaunchConfig::new(
+            ((n.div_ceil(256)).clamp(1, 4096) as u32, 1, 1),
+            (256, 1, 1),
+        ),
     }
 }
 

@@ -7,6 +7,7 @@
 //! gradients are `f32`. Every reduction runs in a fixed order (no float atomics), so results
 //! are bitwise reproducible from run to run.
 
+use super::status::Status;
 use super::{Arg, Buffer, DType, Device, LaunchConfig};
 use crate::config::{AbsentClassPolicy, MovingAverage};
 use crate::error::{Error, Result};
@@ -89,6 +90,44 @@ pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Resul
             classes: k,
         });
     }
+    Ok(out)
+}
+
+/// Deferred [`labels_to_i32`]: converts without checking on the host; the first offending
+/// position is recorded in entry 0 of the step status word (see [`super::status`]), and the
+/// converted label there is 0 (so later kernels stay in bounds). No host synchronisation.
+pub fn labels_to_i32_deferred(
+    dev: &Device,
+    labels: &Buffer,
+    n: usize,
+    k: usize,
+    status: &Status,
+) -> Result<Buffer> {
+    check_len(labels, "labels", n)?;
+    let kernel = match labels.dtype() {
+        DType::U32 => "labels_to_i32_u32",
+        DType::I64 => "labels_to_i32_i64",
+        other => {
+            return Err(Error::InvalidParameter {
+                name: "labels",
+                reason: format!("labels must be u32 or i64, got {other:?}"),
+            })
+        }
+    };
+    let (ni, ki) = (i32_dim(n, "N")?, i32_dim(k, "K")?);
+    let out = dev.alloc_zeros(DType::I32, n)?;
+    // Entry 0 of the status word is the kernel's `bad` slot (it starts at i32::MAX).
+    dev.launch(
+        kernel,
+        LaunchConfig::linear(n, BLOCK),
+        &[
+            Arg::Buf(labels),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            Arg::Buf(&out),
+            Arg::Buf(&status.buf),
+        ],
+    )?;
     Ok(out)
 }
 
@@ -297,15 +336,14 @@ pub fn class_stats_backward(
     Ok(dx)
 }
 
-/// Moving class means state on the device (`method.md` §2 step 3).
+/// Moving class means state on the device (`method.md` §2 step 3). The step count and the
+/// EMA weight live on the device too (`scal`), so a step needs no host round trip.
 #[derive(Debug)]
 pub struct MovingStateDev {
     /// `E`, f32, d x K (zero at start).
     pub e: Buffer,
-    /// Step count `t`.
-    pub step: u64,
-    /// Current EMA weight `alpha` (starts at 1).
-    pub alpha: f64,
+    /// `[t, alpha]` (f64): step count and current EMA weight (starts at `[0, 1]`).
+    pub scal: Buffer,
     /// `seen` flags, `i32` 0/1, length K (all 0 at start).
     pub seen: Buffer,
     /// Feature dimension.
@@ -319,30 +357,58 @@ impl MovingStateDev {
     pub fn new(dev: &Device, d: usize, k: usize) -> Result<Self> {
         Ok(MovingStateDev {
             e: dev.alloc_zeros(DType::F32, d * k)?,
-            step: 0,
-            alpha: 1.0,
+            scal: dev.upload(&[0.0f64, 1.0])?,
             seen: dev.alloc_zeros(DType::I32, k)?,
             d,
             k,
         })
     }
+
+    /// `(t, alpha)`, read back from the device (a synchronisation).
+    pub fn scalars(&self, dev: &Device) -> Result<(u64, f64)> {
+        let v = dev.download::<f64>(&self.scal)?;
+        Ok((v[0] as u64, v[1]))
+    }
+
+    /// Commits `u` (`E <- E_new`, `seen <- seen_new`, `t += 1`, `alpha <- alpha_new`) on the
+    /// device, unless `status` (see [`crate::device::head`]) records a forward error, in which
+    /// case nothing changes. No host synchronisation.
+    pub fn commit(&mut self, dev: &Device, u: &MovingUpdateDev, status: &Buffer) -> Result<()> {
+        let (d, k) = (self.d, self.k);
+        dev.launch(
+            "moving_commit",
+            LaunchConfig::linear((d * k).max(k).max(1), BLOCK),
+            &[
+                Arg::Buf(&self.e),
+                Arg::Buf(&self.seen),
+                Arg::Buf(&self.scal),
+                Arg::Buf(&u.e_new),
+                Arg::Buf(&u.seen_new),
+                Arg::Buf(&u.w),
+                Arg::I32(i32_dim(d, "d")?),
+                Arg::I32(i32_dim(k, "K")?),
+                Arg::Buf(status),
+            ],
+        )
+    }
 }
 
-/// Result of one moving-mean update (what the backward needs).
+/// Result of one moving-mean update (what the backward needs, and what a commit writes).
 #[derive(Debug)]
 pub struct MovingUpdateDev {
     /// `E_new`, f32, d x K.
     pub e_new: Buffer,
+    /// The `seen` flags after this step (`i32`, K).
+    pub seen_new: Buffer,
     /// Per-class column source (`i32`, K): 0 update from `c_k`, 1 update from `mu`,
     /// 2 set to `mu` (with gradient), 3 hold (no gradient). See `kernels/moving.cu`.
     pub source: Buffer,
-    /// Weight of the new column: `alpha` (exponential) or `1/(t+1)` (cumulative).
-    pub a: f64,
-    /// Weight of the stored column: `1 - a`.
-    pub b: f64,
+    /// `[a, b, alpha_new, t]` (f64): `E_new = a C + b E` on the updated columns.
+    pub w: Buffer,
 }
 
-/// The weights `(a, b)` of `E_new = a C + b E` and the new `alpha` for step `t`.
+/// The weights `(a, b)` of `E_new = a C + b E` and the new `alpha` for step `t` (host
+/// mirror of the `moving_weights` kernel, for tests and documentation).
 pub fn moving_weights(
     avg: MovingAverage,
     step: u64,
@@ -365,12 +431,12 @@ pub fn moving_weights(
     }
 }
 
-/// One moving-mean update: `moving_plan` (per-class sources, `seen` flags), then
-/// `moving_update` (element-wise over d x K). Advances `state` (`E <- E_new`, `t += 1`,
-/// `alpha`).
+/// One moving-mean update, without touching `state`: `moving_weights` (device scalars),
+/// `moving_plan` (per-class sources, new `seen` flags), then `moving_update` (element-wise
+/// over d x K). Commit it with [`MovingStateDev::commit`]. No host synchronisation.
 pub fn moving_update(
     dev: &Device,
-    state: &mut MovingStateDev,
+    state: &MovingStateDev,
     s: &ClassStatsDev,
     avg: MovingAverage,
     policy: AbsentClassPolicy,
@@ -384,22 +450,33 @@ pub fn moving_update(
             got: s.d * s.k,
         });
     }
-    let (a, b, alpha) = moving_weights(avg, state.step, state.alpha, alpha_floor);
+    let w = dev.alloc_zeros(DType::F64, 4)?;
+    dev.launch(
+        "moving_weights",
+        LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+        &[
+            Arg::Buf(&state.scal),
+            Arg::I32(i32::from(avg == MovingAverage::Cumulative)),
+            Arg::F64(alpha_floor),
+            Arg::Buf(&w),
+        ],
+    )?;
     let source = dev.alloc_zeros(DType::I32, k)?;
+    let seen_new = dev.alloc_zeros(DType::I32, k)?;
     let pol = match policy {
         AbsentClassPolicy::Hold => 0,
         AbsentClassPolicy::Reference => 1,
     };
-    let step = i32::try_from(state.step.min(i32::MAX as u64)).unwrap_or(i32::MAX);
     dev.launch(
         "moving_plan",
         LaunchConfig::new((1, 1, 1), (BLOCK, 1, 1)),
         &[
             Arg::Buf(&s.counts),
             Arg::I32(i32_dim(k, "K")?),
-            Arg::I32(step),
+            Arg::Buf(&w),
             Arg::I32(pol),
             Arg::Buf(&state.seen),
+            Arg::Buf(&seen_new),
             Arg::Buf(&source),
         ],
     )?;
@@ -415,20 +492,16 @@ pub fn moving_update(
                 Arg::Buf(&source),
                 Arg::I32(i32_dim(d, "d")?),
                 Arg::I32(i32_dim(k, "K")?),
-                Arg::F32(a as f32),
-                Arg::F32(b as f32),
+                Arg::Buf(&w),
                 Arg::Buf(&e_new),
             ],
         )?;
     }
-    state.e = dev.copy(&e_new)?;
-    state.step += 1;
-    state.alpha = alpha;
     Ok(MovingUpdateDev {
         e_new,
+        seen_new,
         source,
-        a,
-        b,
+        w,
     })
 }
 
@@ -461,7 +534,7 @@ pub fn moving_update_backward(
                 Arg::Buf(&u.source),
                 Arg::I32(i32_dim(d, "d")?),
                 Arg::I32(i32_dim(k, "K")?),
-                Arg::F32(u.a as f32),
+                Arg::Buf(&u.w),
                 Arg::I32(i32::from(d_mu_in.is_some())),
                 Arg::Buf(&d_centred),
                 Arg::Buf(&d_mu),
@@ -499,6 +572,41 @@ pub fn frobenius_normalise(dev: &Device, e: &Buffer) -> Result<(Buffer, Buffer, 
         &[Arg::Buf(e), Arg::Buf(&norm), Arg::I32(li), Arg::Buf(&y)],
     )?;
     Ok((y, norm, nv))
+}
+
+/// Deferred [`frobenius_normalise`]: `(Y, norm buffer)`; a zero or non-finite norm is
+/// recorded in entry 2 of the step status word instead of returned. No host synchronisation.
+pub fn frobenius_normalise_deferred(
+    dev: &Device,
+    e: &Buffer,
+    status: &Status,
+) -> Result<(Buffer, Buffer)> {
+    let len = e.len();
+    let li = i32_dim(len, "d*K")?;
+    let norm = dev.alloc_zeros(DType::F32, 1)?;
+    dev.launch(
+        "dot_single_block",
+        LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
+        &[
+            Arg::Buf(e),
+            Arg::Buf(e),
+            Arg::I32(li),
+            Arg::I32(1),
+            Arg::Buf(&norm),
+        ],
+    )?;
+    dev.launch(
+        "norm_check",
+        LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+        &[Arg::Buf(&norm), Arg::Buf(&status.buf)],
+    )?;
+    let y = dev.alloc_zeros(DType::F32, len)?;
+    dev.launch(
+        "frobenius_scale",
+        LaunchConfig::linear(len, BLOCK),
+        &[Arg::Buf(e), Arg::Buf(&norm), Arg::I32(li), Arg::Buf(&y)],
+    )?;
+    Ok((y, norm))
 }
 
 /// Backward of [`frobenius_normalise`]: `dE = (dY - Y <Y, dY>) / ||E||`.
@@ -546,14 +654,12 @@ pub struct StatsForward {
     pub x: Option<Buffer>,
     /// Batch statistics.
     pub stats: ClassStatsDev,
-    /// The moving-mean update.
+    /// The moving-mean update (not yet committed to the state).
     pub update: MovingUpdateDev,
     /// `Y = E_new / ||E_new||`, f32, d x K.
     pub y: Buffer,
     /// `||E_new||` on the device (1 f32).
     pub norm_buf: Buffer,
-    /// `||E_new||`.
-    pub norm: f32,
     /// `tau` of the feature normalisation.
     pub tau: Option<f64>,
 }
@@ -571,8 +677,56 @@ pub struct StatsOptions {
     pub alpha_floor: f64,
 }
 
-/// The composed statistics stage (steps 1-4): `raw` (N x d, f32/f16/bf16) and `labels`
-/// (N, u32/i64) to `Y` (d x K), advancing `state`.
+/// The statistics stage (steps 1-4) without host synchronisation: `raw` (N x d,
+/// f32/f16/bf16) and `labels` (N, u32/i64) to `Y` (d x K). Label range, non-finite features
+/// and degenerate means are recorded in `status` (entries 0-2); `state` is not changed (commit
+/// `update` with [`MovingStateDev::commit`]). Shape and type errors are returned at once.
+pub fn forward_deferred(
+    dev: &Device,
+    raw: &Buffer,
+    labels: &Buffer,
+    n: usize,
+    state: &MovingStateDev,
+    opt: StatsOptions,
+    status: &Status,
+) -> Result<StatsForward> {
+    let (d, k) = (state.d, state.k);
+    if n == 0 {
+        return Err(Error::EmptyBatch);
+    }
+    check_len(raw, "raw features", n * d)?;
+    feat_suffix(raw, "raw features")?;
+    i32_dim(n * d, "N*d")?;
+    let lab = labels_to_i32_deferred(dev, labels, n, k, status)?;
+    super::status::check_finite(dev, raw, status, 1)?;
+    let x = match opt.tau {
+        Some(t) => Some(tau_normalise(dev, raw, n, d, t)?),
+        None => None,
+    };
+    let stats = class_stats(dev, x.as_ref().unwrap_or(raw), lab, n, d, k)?;
+    let update = moving_update(
+        dev,
+        state,
+        &stats,
+        opt.average,
+        opt.policy,
+        opt.alpha_floor,
+    )?;
+    let (y, norm_buf) = frobenius_normalise_deferred(dev, &update.e_new, status)?;
+    Ok(StatsForward {
+        x,
+        stats,
+        update,
+        y,
+        norm_buf,
+        tau: opt.tau,
+    })
+}
+
+/// The composed statistics stage (steps 1-4), checked: [`forward_deferred`], then the status
+/// word is read back (one synchronisation) and the update committed to `state` only if the
+/// step is valid. Errors: [`Error::LabelOutOfRange`], [`Error::NonFinite`],
+/// [`Error::DegenerateMeans`], shape errors; `state` is then unchanged.
 pub fn forward(
     dev: &Device,
     raw: &Buffer,
@@ -581,44 +735,21 @@ pub fn forward(
     state: &mut MovingStateDev,
     opt: StatsOptions,
 ) -> Result<StatsForward> {
-    let (d, k) = (state.d, state.k);
-    if n == 0 {
-        return Err(Error::EmptyBatch);
-    }
-    check_len(raw, "raw features", n * d)?;
-    let lab = labels_to_i32(dev, labels, n, k)?;
-    let x = match opt.tau {
-        Some(t) => Some(tau_normalise(dev, raw, n, d, t)?),
-        None => None,
-    };
-    let stats = class_stats(dev, x.as_ref().unwrap_or(raw), lab, n, d, k)?;
-    // Check the norm before advancing the state, so an error leaves it unchanged.
-    let mut trial = MovingStateDev {
-        e: dev.copy(&state.e)?,
-        step: state.step,
-        alpha: state.alpha,
-        seen: dev.copy(&state.seen)?,
-        d,
-        k,
-    };
-    let update = moving_update(
-        dev,
-        &mut trial,
-        &stats,
-        opt.average,
-        opt.policy,
-        opt.alpha_floor,
-    )?;
-    let (y, norm_buf, norm) = frobenius_normalise(dev, &update.e_new)?;
-    *state = trial;
-    Ok(StatsForward {
-        x,
-        stats,
-        update,
-        y,
-        norm_buf,
-        norm,
-        tau: opt.tau,
+    let status = Status::new(dev)?;
+    let f = forward_deferred(dev, raw, labels, n, state, opt, &status)?;
+    let k = state.k;
+    status
+        .read(dev)?
+        .forward_error(k, "raw features", |i| label_at(dev, labels, i))?;
+    state.commit(dev, &f.update, &status.buf)?;
+    Ok(f)
+}
+
+/// `labels[i]` read back (for an error message).
+pub fn label_at(dev: &Device, labels: &Buffer, i: usize) -> Result<i64> {
+    Ok(match labels.dtype() {
+        DType::U32 => i64::from(dev.download::<u32>(labels)?[i]),
+        _ => dev.download::<i64>(labels)?[i],
     })
 }
 
@@ -636,14 +767,14 @@ pub fn backward(
     let (n, d, k) = (f.stats.n, f.stats.d, f.stats.k);
     let de = frobenius_normalise_backward(dev, &f.y, &f.norm_buf, dy)?;
     let (dc, dmu) = moving_update_backward(dev, &f.update, &de, d_mu_extra, d, k)?;
-    let mut dx = class_stats_backward(dev, &f.stats, &dc, &dmu)?;
+    let dx = class_stats_backward(dev, &f.stats, &dc, &dmu)?;
     if let Some(extra) = dx_extra {
         check_len(extra, "dx_extra", n * d)?;
-        // Small host round trip; a fused add kernel can replace it when the head needs it.
-        let mut a = dev.download::<f32>(&dx)?;
-        let b = dev.download::<f32>(extra)?;
-        a.iter_mut().zip(&b).for_each(|(p, q)| *p += q);
-        dev.write(&mut dx, &a)?;
+        dev.launch(
+            "add_f32",
+            super::grid_stride(dev, n * d),
+            &[Arg::Buf(&dx), Arg::Buf(extra), Arg::I64((n * d) as i64)],
+        )?;
     }
     match f.tau {
         Some(t) => tau_normalise_backward(dev, raw, &dx, n, d, t),

@@ -1,0 +1,61 @@
+// The nearest simplex ETF on the device (method.md §3), around the products of gemm.cu and
+// the eigensolver of jacobi.cu:
+//   G = c Y M + delta Prox           build_g (M = I - 11^T/K: row-mean removal, fused)
+//   G^T G = Q diag(s^2) Q^T          gemm + jacobi_eig_f64
+//   U = G Q diag(1/s), P = U Q^T     gemm + scale_cols_f64 + gemm
+// All float64. Grid-stride loops: any launch shape.
+#include "etf_cuda.h"
+
+// One thread per row j: g[j][c] = cc * (y[j][c] - mean_c y[j][.]) + delta * prox[j][c].
+extern "C" __global__ void build_g(const float* y, const double* prox, int d, int k, double cc, double delta, double* g) {
+    const int stride = gridDim.x * blockDim.x;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
+        const float* yr = y + (size_t)j * k;
+        double m = 0.0;
+        for (int c = 0; c < k; c++) m += (double)yr[c];
+        m /= k;
+        for (int c = 0; c < k; c++) {
+            size_t o = (size_t)j * k + c;
+            g[o] = cc * ((double)yr[c] - m) + delta * prox[o];
+        }
+    }
+}
+
+// One thread: s = sqrt(lam), s_inv = 1 / s. G is rank deficient (status[3] <- 1) when
+// lam_max <= 0 or lam_min <= 1e-28 lam_max (the CPU head's test).
+extern "C" __global__ void singular_values(const double* lam, int k, double* s, double* s_inv, int* status) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double lmax = 0.0, lmin = lam[0];
+    for (int i = 0; i < k; i++) {
+        lmax = fmax(lmax, lam[i]);
+        lmin = fmin(lmin, lam[i]);
+    }
+    bool ok = lmax > 0.0 && lmin > lmax * 1e-28;
+    for (int i = 0; i < k; i++) {
+        double v = sqrt(fmax(lam[i], 0.0));
+        s[i] = v;
+        s_inv[i] = ok ? 1.0 / v : 0.0;
+    }
+    if (!ok) status[3] = 1;
+}
+
+// x[i][c] *= s[c] for a rows x k matrix.
+extern "C" __global__ void scale_cols_f64(double* x, const double* s, int rows, int k) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)rows * k; e += stride)
+        x[e] *= s[e % k];
+}
+
+// dst <- src (len doubles) when the step's forward recorded no error (state commit).
+extern "C" __global__ void commit_f64(double* dst, const double* src, long long len, const int* status) {
+    if (!etf::forward_ok(status)) return;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) dst[e] = src[e];
+}
+
+// v <- I (k x k).
+extern "C" __global__ void identity_f64(double* v, int k) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)k * k; e += stride)
+        v[e] = (e / k == e % k) ? 1.0 : 0.0;
+}

@@ -1,0 +1,219 @@
+//! Dense linear algebra on the device: products (`kernels/gemm.cu`) and the symmetric
+//! eigensolver (`kernels/jacobi.cu`), used by the ETF solve and the implicit backward.
+
+use super::status::Status;
+use super::{grid_stride, Arg, Backend, Buffer, DType, Device, LaunchConfig};
+use crate::error::{Error, Result};
+
+/// Which product kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmKernel {
+    /// Tiled on a GPU, direct on the CPU execution.
+    #[default]
+    Auto,
+    /// 64 x 64 shared-memory tiles, 256 threads per block (the GPU path).
+    Tiled,
+    /// No shared memory, no barrier, 4 x 4 outputs per thread (the CPU execution's path, and
+    /// a fallback).
+    Direct,
+}
+
+impl GemmKernel {
+    fn resolve(self, dev: &Device) -> GemmKernel {
+        match (self, dev.backend()) {
+            (GemmKernel::Auto, Backend::Cuda) => GemmKernel::Tiled,
+            (GemmKernel::Auto, Backend::Cpu) => GemmKernel::Direct,
+            (k, _) => k,
+        }
+    }
+}
+
+fn dim(v: usize, what: &'static str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::InvalidParameter {
+        name: what,
+        reason: format!("{v} exceeds the i32 range of the kernels"),
+    })
+}
+
+fn need(b: &Buffer, what: &'static str, len: usize, dtype: DType) -> Result<()> {
+    if b.len() != len {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: len,
+            got: b.len(),
+        });
+    }
+    if b.dtype() != dtype {
+        return Err(Error::InvalidParameter {
+            name: what,
+            reason: format!("expected {dtype:?}, got {:?}", b.dtype()),
+        });
+    }
+    Ok(())
+}
+
+/// One product `C = alpha op(A) op(B) + beta C` (row-major; `op(A)` is `m x l`, `op(B)` is
+/// `l x n`; `ta`/`tb` transpose the stored matrix). All three buffers are f64, or all f32.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    /// Transpose A (stored `l x m`).
+    pub ta: bool,
+    /// Transpose B (stored `n x l`).
+    pub tb: bool,
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// Inner dimension.
+    pub l: usize,
+    /// Scale of the product.
+    pub alpha: f64,
+    /// Scale of the old C (0 overwrites without reading it).
+    pub beta: f64,
+}
+
+impl Gemm {
+    /// `C = op(A) op(B)`.
+    pub fn new(ta: bool, tb: bool, m: usize, n: usize, l: usize) -> Gemm {
+        Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            l,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// Launches it.
+    pub fn run(
+        &self,
+        dev: &Device,
+        kernel: GemmKernel,
+        a: &Buffer,
+        b: &Buffer,
+        c: &Buffer,
+    ) -> Result<()> {
+        let dt = c.dtype();
+        let (mi, ni, li) = (dim(self.m, "m")?, dim(self.n, "n")?, dim(self.l, "l")?);
+        need(a, "gemm A", self.m * self.l, dt)?;
+        need(b, "gemm B", self.l * self.n, dt)?;
+        need(c, "gemm C", self.m * self.n, dt)?;
+        if self.m == 0 || self.n == 0 {
+            return Ok(());
+        }
+        let kind = kernel.resolve(dev);
+        let (name, cfg) = match kind {
+            GemmKernel::Tiled => {
+                let tiles = self.m.div_ceil(64) * self.n.div_ceil(64);
+                ("tiled", LaunchConfig::new((tiles.min(65535) as u32, 1, 1), (256, 1, 1)))
+            }
+            _ => (
+                "direct",
+                grid_stride(dev, self.m.div_ceil(4) * self.n.div_ceil(4)),
+            ),
+        };
+        let (ta, tb) = (i32::from(self.ta), i32::from(self.tb));
+        match dt {
+            DType::F64 => dev.launch(
+                &format!("gemm_f64_{name}"),
+                cfg,
+                &[
+                    Arg::I32(ta),
+                    Arg::I32(tb),
+                    Arg::I32(mi),
+                    Arg::I32(ni),
+                    Arg::I32(li),
+                    Arg::F64(self.alpha),
+                    Arg::Buf(a),
+                    Arg::Buf(b),
+                    Arg::F64(self.beta),
+                    Arg::Buf(c),
+                ],
+            ),
+            DType::F32 => dev.launch(
+                &format!("gemm_f32_{name}"),
+                cfg,
+                &[
+                    Arg::I32(ta),
+                    Arg::I32(tb),
+                    Arg::I32(mi),
+                    Arg::I32(ni),
+                    Arg::I32(li),
+                    Arg::F32(self.alpha as f32),
+                    Arg::Buf(a),
+                    Arg::Buf(b),
+                    Arg::F32(self.beta as f32),
+                    Arg::Buf(c),
+                ],
+            ),
+            other => Err(Error::InvalidParameter {
+                name: "gemm C",
+                reason: format!("products take f64 or f32, got {other:?}"),
+            }),
+        }
+    }
+}
+
+/// Largest `K` the one-block Jacobi eigensolver takes.
+pub const MAX_JACOBI_K: usize = 1024;
+
+/// Eigendecomposition of the symmetric `k x k` f64 matrix `a` (destroyed) by parallel cyclic
+/// Jacobi in one block (`kernels/jacobi.cu`). `v` holds the start basis on entry (identity
+/// for a cold start, the previous eigenvectors for a warm start with `a` already rotated into
+/// that basis) and the eigenvectors (columns) on return; `lam` (k f64) the eigenvalues,
+/// unsorted; `info[0]` (i32) the sweeps used. No convergence within `max_sweeps` sets entry
+/// 3 of `status` to 2.
+#[allow(clippy::too_many_arguments)]
+pub fn sym_eig(
+    dev: &Device,
+    a: &Buffer,
+    v: &Buffer,
+    k: usize,
+    max_sweeps: usize,
+    lam: &Buffer,
+    info: &Buffer,
+    status: &Status,
+) -> Result<()> {
+    if k > MAX_JACOBI_K {
+        return Err(Error::InvalidParameter {
+            name: "classes",
+            reason: format!("the device eigensolver takes K <= {MAX_JACOBI_K}, got {k}"),
+        });
+    }
+    need(a, "eig A", k * k, DType::F64)?;
+    need(v, "eig V", k * k, DType::F64)?;
+    need(lam, "eig lambda", k, DType::F64)?;
+    need(info, "eig info", 1, DType::I32)?;
+    let threads = match dev.backend() {
+        // Real host threads: a barrier costs ~0.1 ms, so keep the block small.
+        Backend::Cpu => 32,
+        Backend::Cuda if k <= 64 => 64,
+        Backend::Cuda if k <= 256 => 256,
+        Backend::Cuda => 1024,
+    };
+    dev.launch(
+        "jacobi_eig_f64",
+        LaunchConfig::new((1, 1, 1), (threads, 1, 1)),
+        &[
+            Arg::Buf(a),
+            Arg::Buf(v),
+            Arg::I32(dim(k, "K")?),
+            Arg::I32(dim(max_sweeps, "max_sweeps")?),
+            Arg::Buf(lam),
+            Arg::Buf(info),
+            Arg::Buf(&status.buf),
+        ],
+    )
+}
+
+/// `v <- I` (k x k f64).
+pub fn identity(dev: &Device, v: &Buffer, k: usize) -> Result<()> {
+    need(v, "identity", k * k, DType::F64)?;
+    dev.launch(
+        "identity_f64",
+        grid_stride(dev, k * k),
+        &[Arg::Buf(v), Arg::I32(dim(k, "K")?)],
+    )
+}

@@ -1,0 +1,151 @@
+//! The step status word: data-dependent errors recorded on the device.
+//!
+//! Label range, finiteness, degenerate means and numerical failures depend on the data, so
+//! checking them on the host would cost a synchronisation per step. Instead the kernels record
+//! them in a small `i32` buffer (layout in `kernels/status.cu`), and every kernel that changes
+//! the head's state first reads it and does nothing when the step failed: a failed step leaves
+//! the state exactly as it was, with or without the host looking. [`Status::read`] (one
+//! 24-byte download) turns the word into the typed [`Error`] a checked call returns.
+
+use super::{Arg, Buffer, DType, Device, LaunchConfig};
+use crate::error::{Error, Result};
+
+/// "No error" value of the index-valued entries.
+pub const NONE: i32 = i32::MAX;
+/// Length of the status word.
+pub const LEN: usize = 6;
+
+/// Which half of the status word a reset clears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Entries 0-3 (labels, features, degenerate means, solve).
+    Forward,
+    /// Entries 4-5 (`d_logits`, backward solve).
+    Backward,
+}
+
+/// A device status word.
+#[derive(Debug)]
+pub struct Status {
+    /// The `i32` buffer (length [`LEN`]).
+    pub buf: Buffer,
+}
+
+/// The status word as read back on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusWord(pub [i32; LEN]);
+
+impl Status {
+    /// A status word with both halves reset.
+    pub fn new(dev: &Device) -> Result<Status> {
+        let s = Status {
+            buf: dev.alloc_zeros(DType::I32, LEN)?,
+        };
+        s.reset(dev, Part::Forward)?;
+        s.reset(dev, Part::Backward)?;
+        Ok(s)
+    }
+
+    /// Clears one half (a kernel launch, no host synchronisation).
+    pub fn reset(&self, dev: &Device, part: Part) -> Result<()> {
+        dev.launch(
+            "status_reset",
+            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+            &[Arg::Buf(&self.buf), Arg::I32(i32::from(part == Part::Backward))],
+        )
+    }
+
+    /// Reads the word back (synchronises with the device).
+    pub fn read(&self, dev: &Device) -> Result<StatusWord> {
+        let v = dev.download::<i32>(&self.buf)?;
+        let mut w = [0; LEN];
+        w.copy_from_slice(&v);
+        Ok(StatusWord(w))
+    }
+}
+
+impl StatusWord {
+    /// The forward's error, if any, in the order the CPU head checks: labels, features,
+    /// degenerate means, solve. `label_at(i)` fetches the offending label for the message.
+    pub fn forward_error(
+        &self,
+        classes: usize,
+        what: &'static str,
+        label_at: impl FnOnce(usize) -> Result<i64>,
+    ) -> Result<()> {
+        let w = self.0;
+        if w[0] != NONE {
+            let index = w[0] as usize;
+            return Err(Error::LabelOutOfRange {
+                index,
+                label: label_at(index)?,
+                classes,
+            });
+        }
+        if w[1] != NONE {
+            return Err(Error::NonFinite {
+                what,
+                index: w[1] as usize,
+            });
+        }
+        if w[2] != 0 {
+            return Err(Error::DegenerateMeans);
+        }
+        numerical(w[3])
+    }
+
+    /// The backward's error, if any.
+    pub fn backward_error(&self) -> Result<()> {
+        let w = self.0;
+        if w[4] != NONE {
+            return Err(Error::NonFinite {
+                what: "d_logits",
+                index: w[4] as usize,
+            });
+        }
+        numerical(w[5])
+    }
+}
+
+fn numerical(code: i32) -> Result<()> {
+    match code {
+        0 => Ok(()),
+        1 => Err(Error::Numerical {
+            what: "G is rank deficient (no unique nearest ETF)",
+        }),
+        2 => Err(Error::Numerical {
+            what: "the Jacobi eigensolver did not converge",
+        }),
+        _ => Err(Error::Numerical {
+            what: "singular Lagrangian Hessian (s_i + s_j = 0) in the implicit backward",
+        }),
+    }
+}
+
+/// Records in entry `entry` of `status` the first non-finite element of `x` (f32/f16/bf16).
+pub fn check_finite(dev: &Device, x: &Buffer, status: &Status, entry: usize) -> Result<()> {
+    let sfx = match x.dtype() {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => {
+            return Err(Error::InvalidParameter {
+                name: "features",
+                reason: format!("expected f32, f16 or bf16, got {other:?}"),
+            })
+        }
+    };
+    if x.is_empty() {
+        return Ok(());
+    }
+    dev.launch(
+        &format!("check_finite_{sfx}"),
+        super::grid_stride(dev, x.len()),
+        &[
+            Arg::Buf(x),
+            Arg::I64(x.len() as i64),
+            Arg::Buf(&status.buf),
+            Arg::I32(entry as i32),
+        ],
+    )
+}

@@ -293,7 +293,8 @@ impl DeviceHead {
                 } else {
                     None
                 };
-                let f = solve::procrustes(dev, gk, g, warm, d, k, self.opt.max_sweeps, &self.status)?;
+                let f =
+                    solve::procrustes(dev, gk, g, warm, d, k, self.opt.max_sweeps, &self.status)?;
                 (f, dev.copy(prox)?)
             }
         };
@@ -440,9 +441,7 @@ impl DeviceHead {
 
     /// The last forward's `P` (d x K f64), `W` (K x d f32), `b` (K f32) and `Y` (d x K f32).
     pub fn last_solution(&self) -> Option<(&Buffer, &Buffer, &Buffer, &Buffer)> {
-        self.last
-            .as_ref()
-            .map(|l| (&l.factor.p, &l.w, &l.b, &l.y))
+        self.last.as_ref().map(|l| (&l.factor.p, &l.w, &l.b, &l.y))
     }
 
     /// The last forward's solve report, computed on the host in float64 (downloads `P`, `G`,
@@ -533,4 +532,3 @@ fn commit(dev: &Device, dst: &Buffer, src: &Buffer, status: &Status) -> Result<(
         ],
     )
 }
-

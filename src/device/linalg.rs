@@ -107,7 +107,10 @@ impl Gemm {
         let (name, cfg) = match kind {
             GemmKernel::Tiled => {
                 let tiles = self.m.div_ceil(64) * self.n.div_ceil(64);
-                ("tiled", LaunchConfig::new((tiles.min(65535) as u32, 1, 1), (256, 1, 1)))
+                (
+                    "tiled",
+                    LaunchConfig::new((tiles.min(65535) as u32, 1, 1), (256, 1, 1)),
+                )
             }
             _ => (
                 "direct",

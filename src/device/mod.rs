@@ -498,10 +498,9 @@ impl Device {
 pub fn grid_stride(dev: &Device, n: usize) -> LaunchConfig {
     match dev.backend() {
         Backend::Cpu => LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-        Backend::Cuda => LaunchConfig::new(
-            ((n.div_ceil(256)).clamp(1, 4096) as u32, 1, 1),
-            (256, 1, 1),
-        ),
+        Backend::Cuda => {
+            LaunchConfig::new(((n.div_ceil(256)).clamp(1, 4096) as u32, 1, 1), (256, 1, 1))
+        }
     }
 }
 

@@ -704,14 +704,7 @@ pub fn forward_deferred(
         None => None,
     };
     let stats = class_stats(dev, x.as_ref().unwrap_or(raw), lab, n, d, k)?;
-    let update = moving_update(
-        dev,
-        state,
-        &stats,
-        opt.average,
-        opt.policy,
-        opt.alpha_floor,
-    )?;
+    let update = moving_update(dev, state, &stats, opt.average, opt.policy, opt.alpha_floor)?;
     let (y, norm_buf) = frobenius_normalise_deferred(dev, &update.e_new, status)?;
     Ok(StatsForward {
         x,

@@ -51,7 +51,10 @@ impl Status {
         dev.launch(
             "status_reset",
             LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-            &[Arg::Buf(&self.buf), Arg::I32(i32::from(part == Part::Backward))],
+            &[
+                Arg::Buf(&self.buf),
+                Arg::I32(i32::from(part == Part::Backward)),
+            ],
         )
     }
 

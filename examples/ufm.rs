@@ -67,7 +67,7 @@ fn run() -> Result<(), String> {
     std::fs::create_dir_all(&out)
         .map_err(|e| format!("cannot create output folder {}: {e}", out.display()))?;
     println!(
-        "UFM: K={} d={} N={} epochs={} batch={} lr={} momentum={} wd={} tau={} seed={} backend=cpu",
+        "UFM: K={} d={} N={} epochs={} batch={} lr={} momentum={} wd={} tau={} seed={} backend={}",
         cfg.classes,
         cfg.dim,
         cfg.samples,
@@ -77,7 +77,8 @@ fn run() -> Result<(), String> {
         cfg.momentum,
         cfg.weight_decay,
         cfg.tau,
-        cfg.seed
+        cfg.seed,
+        format!("{:?}", cfg.backend).to_lowercase()
     );
     let data = Data::new(&cfg);
     let steps = (cfg.epochs * batches_per_epoch(&cfg)) as u64;

@@ -52,8 +52,10 @@
 //! | neural-collapse metrics (NC1-NC4, ...) | [`metrics`] |
 //!
 //! The CUDA side: [`device`] is the device layer (CUDA through cudarc, or the crate's CPU
-//! execution of the same CUDA sources in `kernels/`), with the statistics stage on it
-//! ([`device::stats`]).
+//! execution of the same CUDA sources in `kernels/`), with one module per stage on it
+//! ([`device::stats`], [`device::solve`], [`device::backward`], [`device::classifier`],
+//! dense kernels in [`device::linalg`]) and the complete head [`DeviceHead`]
+//! ([`device::head`]): device buffers in, logits out, gradient back.
 //!
 //! All matrices are row-major slices at the API: features `N x d`, moving means and `P`
 //! `d x K`, `W` `K x d`, logits `N x K`. `f64` is the reference precision; `f32` storage is

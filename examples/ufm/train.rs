@@ -9,8 +9,9 @@ use std::fmt;
 use std::path::PathBuf;
 
 use implicit_etf::cpu::stats::{tau_normalise, tau_normalise_backward};
+use implicit_etf::device::Device;
 use implicit_etf::metrics::{nc_metrics, NcMetrics};
-use implicit_etf::{cross_entropy, CpuHead, HeadConfig};
+use implicit_etf::{cross_entropy, CpuHead, DeviceHead, HeadConfig};
 
 /// One of the three heads the paper compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +20,7 @@ pub enum HeadKind {
     Standard,
     /// Fixed canonical simplex ETF `sqrt(K/(K-1)) M E^T`, `E = I_{d x K}`, bias `-W mu`.
     Fixed,
-    /// This crate's implicit-ETF head (`CpuHead`).
+    /// This crate's implicit-ETF head (`CpuHead`, or `DeviceHead` with `--backend cuda`).
     Implicit,
 }
 
@@ -212,13 +213,6 @@ where
 
 /// Checks a configuration; the message is one line.
 pub fn validate(cfg: &Config) -> Result<(), String> {
-    if cfg.backend == Backend::Cuda {
-        return Err(
-            "CUDA backend not available in this build (the CUDA head is not implemented yet); \
-             use --backend cpu"
-                .into(),
-        );
-    }
     if cfg.classes < 2 {
         return Err(format!("--classes must be at least 2, got {}", cfg.classes));
     }
@@ -488,9 +482,16 @@ fn accuracy(logits: &[f64], labels: &[usize], k: usize) -> f64 {
 
 /// The head being trained, with its parameters.
 enum Head {
-    Standard { w: Vec<f64>, opt: Sgd },
-    Fixed { w: Vec<f64> },
+    Standard {
+        w: Vec<f64>,
+        opt: Sgd,
+    },
+    Fixed {
+        w: Vec<f64>,
+    },
     Implicit(Box<CpuHead<f64>>),
+    /// The implicit head on the GPU (`--backend cuda`).
+    ImplicitDevice(Box<DeviceHead>),
 }
 
 fn lib_err(what: &str) -> impl Fn(implicit_etf::Error) -> String + '_ {
@@ -513,6 +514,13 @@ impl Head {
             HeadKind::Fixed => Head::Fixed {
                 w: canonical_etf(k, d),
             },
+            HeadKind::Implicit if cfg.backend == Backend::Cuda => {
+                let hc = HeadConfig::new(d, k).with_tau(Some(cfg.tau));
+                let dev = Device::cuda(0).map_err(lib_err("--backend cuda"))?;
+                Head::ImplicitDevice(Box::new(
+                    DeviceHead::new(dev, hc).map_err(lib_err("implicit head"))?,
+                ))
+            }
             HeadKind::Implicit => {
                 let hc = HeadConfig::new(d, k).with_tau(Some(cfg.tau));
                 Head::Implicit(Box::new(
@@ -533,6 +541,25 @@ impl Head {
         let (d, k, tau) = (cfg.dim, cfg.classes, cfg.tau);
         let n = labels.len();
         match self {
+            Head::ImplicitDevice(head) => {
+                // Features and labels to the device, logits back for the host loss, the
+                // loss gradient to the device, the feature gradient back (a real trainer
+                // keeps all of these on the device).
+                let e = lib_err("implicit head (device)");
+                let x: Vec<f32> = raw.iter().map(|&v| v as f32).collect();
+                let y: Vec<u32> = labels.iter().map(|&v| v as u32).collect();
+                let xb = head.device().upload(&x).map_err(&e)?;
+                let yb = head.device().upload(&y).map_err(&e)?;
+                let zb = head.forward(&xb, &yb).map_err(&e)?;
+                let z: Vec<f32> = head.device().download(&zb).map_err(&e)?;
+                let z: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+                let (loss, dl) = cross_entropy(&z, labels, k).map_err(lib_err("cross-entropy"))?;
+                let dl: Vec<f32> = dl.iter().map(|&v| v as f32).collect();
+                let dlb = head.device().upload(&dl).map_err(&e)?;
+                let drb = head.backward(&dlb).map_err(&e)?;
+                let dr: Vec<f32> = head.device().download(&drb).map_err(&e)?;
+                Ok((loss, dr.iter().map(|&v| v as f64).collect()))
+            }
             Head::Implicit(head) => {
                 let out = head
                     .forward(raw, labels)
@@ -584,6 +611,22 @@ impl Head {
                 let w = head
                     .classifier()
                     .ok_or("implicit head: no classifier before the first step")?;
+                let b = bias_of(&w, &column_mean(x, n, d), k, d);
+                Ok((w, b))
+            }
+            Head::ImplicitDevice(head) => {
+                let e = lib_err("implicit head (device)");
+                let wb = head
+                    .classifier()
+                    .map_err(&e)?
+                    .ok_or("implicit head: no classifier before the first step")?;
+                let w: Vec<f64> = head
+                    .device()
+                    .download::<f32>(&wb)
+                    .map_err(&e)?
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
                 let b = bias_of(&w, &column_mean(x, n, d), k, d);
                 Ok((w, b))
             }

@@ -388,7 +388,8 @@ impl DeviceHead {
 
     /// Reads the status word: the error of the last forward (or of the last backward) if it
     /// failed. With [`Validation::Deferred`] this is how failures reach the host (it
-    /// synchronises).
+    /// synchronises). A [`Error::LabelOutOfRange`] from here carries the index but not the
+    /// label's value (`label: -1`), since the labels buffer is the caller's.
     pub fn check(&self) -> Result<()> {
         let word = self.status.read(&self.dev)?;
         word.forward_error(self.cfg.classes, "raw", |_| Ok(-1))?;

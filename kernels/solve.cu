@@ -59,3 +59,38 @@ extern "C" __global__ void identity_f64(double* v, int k) {
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)k * k; e += stride)
         v[e] = (e / k == e % k) ? 1.0 : 0.0;
 }
+
+// ---- Riemannian Newton polish (src/device/solve.rs::newton_polish) -------------------------
+
+// z = a + b (len doubles).
+extern "C" __global__ void add_f64(const double* a, const double* b, long long len, double* z) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) z[e] = a[e] + b[e];
+}
+
+// Newton–Schulz factor: m = (3 I - ztz) / 2 (k x k).
+extern "C" __global__ void newton_schulz_factor(const double* ztz, int k, double* m) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)k * k; e += stride)
+        m[e] = 0.5 * ((e / k == e % k ? 3.0 : 0.0) - ztz[e]);
+}
+
+// b = (a + a^T) / 2 (k x k).
+extern "C" __global__ void symmetrise_f64(const double* a, int k, double* b) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)k * k; e += stride) {
+        long long i = e / k, j = e % k;
+        b[e] = 0.5 * (a[e] + a[j * k + i]);
+    }
+}
+
+// One thread: s = lam, s_inv = 1 / lam (eigenvalues of B = sym(P^T G), any sign). A zero
+// eigenvalue is a numerical failure (status[3] <- 1).
+extern "C" __global__ void eigenvalues_inv(const double* lam, int k, double* s, double* s_inv, int* status) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    for (int i = 0; i < k; i++) {
+        s[i] = lam[i];
+        s_inv[i] = lam[i] != 0.0 ? 1.0 / lam[i] : 0.0;
+        if (lam[i] == 0.0) status[3] = 1;
+    }
+}

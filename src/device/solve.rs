@@ -167,3 +167,104 @@ pub fn scale_cols(dev: &Device, x: &Buffer, s: &Buffer, rows: usize, k: usize) -
         ],
     )
 }
+
+fn launch_k(dev: &Device, name: &str, args: &[Arg<'_>], n: usize) -> Result<()> {
+    dev.launch(name, grid_stride(dev, n), args)
+}
+
+/// Riemannian Newton steps on St(d, K) from `f` (the Procrustes factor), as the CPU head's
+/// polish does: the Newton direction `X` solves `Proj_T(X B) = G - P B` (the backward's
+/// tangent-space solve with `V = P B - G`), then `P <- NS(P + X)` (`ns_iters` Newton–Schulz
+/// retraction steps) and `B = sym(P^T G)` is factored again by Jacobi warm-started from the
+/// previous eigenvectors. `steps` fixed steps (no host decision, so no synchronisation);
+/// convergence is quadratic, so one step takes the Gram route's `eps cond(G)^2` error to
+/// rounding level unless `G` is extremely ill-conditioned.
+#[allow(clippy::too_many_arguments)]
+pub fn newton_polish(
+    dev: &Device,
+    gk: GemmKernel,
+    mut f: FactorDev,
+    d: usize,
+    k: usize,
+    steps: usize,
+    max_sweeps: usize,
+    status: &Status,
+) -> Result<FactorDev> {
+    const NS_ITERS: usize = 2;
+    for _ in 0..steps {
+        // V = P B - G = U diag(s) Q^T - G.
+        let us = dev.copy(&f.u)?;
+        scale_cols(dev, &us, &f.s, d, k)?;
+        let v = dev.copy(&f.g)?;
+        let mut gm = Gemm::new(false, true, d, k, k);
+        gm.beta = -1.0;
+        gm.run(dev, gk, &us, &f.q, &v)?;
+        let x = super::backward::tangent_solve(dev, gk, &f, &v, d, k, status)?;
+        let mut z = dev.alloc_zeros(DType::F64, d * k)?;
+        launch_k(
+            dev,
+            "add_f64",
+            &[
+                Arg::Buf(&f.p),
+                Arg::Buf(&x),
+                Arg::I64((d * k) as i64),
+                Arg::Buf(&z),
+            ],
+            d * k,
+        )?;
+        for _ in 0..NS_ITERS {
+            let ztz = dev.alloc_zeros(DType::F64, k * k)?;
+            Gemm::new(true, false, k, k, d).run(dev, gk, &z, &z, &ztz)?;
+            let m = dev.alloc_zeros(DType::F64, k * k)?;
+            launch_k(
+                dev,
+                "newton_schulz_factor",
+                &[Arg::Buf(&ztz), Arg::I32(k as i32), Arg::Buf(&m)],
+                k * k,
+            )?;
+            let zn = dev.alloc_zeros(DType::F64, d * k)?;
+            Gemm::new(false, false, d, k, k).run(dev, gk, &z, &m, &zn)?;
+            z = zn;
+        }
+        // B = sym(P^T G), factored from the previous eigenvectors.
+        let ptg = dev.alloc_zeros(DType::F64, k * k)?;
+        Gemm::new(true, false, k, k, d).run(dev, gk, &z, &f.g, &ptg)?;
+        let b = dev.alloc_zeros(DType::F64, k * k)?;
+        launch_k(
+            dev,
+            "symmetrise_f64",
+            &[Arg::Buf(&ptg), Arg::I32(k as i32), Arg::Buf(&b)],
+            k * k,
+        )?;
+        let t = dev.alloc_zeros(DType::F64, k * k)?;
+        Gemm::new(false, false, k, k, k).run(dev, gk, &b, &f.q, &t)?;
+        let a = dev.alloc_zeros(DType::F64, k * k)?;
+        Gemm::new(true, false, k, k, k).run(dev, gk, &f.q, &t, &a)?;
+        let q = dev.copy(&f.q)?;
+        let lam = dev.alloc_zeros(DType::F64, k)?;
+        sym_eig(dev, &a, &q, k, max_sweeps, &lam, &f.sweeps, status)?;
+        dev.launch(
+            "eigenvalues_inv",
+            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+            &[
+                Arg::Buf(&lam),
+                Arg::I32(k as i32),
+                Arg::Buf(&f.s),
+                Arg::Buf(&f.s_inv),
+                Arg::Buf(&status.buf),
+            ],
+        )?;
+        let u = dev.alloc_zeros(DType::F64, d * k)?;
+        Gemm::new(false, false, d, k, k).run(dev, gk, &z, &q, &u)?;
+        f = FactorDev {
+            p: z,
+            u,
+            q,
+            s: f.s,
+            s_inv: f.s_inv,
+            g: f.g,
+            sweeps: f.sweeps,
+        };
+    }
+    Ok(f)
+}

@@ -266,7 +266,7 @@ impl DeviceHead {
         let dev = &self.dev;
         let gk = self.opt.gemm;
         self.status.reset(dev, Part::Forward)?;
-        let sf = stats::forward_deferred(
+        let mut sf = stats::forward_deferred(
             dev,
             raw,
             labels,
@@ -315,8 +315,10 @@ impl DeviceHead {
                 (f, dev.copy(prox)?)
             }
         };
-        let x = match &sf.x {
-            Some(x) => dev.copy(x)?,
+        // The normalised features move to the pending backward (the stats backward does not
+        // read them), so no copy.
+        let x = match sf.x.take() {
+            Some(x) => x,
             None => classifier::to_f32(dev, raw)?,
         };
         let w = classifier::weights(dev, &factor.p, d, k)?;

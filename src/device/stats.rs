@@ -52,44 +52,11 @@ fn cols(d: usize) -> u32 {
 /// Validates labels (`u32` or `i64`, length `n`) and converts them to `i32` on the device.
 /// A label outside `0..k` gives [`Error::LabelOutOfRange`] (first offending position).
 pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Result<Buffer> {
-    check_len(labels, "labels", n)?;
-    let kernel = match labels.dtype() {
-        DType::U32 => "labels_to_i32_u32",
-        DType::I64 => "labels_to_i32_i64",
-        other => {
-            return Err(Error::InvalidParameter {
-                name: "labels",
-                reason: format!("labels must be u32 or i64, got {other:?}"),
-            })
-        }
-    };
-    let (ni, ki) = (i32_dim(n, "N")?, i32_dim(k, "K")?);
-    let out = dev.alloc_zeros(DType::I32, n)?;
-    let bad = dev.upload(&[ni])?;
-    dev.launch(
-        kernel,
-        LaunchConfig::linear(n, BLOCK),
-        &[
-            Arg::Buf(labels),
-            Arg::I32(ni),
-            Arg::I32(ki),
-            Arg::Buf(&out),
-            Arg::Buf(&bad),
-        ],
-    )?;
-    let first_bad = dev.download::<i32>(&bad)?[0];
-    if first_bad < ni {
-        let i = first_bad as usize;
-        let label = match labels.dtype() {
-            DType::U32 => i64::from(dev.download::<u32>(labels)?[i]),
-            _ => dev.download::<i64>(labels)?[i],
-        };
-        return Err(Error::LabelOutOfRange {
-            index: i,
-            label,
-            classes: k,
-        });
-    }
+    let status = Status::new(dev)?;
+    let out = labels_to_i32_deferred(dev, labels, n, k, &status)?;
+    status
+        .read(dev)?
+        .forward_error(k, "labels", |i| label_at(dev, labels, i))?;
     Ok(out)
 }
 
@@ -547,30 +514,10 @@ pub fn moving_update_backward(
 /// `Y = E / ||E||_F`. Returns `(Y, norm buffer (1 f32), norm)`; [`Error::DegenerateMeans`] if
 /// the norm is zero.
 pub fn frobenius_normalise(dev: &Device, e: &Buffer) -> Result<(Buffer, Buffer, f32)> {
-    let len = e.len();
-    let li = i32_dim(len, "d*K")?;
-    let norm = dev.alloc_zeros(DType::F32, 1)?;
-    dev.launch(
-        "dot_single_block",
-        LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
-        &[
-            Arg::Buf(e),
-            Arg::Buf(e),
-            Arg::I32(li),
-            Arg::I32(1),
-            Arg::Buf(&norm),
-        ],
-    )?;
+    let status = Status::new(dev)?;
+    let (y, norm) = frobenius_normalise_deferred(dev, e, &status)?;
+    status.read(dev)?.forward_error(1, "E", |_| Ok(-1))?;
     let nv = dev.download::<f32>(&norm)?[0];
-    if nv.is_nan() || nv <= 0.0 {
-        return Err(Error::DegenerateMeans);
-    }
-    let y = dev.alloc_zeros(DType::F32, len)?;
-    dev.launch(
-        "frobenius_scale",
-        LaunchConfig::linear(len, BLOCK),
-        &[Arg::Buf(e), Arg::Buf(&norm), Arg::I32(li), Arg::Buf(&y)],
-    )?;
     Ok((y, norm, nv))
 }
 

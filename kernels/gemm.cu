@@ -3,6 +3,8 @@
 //
 // op(A) is m x l (A stored m x l, or l x m when ta = 1); op(B) is l x n (B stored l x n, or
 // n x l when tb = 1); C is m x n. beta = 0 overwrites C without reading it.
+// gate: null, or a device flag; when *gate != 0 the launch does nothing (the Newton polish
+// stops this way without a host decision, src/device/solve.rs).
 //
 // Two kernels with identical results up to summation order:
 // - gemm_*_tiled: 64 x 64 output tile per block of 256 threads (4 x 4 per thread), 16-deep
@@ -21,7 +23,8 @@ __device__ __forceinline__ T load_op(const T* a, int ta, int rows, int cols, int
 }
 
 template <typename T>
-__device__ __forceinline__ void gemm_tiled(int ta, int tb, int m, int n, int l, T alpha, const T* a, const T* b, T beta, T* c) {
+__device__ __forceinline__ void gemm_tiled(int ta, int tb, int m, int n, int l, T alpha, const T* a, const T* b, T beta, T* c, const int* gate) {
+    if (gate && *gate) return;
     constexpr int BM = 64, BN = 64, BK = 16;
     __shared__ T as[BK][BM + 1];
     __shared__ T bs[BK][BN + 1];
@@ -67,7 +70,8 @@ __device__ __forceinline__ void gemm_tiled(int ta, int tb, int m, int n, int l, 
 }
 
 template <typename T>
-__device__ __forceinline__ void gemm_direct(int ta, int tb, int m, int n, int l, T alpha, const T* a, const T* b, T beta, T* c) {
+__device__ __forceinline__ void gemm_direct(int ta, int tb, int m, int n, int l, T alpha, const T* a, const T* b, T beta, T* c, const int* gate) {
+    if (gate && *gate) return;
     const int tm = (m + 3) / 4, tn = (n + 3) / 4;
     const long long tiles = (long long)tm * tn;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -94,16 +98,16 @@ __device__ __forceinline__ void gemm_direct(int ta, int tb, int m, int n, int l,
 }  // namespace etf
 
 // Launch with 256 threads per block (any grid size; tiles are grid-strided).
-extern "C" __global__ void gemm_f64_tiled(int ta, int tb, int m, int n, int l, double alpha, const double* a, const double* b, double beta, double* c) {
-    etf::gemm_tiled(ta, tb, m, n, l, alpha, a, b, beta, c);
+extern "C" __global__ void gemm_f64_tiled(int ta, int tb, int m, int n, int l, double alpha, const double* a, const double* b, double beta, double* c, const int* gate) {
+    etf::gemm_tiled(ta, tb, m, n, l, alpha, a, b, beta, c, gate);
 }
-extern "C" __global__ void gemm_f32_tiled(int ta, int tb, int m, int n, int l, float alpha, const float* a, const float* b, float beta, float* c) {
-    etf::gemm_tiled(ta, tb, m, n, l, alpha, a, b, beta, c);
+extern "C" __global__ void gemm_f32_tiled(int ta, int tb, int m, int n, int l, float alpha, const float* a, const float* b, float beta, float* c, const int* gate) {
+    etf::gemm_tiled(ta, tb, m, n, l, alpha, a, b, beta, c, gate);
 }
 // Any launch shape.
-extern "C" __global__ void gemm_f64_direct(int ta, int tb, int m, int n, int l, double alpha, const double* a, const double* b, double beta, double* c) {
-    etf::gemm_direct(ta, tb, m, n, l, alpha, a, b, beta, c);
+extern "C" __global__ void gemm_f64_direct(int ta, int tb, int m, int n, int l, double alpha, const double* a, const double* b, double beta, double* c, const int* gate) {
+    etf::gemm_direct(ta, tb, m, n, l, alpha, a, b, beta, c, gate);
 }
-extern "C" __global__ void gemm_f32_direct(int ta, int tb, int m, int n, int l, float alpha, const float* a, const float* b, float beta, float* c) {
-    etf::gemm_direct(ta, tb, m, n, l, alpha, a, b, beta, c);
+extern "C" __global__ void gemm_f32_direct(int ta, int tb, int m, int n, int l, float alpha, const float* a, const float* b, float beta, float* c, const int* gate) {
+    etf::gemm_direct(ta, tb, m, n, l, alpha, a, b, beta, c, gate);
 }

@@ -19,8 +19,10 @@
 // a: K x K symmetric, row-major (destroyed: ends diagonal to rounding). v: K x K (in: start
 // basis; out: eigenvectors as columns). lam: K eigenvalues (unsorted, matching v's columns).
 // info[0] <- sweeps used. On no convergence within max_sweeps, status[3] <- 2.
-// One block of any multiple of 32 threads (<= 1024); K <= 1024.
-extern "C" __global__ void jacobi_eig_f64(double* a, double* v, int k, int max_sweeps, double* lam, int* info, int* status) {
+// One block of any multiple of 32 threads (<= 1024); K <= 1024. gate: null, or a device flag
+// that makes the launch a no-op when nonzero (as in gemm.cu).
+extern "C" __global__ void jacobi_eig_f64(double* a, double* v, int k, int max_sweeps, double* lam, int* info, int* status, const int* gate) {
+    if (gate && *gate) return;
     __shared__ int pp[ETF_JACOBI_MAX_PAIRS], qq[ETF_JACOBI_MAX_PAIRS];
     __shared__ double cs[ETF_JACOBI_MAX_PAIRS], sn[ETF_JACOBI_MAX_PAIRS];
     __shared__ double dp[ETF_JACOBI_MAX_PAIRS], dq[ETF_JACOBI_MAX_PAIRS];

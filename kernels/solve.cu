@@ -85,12 +85,73 @@ extern "C" __global__ void symmetrise_f64(const double* a, int k, double* b) {
 }
 
 // One thread: s = lam, s_inv = 1 / lam (eigenvalues of B = sym(P^T G), any sign). A zero
-// eigenvalue is a numerical failure (status[3] <- 1).
-extern "C" __global__ void eigenvalues_inv(const double* lam, int k, double* s, double* s_inv, int* status) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+// eigenvalue is a numerical failure (status[3] <- 1). No-op when *gate != 0.
+extern "C" __global__ void eigenvalues_inv(const double* lam, int k, double* s, double* s_inv, int* status, const int* gate) {
+    if (threadIdx.x != 0 || blockIdx.x != 0 || *gate) return;
     for (int i = 0; i < k; i++) {
         s[i] = lam[i];
         s_inv[i] = lam[i] != 0.0 ? 1.0 / lam[i] : 0.0;
         if (lam[i] == 0.0) status[3] = 1;
     }
+}
+
+// Stopping rule of the Newton polish (the CPU head's, src/cpu/solve.rs::polish), one block of
+// a multiple of 32 threads, run before each step with V = P B - G (the Riemannian gradient,
+// B = Q diag(s) Q^T the factored sym(P^T G)) and ptp = P^T P:
+//   grad = ||V||_F, orth = max |P^T P - I|;
+//   done when grad <= grad_rel ||G||_F and orth <= orth_tol (rounding level), or, from the
+//   second check on, when grad > prev / 10 (a step no longer gains: the rounding floor).
+// The first check's grad is small by construction (the Gram route's factor reproduces G), so
+// it counts only with the orthogonality and is not a reference for the next one.
+// done: the gate of the step's kernels; ctl: [0] steps taken, [1] checks made; hist: [0] the
+// previous check's grad, [1] the last grad, [2] the last orth. No-op once done.
+extern "C" __global__ void newton_check(const double* v, const double* ptp, const double* g, int d, int k, double grad_rel, double orth_tol, int* done, int* ctl, double* hist) {
+    __shared__ double red[3][32];
+    if (*done) return;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    double sv = 0.0, sg = 0.0, orth = 0.0;
+    for (long long e = tid; e < (long long)d * k; e += nt) {
+        sv += v[e] * v[e];
+        sg += g[e] * g[e];
+    }
+    for (long long e = tid; e < (long long)k * k; e += nt)
+        orth = fmax(orth, fabs(ptp[e] - (e / k == e % k ? 1.0 : 0.0)));
+    for (int o = 16; o > 0; o >>= 1) {
+        sv += __shfl_xor_sync(0xffffffffu, sv, o);
+        sg += __shfl_xor_sync(0xffffffffu, sg, o);
+        orth = fmax(orth, __shfl_xor_sync(0xffffffffu, orth, o));
+    }
+    if ((tid & 31) == 0) {
+        red[0][tid >> 5] = sv;
+        red[1][tid >> 5] = sg;
+        red[2][tid >> 5] = orth;
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    sv = sg = orth = 0.0;
+    for (int w = 0; w < (nt + 31) / 32; w++) {
+        sv += red[0][w];
+        sg += red[1][w];
+        orth = fmax(orth, red[2][w]);
+    }
+    const double grad = sqrt(sv);
+    const bool first = ctl[1] == 0;
+    bool stop = grad <= grad_rel * sqrt(sg) && orth <= orth_tol;
+    if (!first && grad > 0.1 * hist[0]) stop = true;
+    hist[0] = first ? INFINITY : grad;
+    hist[1] = grad;
+    hist[2] = orth;
+    ctl[1] += 1;
+    if (stop)
+        *done = 1;
+    else
+        ctl[0] += 1;
+}
+
+// dst <- src (len doubles) unless *gate != 0 (a Newton step's result, kept only when the step
+// was taken).
+extern "C" __global__ void take_step_f64(double* dst, const double* src, long long len, const int* gate) {
+    if (*gate) return;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) dst[e] = src[e];
 }

@@ -52,8 +52,12 @@ use crate::error::{Error, Result};
 /// (measured: `1e-15 ||G||` at `d K ~ 1e2`, `3.4e-15` at `2e5`, `1.1e-14` at `2e6`); the
 /// bound sits 3-4x above it.
 pub fn grad_tol(g: MatRef<'_, f64>) -> f64 {
-    let dk = (g.nrows() * g.ncols()) as f64;
-    f64::EPSILON * (dk.sqrt() / 4.0).max(16.0) * fro(g)
+    grad_tol_rel(g.nrows(), g.ncols()) * fro(g)
+}
+
+/// [`grad_tol`] relative to `||G||_F`: `eps * max(16, sqrt(d K) / 4)`.
+pub fn grad_tol_rel(d: usize, k: usize) -> f64 {
+    f64::EPSILON * (((d * k) as f64).sqrt() / 4.0).max(16.0)
 }
 /// Largest `eps cond(G)^2` the Gram route is used for (it loses that much relative accuracy
 /// in `P`); beyond it the QR + SVD route is taken.

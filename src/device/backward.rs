@@ -18,7 +18,8 @@ use super::{grid_stride, Arg, Buffer, DType, Device};
 use crate::error::Result;
 
 /// `u = D^{-1}(V)` of `method.md` §4 for `V = dL/dP` (d x K f64). A singular Lagrangian
-/// Hessian is recorded in entry 5 of `status`.
+/// Hessian is recorded in entry 5 of `status`. `gate`: a device flag that skips the products
+/// when nonzero (the Newton polish's stop; the result is then not meaningful and not used).
 #[allow(clippy::too_many_arguments)]
 pub fn tangent_solve(
     dev: &Device,
@@ -28,11 +29,12 @@ pub fn tangent_solve(
     d: usize,
     k: usize,
     status: &Status,
+    gate: Option<&Buffer>,
 ) -> Result<Buffer> {
     let vq = dev.alloc_zeros(DType::F64, d * k)?;
-    Gemm::new(false, false, d, k, k).run(dev, gk, v, &f.q, &vq)?;
+    Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, v, &f.q, &vq)?;
     let z = dev.alloc_zeros(DType::F64, k * k)?;
-    Gemm::new(true, false, k, k, d).run(dev, gk, &f.u, &vq, &z)?;
+    Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &f.u, &vq, &z)?;
     let t = dev.alloc_zeros(DType::F64, k * k)?;
     dev.launch(
         "tangent_t",
@@ -46,7 +48,7 @@ pub fn tangent_solve(
         ],
     )?;
     let w = dev.alloc_zeros(DType::F64, d * k)?;
-    Gemm::new(false, false, d, k, k).run(dev, gk, &f.u, &t, &w)?;
+    Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, &f.u, &t, &w)?;
     dev.launch(
         "sub_scale_cols_f64",
         grid_stride(dev, d * k),
@@ -59,7 +61,7 @@ pub fn tangent_solve(
         ],
     )?;
     let u = dev.alloc_zeros(DType::F64, d * k)?;
-    Gemm::new(false, true, d, k, k).run(dev, gk, &w, &f.q, &u)?;
+    Gemm::new(false, true, d, k, k).run_gated(dev, gk, gate, &w, &f.q, &u)?;
     Ok(u)
 }
 
@@ -75,7 +77,7 @@ pub fn solve_backward(
     k: usize,
     status: &Status,
 ) -> Result<Buffer> {
-    let u = tangent_solve(dev, gk, f, dl_dp, d, k, status)?;
+    let u = tangent_solve(dev, gk, f, dl_dp, d, k, status, None)?;
     let dy = dev.alloc_zeros(DType::F32, d * k)?;
     dev.launch(
         "dy_from_u",

@@ -78,11 +78,14 @@ pub struct DeviceOptions {
     pub warm_start: bool,
     /// When errors reach the host.
     pub validation: Validation,
-    /// Riemannian Newton steps after the Procrustes solve (0: none). The Gram route leaves
-    /// `P` within `~eps cond(G)^2` of the optimum (`1e-10` at the default `delta`, well
-    /// inside the tests' tolerances); one step takes it to rounding level, which matters for
-    /// a tiny `delta`. Each step costs about ten `d x K x K` products and a warm Jacobi.
-    pub newton_steps: usize,
+    /// At most this many Riemannian Newton steps after the Procrustes solve (0: none, the
+    /// default). The Gram route leaves `P` within `~eps cond(G)^2` of the optimum (`1e-10`
+    /// at the default `delta`, well inside the tests' tolerances); one step takes it to
+    /// rounding level, which matters for a tiny `delta`. The polish stops on the device once
+    /// the Riemannian gradient and `P^T P - I` are at rounding level (the CPU head's rule);
+    /// the remaining steps' kernels then return at once. A step costs about ten
+    /// `d x K x K` products and a warm Jacobi.
+    pub max_newton_steps: usize,
 }
 
 impl Default for DeviceOptions {
@@ -92,7 +95,7 @@ impl Default for DeviceOptions {
             max_sweeps: 30,
             warm_start: true,
             validation: Validation::Eager,
-            newton_steps: 0,
+            max_newton_steps: 0,
         }
     }
 }
@@ -101,8 +104,8 @@ impl Default for DeviceOptions {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeviceSolveReport {
     /// Riemannian gradient, orthogonality and objective at the returned `P`, computed on the
-    /// host in float64 from `P`, `G`, `Y` and `Prox` (`steps`: the Newton steps taken,
-    /// [`DeviceOptions::newton_steps`], 0 on the first step).
+    /// host in float64 from `P`, `G`, `Y` and `Prox` (`steps`: the Newton steps the device
+    /// polish took, at most [`DeviceOptions::max_newton_steps`]; 0 on the first step).
     pub solve: SolveReport,
     /// Jacobi sweeps the eigensolver used (0 on the first step, solved on the host).
     pub sweeps: usize,
@@ -308,7 +311,7 @@ impl DeviceHead {
                     f,
                     d,
                     k,
-                    self.opt.newton_steps,
+                    self.opt.max_newton_steps,
                     self.opt.max_sweeps,
                     &self.status,
                 )?;
@@ -477,13 +480,10 @@ impl DeviceHead {
         let y = from_row_major(&dev.download::<f32>(&l.y)?, d, k);
         let prox = from_row_major(&dev.download::<f64>(&l.prox_used)?, d, k);
         let sweeps = dev.download::<i32>(&l.factor.sweeps)?[0].max(0) as usize;
+        let newton = dev.download::<i32>(&l.factor.newton)?[0].max(0) as usize;
         Ok(Some(DeviceSolveReport {
             solve: SolveReport {
-                steps: if l.first_step {
-                    0
-                } else {
-                    self.opt.newton_steps
-                },
+                steps: newton,
                 grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref()),
                 objective: objective(y.as_ref(), p.as_ref(), prox.as_ref(), self.cfg.delta),
                 orthogonality: orthogonality_error(p.as_ref()),

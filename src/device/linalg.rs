@@ -52,6 +52,17 @@ fn need(b: &Buffer, what: &'static str, len: usize, dtype: DType) -> Result<()> 
     Ok(())
 }
 
+/// The kernel argument of an optional gate flag (one i32; null when absent).
+pub(crate) fn gate_arg(gate: Option<&Buffer>) -> Result<Arg<'_>> {
+    match gate {
+        None => Ok(Arg::Null),
+        Some(g) => {
+            need(g, "gate", 1, DType::I32)?;
+            Ok(Arg::Buf(g))
+        }
+    }
+}
+
 /// One product `C = alpha op(A) op(B) + beta C` (row-major; `op(A)` is `m x l`, `op(B)` is
 /// `l x n`; `ta`/`tb` transpose the stored matrix). All three buffers are f64, or all f32.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +106,22 @@ impl Gemm {
         b: &Buffer,
         c: &Buffer,
     ) -> Result<()> {
+        self.run_gated(dev, kernel, None, a, b, c)
+    }
+
+    /// Launches it behind a device flag: `gate` (one i32) nonzero at run time makes the launch
+    /// a no-op, without a host decision. `None` always runs.
+    pub fn run_gated(
+        &self,
+        dev: &Device,
+        kernel: GemmKernel,
+        gate: Option<&Buffer>,
+        a: &Buffer,
+        b: &Buffer,
+        c: &Buffer,
+    ) -> Result<()> {
         let dt = c.dtype();
+        let gate_arg = gate_arg(gate)?;
         let (mi, ni, li) = (dim(self.m, "m")?, dim(self.n, "n")?, dim(self.l, "l")?);
         need(a, "gemm A", self.m * self.l, dt)?;
         need(b, "gemm B", self.l * self.n, dt)?;
@@ -133,6 +159,7 @@ impl Gemm {
                     Arg::Buf(b),
                     Arg::F64(self.beta),
                     Arg::Buf(c),
+                    gate_arg,
                 ],
             ),
             DType::F32 => dev.launch(
@@ -149,6 +176,7 @@ impl Gemm {
                     Arg::Buf(b),
                     Arg::F32(self.beta as f32),
                     Arg::Buf(c),
+                    gate_arg,
                 ],
             ),
             other => Err(Error::InvalidParameter {
@@ -167,7 +195,7 @@ pub const MAX_JACOBI_K: usize = 1024;
 /// for a cold start, the previous eigenvectors for a warm start with `a` already rotated into
 /// that basis) and the eigenvectors (columns) on return; `lam` (k f64) the eigenvalues,
 /// unsorted; `info[0]` (i32) the sweeps used. No convergence within `max_sweeps` sets entry
-/// 3 of `status` to 2.
+/// 3 of `status` to 2. A nonzero `gate` flag at run time makes it a no-op.
 #[allow(clippy::too_many_arguments)]
 pub fn sym_eig(
     dev: &Device,
@@ -178,6 +206,7 @@ pub fn sym_eig(
     lam: &Buffer,
     info: &Buffer,
     status: &Status,
+    gate: Option<&Buffer>,
 ) -> Result<()> {
     if k > MAX_JACOBI_K {
         return Err(Error::InvalidParameter {
@@ -207,6 +236,7 @@ pub fn sym_eig(
             Arg::Buf(lam),
             Arg::Buf(info),
             Arg::Buf(&status.buf),
+            gate_arg(gate)?,
         ],
     )
 }

@@ -202,6 +202,9 @@ impl LaunchConfig {
 pub enum Arg<'a> {
     /// A device buffer, passed as a pointer to its first element.
     Buf(&'a Buffer),
+    /// A null pointer, for an optional pointer parameter (such as the `gate` of the products
+    /// and the eigensolver: null means "always run").
+    Null,
     /// `int`
     I32(i32),
     /// `unsigned int`
@@ -217,12 +220,13 @@ pub enum Arg<'a> {
 }
 
 impl Arg<'_> {
-    /// The 8-byte parameter slot of a scalar argument (as in cuLaunchKernel's parameter
-    /// buffer; little-endian, so a 4-byte scalar read from the start of its slot is the
-    /// value). `None` for a buffer, whose slot holds a backend-specific pointer.
+    /// The 8-byte parameter slot of a scalar or null argument (as in cuLaunchKernel's
+    /// parameter buffer; little-endian, so a 4-byte scalar read from the start of its slot is
+    /// the value). `None` for a buffer, whose slot holds a backend-specific pointer.
     pub(crate) fn scalar_slot(&self) -> Option<u64> {
         Some(match *self {
             Arg::Buf(_) => return None,
+            Arg::Null => 0,
             Arg::I32(v) => u64::from(v as u32),
             Arg::U32(v) => u64::from(v),
             Arg::I64(v) => v as u64,
@@ -457,6 +461,7 @@ impl Device {
                         (DevInner::Cpu, BufInner::Cpu(_)) | (DevInner::Cuda(_), BufInner::Cuda(_))
                     )
                 }
+                (Param::Ptr { .. }, Arg::Null) => true,
                 (Param::Scalar(DType::I32), Arg::I32(_))
                 | (Param::Scalar(DType::U32), Arg::U32(_))
                 | (Param::Scalar(DType::I64), Arg::I64(_))

@@ -9,7 +9,7 @@
 //! This is the CPU head's Procrustes (Gram) route without its polish: `P` is the polar factor
 //! to `~eps cond(G)^2` (`1e-10` at the default `delta = 1e-3`), and `B = sym(P^T G)` equals
 //! `Q diag(s) Q^T` to the same order, which is what the backward uses. Optional Riemannian
-//! Newton steps (see [`super::head::DeviceOptions::newton_steps`]) polish further.
+//! Newton steps (see [`super::head::DeviceOptions::max_newton_steps`]) polish further.
 //!
 //! Warm start: the eigenvectors of the previous step, `Q0`, nearly diagonalise this step's
 //! Gram matrix (the class means move little between steps), so Jacobi runs on
@@ -40,8 +40,10 @@ pub struct FactorDev {
     pub s_inv: Buffer,
     /// `G = c Y M + delta Prox`.
     pub g: Buffer,
-    /// Jacobi sweeps used (i32, 1).
+    /// Jacobi sweeps used by the last eigensolve (i32, 1).
     pub sweeps: Buffer,
+    /// Newton polish counters (i32, 2): steps taken, stopping checks made.
+    pub newton: Buffer,
 }
 
 impl FactorDev {
@@ -56,6 +58,7 @@ impl FactorDev {
             s_inv: dev.upload(&inv)?,
             g: dev.upload(&to_row_major::<f64>(g))?,
             sweeps: dev.upload(&[0i32])?,
+            newton: dev.upload(&[0i32; 2])?,
         })
     }
 }
@@ -124,7 +127,7 @@ pub fn procrustes(
     };
     let lam = dev.alloc_zeros(DType::F64, k)?;
     let sweeps = dev.alloc_zeros(DType::I32, 1)?;
-    sym_eig(dev, &a, &q, k, max_sweeps, &lam, &sweeps, status)?;
+    sym_eig(dev, &a, &q, k, max_sweeps, &lam, &sweeps, status, None)?;
     let s = dev.alloc_zeros(DType::F64, k)?;
     let s_inv = dev.alloc_zeros(DType::F64, k)?;
     dev.launch(
@@ -151,6 +154,7 @@ pub fn procrustes(
         s_inv,
         g,
         sweeps,
+        newton: dev.alloc_zeros(DType::I32, 2)?,
     })
 }
 
@@ -172,34 +176,74 @@ fn launch_k(dev: &Device, name: &str, args: &[Arg<'_>], n: usize) -> Result<()> 
     dev.launch(name, grid_stride(dev, n), args)
 }
 
-/// Riemannian Newton steps on St(d, K) from `f` (the Procrustes factor), as the CPU head's
-/// polish does: the Newton direction `X` solves `Proj_T(X B) = G - P B` (the backward's
-/// tangent-space solve with `V = P B - G`), then `P <- NS(P + X)` (`ns_iters` Newton–Schulz
-/// retraction steps) and `B = sym(P^T G)` is factored again by Jacobi warm-started from the
-/// previous eigenvectors. `steps` fixed steps (no host decision, so no synchronisation);
-/// convergence is quadratic, so one step takes the Gram route's `eps cond(G)^2` error to
-/// rounding level unless `G` is extremely ill-conditioned.
+/// Riemannian Newton steps on St(d, K) from `f` (the Procrustes factor), with the CPU head's
+/// stopping rule, decided on the device. Before each step, `newton_check` measures the
+/// Riemannian gradient `||P B - G||_F` and `max |P^T P - I|` and sets a device flag once both
+/// are at rounding level (`grad <= eps max(16, sqrt(dK)/4) ||G||_F`, the CPU head's
+/// [`grad_tol`](crate::cpu::solve::grad_tol), and orthogonality `<=`
+/// [`ORTH_TOL`](crate::cpu::solve::ORTH_TOL)), or once a step no longer gains a factor 10.
+/// Every later kernel of the polish reads that flag: the products and the eigensolver return at
+/// once, and the step's result is not committed. So at most `max_steps` steps run, the host
+/// makes no decision (no synchronisation), and a converged polish costs one check and a few
+/// empty launches per remaining step.
+///
+/// A step, as the CPU head's polish: the Newton direction `X` solves `Proj_T(X B) = G - P B`
+/// (the backward's tangent-space solve with `V = P B - G`), then `P <- NS(P + X)` (two
+/// Newton–Schulz retraction steps) and `B = sym(P^T G)` is factored again by Jacobi
+/// warm-started from the previous eigenvectors. Convergence is quadratic: one step takes the
+/// Gram route's `eps cond(G)^2` error to rounding level unless `G` is extremely
+/// ill-conditioned. The steps taken are counted in `f.newton[0]`.
 #[allow(clippy::too_many_arguments)]
 pub fn newton_polish(
     dev: &Device,
     gk: GemmKernel,
-    mut f: FactorDev,
+    f: FactorDev,
     d: usize,
     k: usize,
-    steps: usize,
+    max_steps: usize,
     max_sweeps: usize,
     status: &Status,
 ) -> Result<FactorDev> {
     const NS_ITERS: usize = 2;
-    for _ in 0..steps {
-        // V = P B - G = U diag(s) Q^T - G.
+    if max_steps == 0 {
+        return Ok(f);
+    }
+    let done = dev.alloc_zeros(DType::I32, 1)?;
+    let gate = Some(&done);
+    let hist = dev.alloc_zeros(DType::F64, 3)?;
+    let grad_rel = crate::cpu::solve::grad_tol_rel(d, k);
+    let check_threads = match dev.backend() {
+        super::Backend::Cpu => 32,
+        super::Backend::Cuda => 256,
+    };
+    for _ in 0..max_steps {
+        // V = P B - G = U diag(s) Q^T - G, and P^T P: the stopping rule.
         let us = dev.copy(&f.u)?;
         scale_cols(dev, &us, &f.s, d, k)?;
         let v = dev.copy(&f.g)?;
         let mut gm = Gemm::new(false, true, d, k, k);
         gm.beta = -1.0;
-        gm.run(dev, gk, &us, &f.q, &v)?;
-        let x = super::backward::tangent_solve(dev, gk, &f, &v, d, k, status)?;
+        gm.run_gated(dev, gk, gate, &us, &f.q, &v)?;
+        let ptp = dev.alloc_zeros(DType::F64, k * k)?;
+        Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &f.p, &f.p, &ptp)?;
+        dev.launch(
+            "newton_check",
+            LaunchConfig::new((1, 1, 1), (check_threads, 1, 1)),
+            &[
+                Arg::Buf(&v),
+                Arg::Buf(&ptp),
+                Arg::Buf(&f.g),
+                Arg::I32(d as i32),
+                Arg::I32(k as i32),
+                Arg::F64(grad_rel),
+                Arg::F64(crate::cpu::solve::ORTH_TOL),
+                Arg::Buf(&done),
+                Arg::Buf(&f.newton),
+                Arg::Buf(&hist),
+            ],
+        )?;
+        // The step (every product and the eigensolver behind the flag).
+        let x = super::backward::tangent_solve(dev, gk, &f, &v, d, k, status, gate)?;
         let mut z = dev.alloc_zeros(DType::F64, d * k)?;
         launch_k(
             dev,
@@ -214,7 +258,7 @@ pub fn newton_polish(
         )?;
         for _ in 0..NS_ITERS {
             let ztz = dev.alloc_zeros(DType::F64, k * k)?;
-            Gemm::new(true, false, k, k, d).run(dev, gk, &z, &z, &ztz)?;
+            Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &z, &z, &ztz)?;
             let m = dev.alloc_zeros(DType::F64, k * k)?;
             launch_k(
                 dev,
@@ -223,12 +267,12 @@ pub fn newton_polish(
                 k * k,
             )?;
             let zn = dev.alloc_zeros(DType::F64, d * k)?;
-            Gemm::new(false, false, d, k, k).run(dev, gk, &z, &m, &zn)?;
+            Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, &z, &m, &zn)?;
             z = zn;
         }
         // B = sym(P^T G), factored from the previous eigenvectors.
         let ptg = dev.alloc_zeros(DType::F64, k * k)?;
-        Gemm::new(true, false, k, k, d).run(dev, gk, &z, &f.g, &ptg)?;
+        Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &z, &f.g, &ptg)?;
         let b = dev.alloc_zeros(DType::F64, k * k)?;
         launch_k(
             dev,
@@ -237,12 +281,12 @@ pub fn newton_polish(
             k * k,
         )?;
         let t = dev.alloc_zeros(DType::F64, k * k)?;
-        Gemm::new(false, false, k, k, k).run(dev, gk, &b, &f.q, &t)?;
+        Gemm::new(false, false, k, k, k).run_gated(dev, gk, gate, &b, &f.q, &t)?;
         let a = dev.alloc_zeros(DType::F64, k * k)?;
-        Gemm::new(true, false, k, k, k).run(dev, gk, &f.q, &t, &a)?;
+        Gemm::new(true, false, k, k, k).run_gated(dev, gk, gate, &f.q, &t, &a)?;
         let q = dev.copy(&f.q)?;
         let lam = dev.alloc_zeros(DType::F64, k)?;
-        sym_eig(dev, &a, &q, k, max_sweeps, &lam, &f.sweeps, status)?;
+        sym_eig(dev, &a, &q, k, max_sweeps, &lam, &f.sweeps, status, gate)?;
         dev.launch(
             "eigenvalues_inv",
             LaunchConfig::new((1, 1, 1), (32, 1, 1)),
@@ -252,19 +296,25 @@ pub fn newton_polish(
                 Arg::Buf(&f.s),
                 Arg::Buf(&f.s_inv),
                 Arg::Buf(&status.buf),
+                Arg::Buf(&done),
             ],
         )?;
         let u = dev.alloc_zeros(DType::F64, d * k)?;
-        Gemm::new(false, false, d, k, k).run(dev, gk, &z, &q, &u)?;
-        f = FactorDev {
-            p: z,
-            u,
-            q,
-            s: f.s,
-            s_inv: f.s_inv,
-            g: f.g,
-            sweeps: f.sweeps,
-        };
+        Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, &z, &q, &u)?;
+        // Commit the step unless the check stopped the polish.
+        for (dst, src, len) in [(&f.p, &z, d * k), (&f.u, &u, d * k), (&f.q, &q, k * k)] {
+            launch_k(
+                dev,
+                "take_step_f64",
+                &[
+                    Arg::Buf(dst),
+                    Arg::Buf(src),
+                    Arg::I64(len as i64),
+                    Arg::Buf(&done),
+                ],
+                len,
+            )?;
+        }
     }
     Ok(f)
 }

@@ -264,6 +264,25 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
             9,
         );
         println!("{} tiled, cold: {w:?}", dev.name());
+        // The block eigensolver (what a GPU runs for K > 96), in the solve and in the
+        // Newton polish's re-factorisation.
+        let opt = DeviceOptions {
+            eigensolver: implicit_etf::device::linalg::EigenSolver::Blocked { width: 4 },
+            max_newton_steps: 2,
+            ..DeviceOptions::default()
+        };
+        let w = compare(
+            fresh(),
+            HeadConfig::new(30, 11),
+            opt,
+            40,
+            3,
+            &[0],
+            Feat::F32,
+            false,
+            13,
+        );
+        println!("{} block eigensolver + Newton: {w:?}", dev.name());
     }
 }
 

@@ -43,7 +43,7 @@
 //! ```
 
 use super::classifier::{self, ClassifierGradsDev};
-use super::linalg::{GemmKernel, MAX_JACOBI_K};
+use super::linalg::{EigenSolver, GemmKernel};
 use super::solve::{self, FactorDev};
 use super::stats::{self, MovingStateDev, StatsForward, StatsOptions};
 use super::status::{Part, Status};
@@ -72,7 +72,12 @@ pub enum Validation {
 pub struct DeviceOptions {
     /// Product kernel (tiled on a GPU, direct on the CPU execution by default).
     pub gemm: GemmKernel,
-    /// Jacobi sweep cap of the eigensolver (a cold start takes 6-10, a warm start 1-3).
+    /// Symmetric eigensolver: one block for small `K`, block Jacobi over many blocks for
+    /// large `K` on a GPU (see [`EigenSolver::Auto`]).
+    pub eigensolver: EigenSolver,
+    /// Jacobi sweep cap of the eigensolver (a cold start takes 6-10, a warm start 1-3). The
+    /// block solver launches all of them (`2 nb - 1` launches each), turning those after
+    /// convergence into no-ops on the device, so a lower cap saves launch overhead there.
     pub max_sweeps: usize,
     /// Start the eigensolver from the previous step's eigenvectors.
     pub warm_start: bool,
@@ -92,6 +97,7 @@ impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
             gemm: GemmKernel::Auto,
+            eigensolver: EigenSolver::Auto,
             max_sweeps: 30,
             warm_start: true,
             validation: Validation::Eager,
@@ -157,8 +163,9 @@ impl DeviceHead {
         Self::with_options(dev, cfg, DeviceOptions::default())
     }
 
-    /// A fresh head with explicit options. Errors: an invalid configuration, `K` above
-    /// the eigensolver's 1024, dimensions beyond the kernels' `i32` range, or
+    /// A fresh head with explicit options. Errors: an invalid configuration, an eigensolver
+    /// that cannot take `K` (the one-block solver stops at 1024, a block width must be 1 to
+    /// 24), dimensions beyond the kernels' `i32` range, or
     /// [`SolveMethod::Riemannian`] (the device head solves in closed form only).
     pub fn with_options(dev: Device, cfg: HeadConfig, opt: DeviceOptions) -> Result<Self> {
         cfg.validate()?;
@@ -168,12 +175,9 @@ impl DeviceHead {
                 reason: "the device head implements the Procrustes solve only".into(),
             });
         }
-        if cfg.classes > MAX_JACOBI_K {
-            return Err(Error::InvalidParameter {
-                name: "classes",
-                reason: format!("the device head takes K <= {MAX_JACOBI_K}"),
-            });
-        }
+        opt.eigensolver
+            .resolve(&dev, cfg.classes)
+            .validate(cfg.classes)?;
         if i32::try_from(cfg.dim * cfg.classes).is_err() {
             return Err(Error::InvalidParameter {
                 name: "dim",
@@ -303,11 +307,22 @@ impl DeviceHead {
                 } else {
                     None
                 };
-                let f =
-                    solve::procrustes(dev, gk, g, warm, d, k, self.opt.max_sweeps, &self.status)?;
+                let eig = self.opt.eigensolver;
+                let f = solve::procrustes(
+                    dev,
+                    gk,
+                    eig,
+                    g,
+                    warm,
+                    d,
+                    k,
+                    self.opt.max_sweeps,
+                    &self.status,
+                )?;
                 let f = solve::newton_polish(
                     dev,
                     gk,
+                    eig,
                     f,
                     d,
                     k,

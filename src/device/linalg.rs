@@ -1,5 +1,6 @@
 //! Dense linear algebra on the device: products (`kernels/gemm.cu`) and the symmetric
-//! eigensolver (`kernels/jacobi.cu`), used by the ETF solve and the implicit backward.
+//! eigensolvers (`kernels/jacobi.cu`: one-block and block Jacobi), used by the ETF solve and
+//! the implicit backward.
 
 use super::status::Status;
 use super::{grid_stride, Arg, Backend, Buffer, DType, Device, LaunchConfig};
@@ -189,16 +190,83 @@ impl Gemm {
 
 /// Largest `K` the one-block Jacobi eigensolver takes.
 pub const MAX_JACOBI_K: usize = 1024;
+/// Widest column block of the block-Jacobi eigensolver (its `2b x 2b` sub-problems and tiles
+/// live in shared memory: `2 (2b)^2` doubles = 36 KiB at `b = 24`).
+pub const MAX_BLOCK_WIDTH: usize = 24;
+/// Largest `K` that [`EigenSolver::Auto`] gives to the one-block solver on a GPU.
+pub const AUTO_ONE_BLOCK_MAX_K: usize = 96;
 
-/// Eigendecomposition of the symmetric `k x k` f64 matrix `a` (destroyed) by parallel cyclic
-/// Jacobi in one block (`kernels/jacobi.cu`). `v` holds the start basis on entry (identity
-/// for a cold start, the previous eigenvectors for a warm start with `a` already rotated into
-/// that basis) and the eigenvectors (columns) on return; `lam` (k f64) the eigenvalues,
-/// unsorted; `info[0]` (i32) the sweeps used. No convergence within `max_sweeps` sets entry
-/// 3 of `status` to 2. A nonzero `gate` flag at run time makes it a no-op.
+/// Which symmetric eigensolver runs (`kernels/jacobi.cu`). Both are cyclic Jacobi with the
+/// same rotation test, so they end at the same accuracy; they differ in how the work is
+/// spread over the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EigenSolver {
+    /// On a GPU: one block for `K <=` [`AUTO_ONE_BLOCK_MAX_K`], blocks of width
+    /// [`MAX_BLOCK_WIDTH`] above. On the CPU execution: one block up to [`MAX_JACOBI_K`]
+    /// (its real-thread barriers make the block solver's many small launches slow there),
+    /// blocks above.
+    #[default]
+    Auto,
+    /// The whole matrix in one CUDA block (`K <=` [`MAX_JACOBI_K`]). A round streams all of
+    /// `A` through one SM.
+    OneBlock,
+    /// Block Jacobi over many CUDA blocks, any `K`: column blocks of `width` (1 to
+    /// [`MAX_BLOCK_WIDTH`]) are paired round-robin; each pair's `2 width` square
+    /// sub-problem is diagonalised in its own block, then every tile of `A` is rotated in
+    /// its own block. `2 (ceil(K / width) rounded up to even) - 1` launches per sweep.
+    Blocked {
+        /// Column-block width.
+        width: usize,
+    },
+}
+
+impl EigenSolver {
+    /// The solver that runs for a `k x k` problem on `dev`.
+    pub fn resolve(self, dev: &Device, k: usize) -> EigenSolver {
+        let one_block_max = match dev.backend() {
+            Backend::Cuda => AUTO_ONE_BLOCK_MAX_K,
+            Backend::Cpu => MAX_JACOBI_K,
+        };
+        match self {
+            EigenSolver::Auto if k <= one_block_max => EigenSolver::OneBlock,
+            EigenSolver::Auto => EigenSolver::Blocked {
+                width: MAX_BLOCK_WIDTH,
+            },
+            s => s,
+        }
+    }
+
+    /// Checks the choice against `k`.
+    pub fn validate(self, k: usize) -> Result<()> {
+        match self {
+            EigenSolver::OneBlock if k > MAX_JACOBI_K => Err(Error::InvalidParameter {
+                name: "eigensolver",
+                reason: format!(
+                    "the one-block eigensolver takes K <= {MAX_JACOBI_K}, got {k} (use Blocked or Auto)"
+                ),
+            }),
+            EigenSolver::Blocked { width } if width == 0 || width > MAX_BLOCK_WIDTH => {
+                Err(Error::InvalidParameter {
+                    name: "eigensolver",
+                    reason: format!("block width must be 1..={MAX_BLOCK_WIDTH}, got {width}"),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Eigendecomposition of the symmetric `k x k` f64 matrix `a` (destroyed) by cyclic Jacobi
+/// (`kernels/jacobi.cu`; `solver` picks the one-block or the block solver). `v` holds the
+/// start basis on entry (identity for a cold start, the previous eigenvectors for a warm
+/// start with `a` already rotated into that basis) and the eigenvectors (columns) on return;
+/// `lam` (k f64) the eigenvalues, unsorted; `info[0]` (i32) the sweeps used. No convergence
+/// within `max_sweeps` sets entry 3 of `status` to 2. A nonzero `gate` flag at run time makes
+/// it a no-op. No host synchronisation.
 #[allow(clippy::too_many_arguments)]
 pub fn sym_eig(
     dev: &Device,
+    solver: EigenSolver,
     a: &Buffer,
     v: &Buffer,
     k: usize,
@@ -208,35 +276,130 @@ pub fn sym_eig(
     status: &Status,
     gate: Option<&Buffer>,
 ) -> Result<()> {
-    if k > MAX_JACOBI_K {
-        return Err(Error::InvalidParameter {
-            name: "classes",
-            reason: format!("the device eigensolver takes K <= {MAX_JACOBI_K}, got {k}"),
-        });
-    }
+    let solver = solver.resolve(dev, k);
+    solver.validate(k)?;
     need(a, "eig A", k * k, DType::F64)?;
     need(v, "eig V", k * k, DType::F64)?;
     need(lam, "eig lambda", k, DType::F64)?;
     need(info, "eig info", 1, DType::I32)?;
-    let threads = match dev.backend() {
-        // Real host threads: a barrier costs ~0.1 ms, so keep the block small.
-        Backend::Cpu => 32,
-        Backend::Cuda if k <= 64 => 64,
-        Backend::Cuda if k <= 256 => 256,
-        Backend::Cuda => 1024,
+    let ki = dim(k, "K")?;
+    let sweeps = dim(max_sweeps, "max_sweeps")?;
+    let width = match solver {
+        EigenSolver::Blocked { width } => width,
+        _ => {
+            let threads = match dev.backend() {
+                // Real host threads: a barrier costs ~0.1 ms, so keep the block small.
+                Backend::Cpu => 32,
+                Backend::Cuda if k <= 64 => 64,
+                Backend::Cuda if k <= 256 => 256,
+                Backend::Cuda => 1024,
+            };
+            return dev.launch(
+                "jacobi_eig_f64",
+                LaunchConfig::new((1, 1, 1), (threads, 1, 1)),
+                &[
+                    Arg::Buf(a),
+                    Arg::Buf(v),
+                    Arg::I32(ki),
+                    Arg::I32(sweeps),
+                    Arg::Buf(lam),
+                    Arg::Buf(info),
+                    Arg::Buf(&status.buf),
+                    gate_arg(gate)?,
+                ],
+            );
+        }
     };
+    // Block Jacobi: a fixed launch sequence; a device flag ends it early.
+    let nb = k.div_ceil(width).max(2);
+    let nb = nb + (nb & 1);
+    let npairs = nb / 2;
+    let n2 = 2 * width;
+    let (t_local, t_apply) = match dev.backend() {
+        Backend::Cpu => (32, 32),
+        Backend::Cuda => (64, 256),
+    };
+    let fl = dev.alloc_zeros(DType::F64, 1)?;
+    let flags = dev.alloc_zeros(DType::I32, 3)?;
+    let rot = dev.alloc_zeros(DType::F64, npairs * n2 * n2)?;
+    let act = dev.alloc_zeros(DType::I32, npairs)?;
+    let g = gate_arg(gate)?;
     dev.launch(
-        "jacobi_eig_f64",
-        LaunchConfig::new((1, 1, 1), (threads, 1, 1)),
+        "bj_init",
+        LaunchConfig::new((1, 1, 1), (t_apply, 1, 1)),
         &[
             Arg::Buf(a),
-            Arg::Buf(v),
-            Arg::I32(dim(k, "K")?),
-            Arg::I32(dim(max_sweeps, "max_sweeps")?),
+            Arg::I32(ki),
+            Arg::Buf(&fl),
+            Arg::Buf(&flags),
+            g,
+        ],
+    )?;
+    let (wi, nbi) = (dim(width, "width")?, dim(nb, "blocks")?);
+    let local_cfg = LaunchConfig {
+        shared_bytes: (n2 * n2 * 8) as u32,
+        ..LaunchConfig::new((npairs.min(65535) as u32, 1, 1), (t_local, 1, 1))
+    };
+    let tiles = npairs * npairs + k.div_ceil(n2) * npairs;
+    let apply_cfg = LaunchConfig {
+        shared_bytes: (2 * n2 * n2 * 8) as u32,
+        ..LaunchConfig::new((tiles.min(65535) as u32, 1, 1), (t_apply, 1, 1))
+    };
+    const MAX_INNER_SWEEPS: i32 = 30;
+    for _ in 0..max_sweeps {
+        for r in 0..nb - 1 {
+            let ri = r as i32;
+            dev.launch(
+                "bj_local",
+                local_cfg,
+                &[
+                    Arg::Buf(a),
+                    Arg::I32(ki),
+                    Arg::I32(wi),
+                    Arg::I32(ri),
+                    Arg::I32(nbi),
+                    Arg::I32(MAX_INNER_SWEEPS),
+                    Arg::Buf(&fl),
+                    Arg::Buf(&rot),
+                    Arg::Buf(&act),
+                    Arg::Buf(&flags),
+                    g,
+                ],
+            )?;
+            dev.launch(
+                "bj_apply",
+                apply_cfg,
+                &[
+                    Arg::Buf(a),
+                    Arg::Buf(v),
+                    Arg::I32(ki),
+                    Arg::I32(wi),
+                    Arg::I32(ri),
+                    Arg::I32(nbi),
+                    Arg::Buf(&rot),
+                    Arg::Buf(&act),
+                    Arg::Buf(&flags),
+                    g,
+                ],
+            )?;
+        }
+        dev.launch(
+            "bj_sweep_end",
+            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+            &[Arg::Buf(&flags), g],
+        )?;
+    }
+    dev.launch(
+        "bj_finish",
+        grid_stride(dev, k),
+        &[
+            Arg::Buf(a),
+            Arg::I32(ki),
+            Arg::Buf(&flags),
             Arg::Buf(lam),
             Arg::Buf(info),
             Arg::Buf(&status.buf),
-            gate_arg(gate)?,
+            g,
         ],
     )
 }

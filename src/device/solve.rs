@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! G   = c Y M + delta Prox                       build_g (row-mean removal fused)
-//! G^T G = Q diag(s^2) Q^T                        gemm, jacobi_eig_f64 (warm: Q0^T G^T G Q0)
+//! G^T G = Q diag(s^2) Q^T                        gemm, Jacobi (warm: Q0^T G^T G Q0)
 //! U   = G Q diag(1/s),  P = U Q^T                gemm, scale_cols_f64, gemm
 //! ```
 //!
@@ -17,7 +17,7 @@
 
 use faer::MatRef;
 
-use super::linalg::{identity, sym_eig, Gemm, GemmKernel};
+use super::linalg::{identity, sym_eig, EigenSolver, Gemm, GemmKernel};
 use super::status::Status;
 use super::{grid_stride, Arg, Buffer, DType, Device, LaunchConfig};
 use crate::cpu::linalg::to_row_major;
@@ -101,6 +101,7 @@ pub fn build_g(
 pub fn procrustes(
     dev: &Device,
     gk: GemmKernel,
+    eig: EigenSolver,
     g: Buffer,
     warm: Option<&Buffer>,
     d: usize,
@@ -127,7 +128,7 @@ pub fn procrustes(
     };
     let lam = dev.alloc_zeros(DType::F64, k)?;
     let sweeps = dev.alloc_zeros(DType::I32, 1)?;
-    sym_eig(dev, &a, &q, k, max_sweeps, &lam, &sweeps, status, None)?;
+    sym_eig(dev, eig, &a, &q, k, max_sweeps, &lam, &sweeps, status, None)?;
     let s = dev.alloc_zeros(DType::F64, k)?;
     let s_inv = dev.alloc_zeros(DType::F64, k)?;
     dev.launch(
@@ -197,6 +198,7 @@ fn launch_k(dev: &Device, name: &str, args: &[Arg<'_>], n: usize) -> Result<()> 
 pub fn newton_polish(
     dev: &Device,
     gk: GemmKernel,
+    eig: EigenSolver,
     f: FactorDev,
     d: usize,
     k: usize,
@@ -286,7 +288,9 @@ pub fn newton_polish(
         Gemm::new(true, false, k, k, k).run_gated(dev, gk, gate, &f.q, &t, &a)?;
         let q = dev.copy(&f.q)?;
         let lam = dev.alloc_zeros(DType::F64, k)?;
-        sym_eig(dev, &a, &q, k, max_sweeps, &lam, &f.sweeps, status, gate)?;
+        sym_eig(
+            dev, eig, &a, &q, k, max_sweeps, &lam, &f.sweeps, status, gate,
+        )?;
         dev.launch(
             "eigenvalues_inv",
             LaunchConfig::new((1, 1, 1), (32, 1, 1)),

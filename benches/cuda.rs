@@ -7,9 +7,18 @@
 //! `synchronize` per iteration. Without a GPU it prints "CUDA part skipped: <reason>" and
 //! measures nothing (the CPU execution's timings say nothing about a GPU).
 //! `scripts/gpu-check.sh` runs it briefly: `cuda -- --warm-up-time 1 --measurement-time 2`.
+//!
+//! A second group, `cuda_eig`, times the symmetric eigensolvers alone (what decides
+//! [`EigenSolver::Auto`]'s threshold and the K = 1000 target): the one-block Jacobi and the
+//! block Jacobi (widths 16 and 24) at K = 100 and 1000, cold (`V = I` on a Gram matrix) and
+//! warm (rotated into the eigenvectors of a matrix 1e-4 away, as between training steps),
+//! with the default cap of 30 sweeps, plus the block solver with a cap of 8 (the difference is
+//! the cost of the no-op launches after convergence). Each iteration copies the input on the
+//! device (included) and synchronises once.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use implicit_etf::device::linalg::{Gemm, GemmKernel};
+use implicit_etf::device::linalg::{identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use implicit_etf::device::status::Status;
 use implicit_etf::device::{DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, HeadConfig, Validation};
 
@@ -93,5 +102,113 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// A symmetric positive definite `k x k` matrix (a Gram matrix of a `2k x k` matrix with a
+/// deterministic pseudo-random fill), row-major.
+fn gram(k: usize, seed: u64) -> Vec<f64> {
+    let rows = 2 * k;
+    let mut s = seed;
+    let g: Vec<f64> = (0..rows * k)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+        })
+        .collect();
+    let mut a = vec![0.0; k * k];
+    for i in 0..k {
+        for j in 0..=i {
+            let v: f64 = (0..rows).map(|r| g[r * k + i] * g[r * k + j]).sum();
+            a[i * k + j] = v;
+            a[j * k + i] = v;
+        }
+    }
+    a
+}
+
+fn bench_eig(c: &mut Criterion) {
+    let Some(dev) = gpu() else { return };
+    let mut g = c.benchmark_group("cuda_eig");
+    g.sample_size(10);
+    let status = Status::new(&dev).unwrap();
+    for k in [100usize, 1000] {
+        let a = gram(k, 1);
+        // Warm start: eigenvectors of a nearby matrix, from a converged device solve.
+        let near: Vec<f64> = a
+            .iter()
+            .zip(gram(k, 2))
+            .map(|(x, y)| x + 1e-4 * y)
+            .collect();
+        let q0 = {
+            let ab = dev.upload(&near).unwrap();
+            let v = dev.alloc_zeros(DType::F64, k * k).unwrap();
+            identity(&dev, &v, k).unwrap();
+            let lam = dev.alloc_zeros(DType::F64, k).unwrap();
+            let info = dev.alloc_zeros(DType::I32, 1).unwrap();
+            sym_eig(
+                &dev,
+                EigenSolver::Auto,
+                &ab,
+                &v,
+                k,
+                30,
+                &lam,
+                &info,
+                &status,
+                None,
+            )
+            .unwrap();
+            v
+        };
+        let a_cold = dev.upload(&a).unwrap();
+        let a_warm = {
+            let t = dev.alloc_zeros(DType::F64, k * k).unwrap();
+            Gemm::new(false, false, k, k, k)
+                .run(&dev, GemmKernel::Auto, &a_cold, &q0, &t)
+                .unwrap();
+            let w = dev.alloc_zeros(DType::F64, k * k).unwrap();
+            Gemm::new(true, false, k, k, k)
+                .run(&dev, GemmKernel::Auto, &q0, &t, &w)
+                .unwrap();
+            w
+        };
+        let eye = dev.alloc_zeros(DType::F64, k * k).unwrap();
+        identity(&dev, &eye, k).unwrap();
+        let lam = dev.alloc_zeros(DType::F64, k).unwrap();
+        let info = dev.alloc_zeros(DType::I32, 1).unwrap();
+        let cases: [(EigenSolver, usize); 4] = [
+            (EigenSolver::OneBlock, 30),
+            (EigenSolver::Blocked { width: 16 }, 30),
+            (EigenSolver::Blocked { width: 24 }, 30),
+            (EigenSolver::Blocked { width: 24 }, 8),
+        ];
+        for (solver, cap) in cases {
+            for (start, a0, v0) in [("cold", &a_cold, &eye), ("warm", &a_warm, &q0)] {
+                // One streaming pass of the one-block solver at K = 1000 takes seconds cold.
+                if k > 100 && solver == EigenSolver::OneBlock && start == "cold" {
+                    continue;
+                }
+                let name = match solver {
+                    EigenSolver::Blocked { width } => format!("blocked{width}_cap{cap}"),
+                    _ => format!("one_block_cap{cap}"),
+                };
+                let id = format!("K{k}_{start}");
+                g.bench_function(BenchmarkId::new(name, id), |b| {
+                    b.iter(|| {
+                        let ab = dev.copy(a0).unwrap();
+                        let vb = dev.copy(v0).unwrap();
+                        sym_eig(&dev, solver, &ab, &vb, k, cap, &lam, &info, &status, None)
+                            .unwrap();
+                        dev.synchronize().unwrap();
+                    })
+                });
+                let sweeps = dev.download::<i32>(&info).unwrap()[0];
+                println!("{solver:?} cap {cap} K={k} {start}: {sweeps} sweeps");
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_eig);
 criterion_main!(benches);

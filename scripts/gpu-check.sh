@@ -45,7 +45,7 @@ for exe in "$BIN"/*; do
   case "$name" in
     cuda-*)  # the criterion bench of the whole head vs a linear head, run briefly
       t0=$(date +%s)
-      IMPLICIT_ETF_DEVICE=cuda timeout 240 "$exe" --bench --warm-up-time 1 --measurement-time 2 > "$OUTDIR/$name.log" 2>&1
+      IMPLICIT_ETF_DEVICE=cuda timeout 300 "$exe" --bench --warm-up-time 1 --measurement-time 2 > "$OUTDIR/$name.log" 2>&1
       rc=$?
       rows+=("$name|bench|rc=$rc|$(( $(date +%s) - t0 ))s")
       ;;
@@ -65,6 +65,6 @@ done
   echo "GPU check ($(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n1))"
   printf '%-40s %-6s %-60s %s\n' executable kind result time
   for r in "${rows[@]}"; do IFS='|' read -r a b c d <<< "$r"; printf '%-40s %-6s %-60s %s\n' "$a" "$b" "$c" "$d"; done
-  for f in "$OUTDIR"/cuda-*.log; do [[ -f "$f" ]] && { echo; echo "timing ($(basename "$f"), criterion [low median high]):"; grep -E "device:|skipped|cuda_head_fwd_bwd/|time:" "$f" | sed -E 's/^ +/    /'; }; done
+  for f in "$OUTDIR"/cuda-*.log; do [[ -f "$f" ]] && { echo; echo "timing ($(basename "$f"), criterion [low median high]):"; grep -E "device:|skipped|cuda_head_fwd_bwd/|cuda_eig/|sweeps|time:" "$f" | sed -E 's/^ +/    /'; }; done
 } | tee "$OUTDIR/summary.txt"
 exit $status

@@ -133,9 +133,9 @@ fn both_solvers_match_faer() {
             (1usize, &[1usize, 4][..]),
             (2, &[1, 3]),
             (5, &[2, 24]),
-            (17, &[3, 4, 8]),
+            (17, &[4]),
             (29, &[4]),
-            (40, &[5, 24]),
+            (40, &[5]),
         ] {
             let spectra: Vec<(&str, Vec<f64>)> = vec![
                 ("random", (0..k).map(|_| rng.normal()).collect()),

@@ -247,13 +247,19 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
             DeviceHead::new(fresh(&dev), riem),
             Err(Error::InvalidParameter { name: "solve", .. })
         ));
+        // K > 1024: the one-block eigensolver refuses it; Auto takes the block solver.
+        let one_block = DeviceOptions {
+            eigensolver: implicit_etf::device::linalg::EigenSolver::OneBlock,
+            ..DeviceOptions::default()
+        };
         assert!(matches!(
-            DeviceHead::new(fresh(&dev), HeadConfig::new(1100, 1025)),
+            DeviceHead::with_options(fresh(&dev), HeadConfig::new(1100, 1025), one_block),
             Err(Error::InvalidParameter {
-                name: "classes",
+                name: "eigensolver",
                 ..
             })
         ));
+        assert!(DeviceHead::new(fresh(&dev), HeadConfig::new(1100, 1025)).is_ok());
         assert!(matches!(
             DeviceHead::new(fresh(&dev), HeadConfig::new(3, 4)),
             Err(Error::DimensionBelowClasses { .. })

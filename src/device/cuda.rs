@@ -53,10 +53,16 @@ impl CudaDevice {
             .map_err(|e| Error::NoDevice {
                 reason: format!("no CUDA device {ordinal}: {e:?}"),
             })?;
+        let stream = ctx.default_stream();
+        CudaDevice::on_stream(stream)
+    }
+
+    /// On a caller's stream (its context and device).
+    pub(super) fn on_stream(stream: Arc<CudaStream>) -> Result<CudaDevice> {
+        let ctx = stream.context().clone();
         let cc = ctx
             .compute_capability()
             .map_err(|e| dev_err("compute capability", e))?;
-        let stream = ctx.default_stream();
         Ok(CudaDevice {
             ctx,
             stream,
@@ -64,6 +70,44 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub(super) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Takes ownership of a caller's slice (no copy): this stream first waits for the
+    /// slice's stream when they differ, then owns the allocation (freed on this stream).
+    pub(super) fn adopt<T>(&self, slice: CudaSlice<T>) -> Result<CudaBuf> {
+        if **slice.context() != *self.ctx {
+            return Err(Error::InvalidParameter {
+                name: "slice",
+                reason: "the slice belongs to another CUDA context than this device".into(),
+            });
+        }
+        let bytes = slice.len() * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return self.alloc_zeros(0);
+        }
+        if slice.stream().cu_stream() != self.stream.cu_stream() {
+            self.stream
+                .join(slice.stream())
+                .map_err(|e| dev_err("order after the slice's stream", e))?;
+        }
+        let ptr = slice.leak();
+        // SAFETY: `ptr` is the live allocation just released by `leak` (of `bytes` bytes, in
+        // this context), now owned by exactly one slice again; u8 is valid for any bits.
+        let slice = unsafe { self.stream.upgrade_device_ptr::<u8>(ptr, bytes) };
+        Ok(CudaBuf { slice, bytes })
+    }
+
+    /// Gives the allocation away as a typed slice of `len` elements on this stream (no copy).
+    pub(super) fn release<T>(&self, b: CudaBuf, len: usize) -> CudaSlice<T> {
+        let ptr = b.slice.leak();
+        // SAFETY: `ptr` is the live allocation just released by `leak`, of at least
+        // `len * size_of::<T>()` bytes (the buffer's length in its own element type T, checked
+        // by the caller), written by this crate's kernels or uploads with values of type T.
+        unsafe { self.stream.upgrade_device_ptr::<T>(ptr, len) }
     }
 
     pub(super) fn name(&self) -> String {

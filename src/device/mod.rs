@@ -25,7 +25,13 @@ pub mod solve;
 pub mod stats;
 pub mod status;
 
+/// The `cudarc` this crate is built against (for [`Device::cuda_on_stream`],
+/// [`Device::from_cuda_slice`] and [`Device::into_cuda_slice`]: their types must come from
+/// this version).
+pub use cudarc;
+
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// Element type of a [`Buffer`] (and of kernel pointer / scalar parameters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -295,6 +301,87 @@ impl Device {
         Ok(Device {
             inner: DevInner::Cuda(Box::new(cuda::CudaDevice::new(ordinal)?)),
         })
+    }
+
+    /// The GPU of a caller's cudarc stream, with all of this crate's work queued on that
+    /// stream: use the stream of your trainer (candle, burn, your own), so that the head's
+    /// kernels are ordered with yours, and a non-default stream if you capture steps in a
+    /// CUDA graph ([`Device::cuda`] uses the legacy default stream, which cannot be captured
+    /// and is not ordered with non-blocking streams such as those of
+    /// `CudaContext::new_stream`). The stream must belong to this crate's `cudarc` version
+    /// (re-exported as [`cudarc`](crate::device::cudarc)).
+    ///
+    /// ```no_run
+    /// use implicit_etf::device::{cudarc::driver::CudaContext, DType, Device};
+    ///
+    /// let ctx = CudaContext::new(0).unwrap();
+    /// let stream = ctx.new_stream().unwrap(); // the trainer's stream
+    /// let dev = Device::cuda_on_stream(stream.clone()).unwrap();
+    /// let feats = stream.clone_htod(&[0.5f32; 32]).unwrap(); // a trainer's tensor
+    /// let buf = dev.from_cuda_slice(feats).unwrap(); // moved in, no copy
+    /// assert_eq!((buf.dtype(), buf.len()), (DType::F32, 32));
+    /// let back = dev.into_cuda_slice::<f32>(buf).unwrap(); // moved out, no copy
+    /// assert_eq!(back.len(), 32);
+    /// ```
+    pub fn cuda_on_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Device> {
+        // SAFETY: only tries to dlopen the driver library; no other effect.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice {
+                reason: "the CUDA driver library (libcuda) is not installed".into(),
+            });
+        }
+        Ok(Device {
+            inner: DevInner::Cuda(Box::new(cuda::CudaDevice::on_stream(stream)?)),
+        })
+    }
+
+    /// The cudarc stream this device queues its work on (`None` on the CPU execution).
+    pub fn cuda_stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        match &self.inner {
+            DevInner::Cpu => None,
+            DevInner::Cuda(c) => Some(c.stream().clone()),
+        }
+    }
+
+    /// A caller's cudarc slice as a [`Buffer`] of this device, without a copy: the buffer
+    /// owns the allocation from now on (freed on this device's stream). When the slice's
+    /// stream is not this device's, this stream first waits for it, so pending writes to
+    /// the slice are seen. Errors: the CPU execution, or a slice of another CUDA context.
+    pub fn from_cuda_slice<T: DeviceScalar>(
+        &self,
+        slice: cudarc::driver::CudaSlice<T>,
+    ) -> Result<Buffer> {
+        let len = slice.len();
+        match &self.inner {
+            DevInner::Cpu => Err(Error::Device {
+                op: "from_cuda_slice".into(),
+                message: "the CPU execution has no CUDA memory".into(),
+            }),
+            DevInner::Cuda(c) => Ok(Buffer {
+                dtype: T::DTYPE,
+                len,
+                inner: BufInner::Cuda(c.adopt(slice)?),
+            }),
+        }
+    }
+
+    /// A [`Buffer`] of this device as a cudarc slice of `T` on this device's stream, without a
+    /// copy (use it on another stream only after that stream waits for this one, e.g.
+    /// `CudaStream::join`). Errors: `T` is not the buffer's element type, or the buffer is not
+    /// a CUDA buffer of this kind of device.
+    pub fn into_cuda_slice<T: DeviceScalar>(
+        &self,
+        buf: Buffer,
+    ) -> Result<cudarc::driver::CudaSlice<T>> {
+        check_type::<T>(&buf, "into_cuda_slice")?;
+        let len = buf.len;
+        match (&self.inner, buf.inner) {
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => Ok(c.release::<T>(b, len)),
+            _ => Err(Error::Device {
+                op: "into_cuda_slice".into(),
+                message: "not a CUDA buffer of a CUDA device".into(),
+            }),
+        }
     }
 
     /// Chosen by `IMPLICIT_ETF_DEVICE`: `cpu`, `cuda` (error if unavailable), or `auto`

@@ -311,6 +311,11 @@ impl Device {
     /// `CudaContext::new_stream`). The stream must belong to this crate's `cudarc` version
     /// (re-exported as [`cudarc`](crate::device::cudarc)).
     ///
+    /// Cost to know about: once a context has several streams, cudarc records an event per
+    /// buffer per launch (its automatic cross-stream ordering). This crate queues everything
+    /// on one stream and does not need them; a trainer that orders its streams itself can
+    /// switch them off with `unsafe { ctx.disable_event_tracking() }` (cudarc's contract).
+    ///
     /// ```no_run
     /// use implicit_etf::device::{cudarc::driver::CudaContext, DType, Device};
     ///

@@ -17,7 +17,7 @@
 //! device (included) and synchronises once.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use implicit_etf::device::linalg::{identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use implicit_etf::device::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
 use implicit_etf::device::status::Status;
 use implicit_etf::device::{DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, HeadConfig, Validation};
@@ -161,17 +161,7 @@ fn bench_eig(c: &mut Criterion) {
             v
         };
         let a_cold = dev.upload(&a).unwrap();
-        let a_warm = {
-            let t = dev.alloc_zeros(DType::F64, k * k).unwrap();
-            Gemm::new(false, false, k, k, k)
-                .run(&dev, GemmKernel::Auto, &a_cold, &q0, &t)
-                .unwrap();
-            let w = dev.alloc_zeros(DType::F64, k * k).unwrap();
-            Gemm::new(true, false, k, k, k)
-                .run(&dev, GemmKernel::Auto, &q0, &t, &w)
-                .unwrap();
-            w
-        };
+        let a_warm = congruence(&dev, GemmKernel::Auto, None, &a_cold, &q0, k).unwrap();
         let eye = dev.alloc_zeros(DType::F64, k * k).unwrap();
         identity(&dev, &eye, k).unwrap();
         let lam = dev.alloc_zeros(DType::F64, k).unwrap();

@@ -31,23 +31,41 @@ struct Kahan {
     }
 };
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024) in a fixed order: per-warp
-// xor-shuffle tree, then warp 0 reduces the per-warp partials. Every thread returns the sum.
-// `scratch` holds at least 33 floats of shared memory; the call starts and ends with a barrier.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Reduction over the block (blockDim.x a multiple of 32, at most 1024) in a fixed order:
+// per-warp xor-shuffle tree, then warp 0 reduces the per-warp partials. Every thread returns
+// the result. `op` is associative and `id` its identity (0 for a sum, 0 for a max of
+// magnitudes). `scratch` holds at least 33 T of shared memory; the call starts and ends with
+// a barrier.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T id, Op op) {
     __syncthreads();
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nwarps = (blockDim.x + 31) >> 5;
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float w = lane < nwarps ? scratch[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+        T w = lane < nwarps ? scratch[lane] : id;
+        for (int o = 16; o > 0; o >>= 1) w = op(w, __shfl_xor_sync(0xffffffffu, w, o));
         if (lane == 0) scratch[32] = w;
     }
     __syncthreads();
     return scratch[32];
+}
+
+struct Add {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+// Sum over the block (see block_reduce).
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+    return block_reduce(v, scratch, T(0), Add());
 }
 
 }  // namespace etf

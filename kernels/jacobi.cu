@@ -31,6 +31,21 @@
 
 namespace etf {
 
+// Pair i (0 <= i < m/2) of round r (0 <= r < m - 1) of the round-robin ("circle") ordering
+// of m (even) indices, p < q: over m - 1 rounds every pair meets exactly once.
+__device__ __forceinline__ void round_robin_pair(int r, int m, int i, int* p, int* q) {
+    int a, c;
+    if (i == 0) {
+        a = r;
+        c = m - 1;
+    } else {
+        a = (r + i) % (m - 1);
+        c = (r - i + (m - 1)) % (m - 1);
+    }
+    *p = a < c ? a : c;
+    *q = a < c ? c : a;
+}
+
 // Parallel cyclic Jacobi on the k x k symmetric matrix a (row-major, leading dimension k),
 // accumulating the rotations into v (v <- v J), by the threads of one block. floor_abs: the
 // absolute part of the rotation test. Returns the sweeps used; *converged tells whether the
@@ -52,18 +67,7 @@ __device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double
             // 1. Rotations of this round.
             for (int i = tid; i < half; i += nt) {
                 int p, q;
-                if (i == 0) {
-                    p = r;
-                    q = m - 1;
-                } else {
-                    p = (r + i) % (m - 1);
-                    q = (r - i + (m - 1)) % (m - 1);
-                }
-                if (p > q) {
-                    int t = p;
-                    p = q;
-                    q = t;
-                }
+                round_robin_pair(r, m, i, &p, &q);
                 pp[i] = p;
                 qq[i] = q;
                 int on = 0;
@@ -131,23 +135,13 @@ __device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double
     return sweep;
 }
 
-// eps ||A||_F of the n doubles of a, by the threads of one block (fixed order: strided partial
-// sums, then a shuffle tree; blockDim a multiple of 32). Every thread gets the value.
+// eps ||A||_F of the n doubles of a, by the threads of one block (etf::block_sum: fixed
+// order; blockDim a multiple of 32). Every thread gets the value.
 __device__ __forceinline__ double rounding_floor(const double* a, long long n) {
     __shared__ double scratch[33];
-    const int tid = threadIdx.x, nt = blockDim.x;
     double part = 0.0;
-    for (long long e = tid; e < n; e += nt) part += a[e] * a[e];
-    for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-    if ((tid & 31) == 0) scratch[tid >> 5] = part;
-    __syncthreads();
-    if (tid == 0) {
-        double s = 0.0;
-        for (int w = 0; w < (nt + 31) / 32; w++) s += scratch[w];
-        scratch[32] = 2.220446049250313e-16 * sqrt(s);
-    }
-    __syncthreads();
-    return scratch[32];
+    for (long long e = threadIdx.x; e < n; e += blockDim.x) part += a[e] * a[e];
+    return 2.220446049250313e-16 * sqrt(block_sum(part, scratch));
 }
 
 }  // namespace etf
@@ -182,21 +176,6 @@ __device__ __forceinline__ int bj_index(int p, int q, int b, int k, int li) {
     return g < k ? g : -1;
 }
 
-// The pair `pair` of round r among nb (even) column blocks: the round-robin ("circle")
-// ordering of the one-block solver, over blocks.
-__device__ __forceinline__ void bj_pair(int r, int nb, int pair, int* p, int* q) {
-    int a, c;
-    if (pair == 0) {
-        a = r;
-        c = nb - 1;
-    } else {
-        a = (r + pair) % (nb - 1);
-        c = (r - pair + (nb - 1)) % (nb - 1);
-    }
-    *p = a < c ? a : c;
-    *q = a < c ? c : a;
-}
-
 }  // namespace etf
 
 // Start of a block-Jacobi solve: fl[0] <- eps ||A||_F (the absolute rotation floor), flags
@@ -226,7 +205,7 @@ extern "C" __global__ void bj_local(double* a, int k, int b, int r, int nb, int 
     const int n2 = 2 * b, npairs = nb / 2, tid = threadIdx.x, nt = blockDim.x;
     for (int pair = blockIdx.x; pair < npairs; pair += gridDim.x) {
         int p, q;
-        etf::bj_pair(r, nb, pair, &p, &q);
+        etf::round_robin_pair(r, nb, pair, &p, &q);
         double* rp = rot + (size_t)pair * n2 * n2;
         for (int e = tid; e < n2 * n2; e += nt) {
             int li = e / n2, lj = e % n2;
@@ -268,8 +247,8 @@ extern "C" __global__ void bj_apply(double* a, double* v, int k, int b, int r, i
             const int actp = act[P], actq = act[Q];
             if (P == Q || (!actp && !actq)) continue;
             int p0, p1, q0, q1;
-            etf::bj_pair(r, nb, P, &p0, &p1);
-            etf::bj_pair(r, nb, Q, &q0, &q1);
+            etf::round_robin_pair(r, nb, P, &p0, &p1);
+            etf::round_robin_pair(r, nb, Q, &q0, &q1);
             const double* rp = rot + (size_t)P * n2 * n2;
             const double* rq = rot + (size_t)Q * n2 * n2;
             for (int e = tid; e < n2 * n2; e += nt) {
@@ -305,7 +284,7 @@ extern "C" __global__ void bj_apply(double* a, double* v, int k, int b, int r, i
             const int c = (t - ta) / npairs, Q = (t - ta) % npairs;
             if (!act[Q]) continue;
             int q0, q1;
-            etf::bj_pair(r, nb, Q, &q0, &q1);
+            etf::round_robin_pair(r, nb, Q, &q0, &q1);
             const double* rq = rot + (size_t)Q * n2 * n2;
             for (int e = tid; e < n2 * n2; e += nt) {
                 int row = c * n2 + e / n2, gj = etf::bj_index(q0, q1, b, k, e % n2);

@@ -106,34 +106,19 @@ extern "C" __global__ void eigenvalues_inv(const double* lam, int k, double* s, 
 // done: the gate of the step's kernels; ctl: [0] steps taken, [1] checks made; hist: [0] the
 // previous check's grad, [1] the last grad, [2] the last orth. No-op once done.
 extern "C" __global__ void newton_check(const double* v, const double* ptp, const double* g, int d, int k, double grad_rel, double orth_tol, int* done, int* ctl, double* hist) {
-    __shared__ double red[3][32];
+    __shared__ double scratch[33];
     if (*done) return;
-    const int tid = threadIdx.x, nt = blockDim.x;
     double sv = 0.0, sg = 0.0, orth = 0.0;
-    for (long long e = tid; e < (long long)d * k; e += nt) {
+    for (long long e = threadIdx.x; e < (long long)d * k; e += blockDim.x) {
         sv += v[e] * v[e];
         sg += g[e] * g[e];
     }
-    for (long long e = tid; e < (long long)k * k; e += nt)
+    for (long long e = threadIdx.x; e < (long long)k * k; e += blockDim.x)
         orth = fmax(orth, fabs(ptp[e] - (e / k == e % k ? 1.0 : 0.0)));
-    for (int o = 16; o > 0; o >>= 1) {
-        sv += __shfl_xor_sync(0xffffffffu, sv, o);
-        sg += __shfl_xor_sync(0xffffffffu, sg, o);
-        orth = fmax(orth, __shfl_xor_sync(0xffffffffu, orth, o));
-    }
-    if ((tid & 31) == 0) {
-        red[0][tid >> 5] = sv;
-        red[1][tid >> 5] = sg;
-        red[2][tid >> 5] = orth;
-    }
-    __syncthreads();
-    if (tid != 0) return;
-    sv = sg = orth = 0.0;
-    for (int w = 0; w < (nt + 31) / 32; w++) {
-        sv += red[0][w];
-        sg += red[1][w];
-        orth = fmax(orth, red[2][w]);
-    }
+    sv = etf::block_sum(sv, scratch);
+    sg = etf::block_sum(sg, scratch);
+    orth = etf::block_reduce(orth, scratch, 0.0, etf::Max());
+    if (threadIdx.x != 0) return;
     const double grad = sqrt(sv);
     const bool first = ctl[1] == 0;
     bool stop = grad <= grad_rel * sqrt(sg) && orth <= orth_tol;

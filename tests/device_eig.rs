@@ -14,7 +14,7 @@
 mod common;
 use common::Rng;
 use faer::{Mat, Side};
-use implicit_etf::device::linalg::{identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use implicit_etf::device::linalg::{congruence, identity, sym_eig, EigenSolver, GemmKernel};
 use implicit_etf::device::status::Status;
 use implicit_etf::device::{Buffer, DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig};
@@ -201,14 +201,7 @@ fn warm_start_needs_fewer_sweeps() {
             // A' = Q0^T A Q0 on the device, as solve.rs forms it.
             let ab = dev.upload(&a).unwrap();
             let qb = dev.upload(&q0).unwrap();
-            let t = dev.alloc_zeros(DType::F64, k * k).unwrap();
-            Gemm::new(false, false, k, k, k)
-                .run(&dev, GemmKernel::Auto, &ab, &qb, &t)
-                .unwrap();
-            let rot = dev.alloc_zeros(DType::F64, k * k).unwrap();
-            Gemm::new(true, false, k, k, k)
-                .run(&dev, GemmKernel::Auto, &qb, &t, &rot)
-                .unwrap();
+            let rot = congruence(&dev, GemmKernel::Auto, None, &ab, &qb, k).unwrap();
             let rotated: Vec<f64> = dev.download(&rot).unwrap();
             let (lw, vw, warm, st_w) = solve(&dev, solver, &rotated, Some(&q0), k, 30);
             let (lc, vc, cold, st_c) = solve(&dev, solver, &a, None, k, 30);

@@ -404,6 +404,23 @@ pub fn sym_eig(
     )
 }
 
+/// `Q^T X Q` (k x k f64) into a new buffer: the matrix `X` in the basis `Q`, how a warm start
+/// hands Jacobi a nearly diagonal matrix. Two products, behind `gate` like [`Gemm::run_gated`].
+pub fn congruence(
+    dev: &Device,
+    kernel: GemmKernel,
+    gate: Option<&Buffer>,
+    x: &Buffer,
+    q: &Buffer,
+    k: usize,
+) -> Result<Buffer> {
+    let t = dev.alloc_zeros(DType::F64, k * k)?;
+    Gemm::new(false, false, k, k, k).run_gated(dev, kernel, gate, x, q, &t)?;
+    let a = dev.alloc_zeros(DType::F64, k * k)?;
+    Gemm::new(true, false, k, k, k).run_gated(dev, kernel, gate, q, &t, &a)?;
+    Ok(a)
+}
+
 /// `v <- I` (k x k f64).
 pub fn identity(dev: &Device, v: &Buffer, k: usize) -> Result<()> {
     need(v, "identity", k * k, DType::F64)?;

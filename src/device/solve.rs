@@ -17,7 +17,7 @@
 
 use faer::MatRef;
 
-use super::linalg::{identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use super::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
 use super::status::Status;
 use super::{grid_stride, Arg, Buffer, DType, Device, LaunchConfig};
 use crate::cpu::linalg::to_row_major;
@@ -114,11 +114,7 @@ pub fn procrustes(
     let (a, q) = match warm {
         Some(q0) => {
             // A' = Q0^T (G^T G) Q0, V = Q0.
-            let t = dev.alloc_zeros(DType::F64, k * k)?;
-            Gemm::new(false, false, k, k, k).run(dev, gk, &gram, q0, &t)?;
-            let a = dev.alloc_zeros(DType::F64, k * k)?;
-            Gemm::new(true, false, k, k, k).run(dev, gk, q0, &t, &a)?;
-            (a, dev.copy(q0)?)
+            (congruence(dev, gk, None, &gram, q0, k)?, dev.copy(q0)?)
         }
         None => {
             let q = dev.alloc_zeros(DType::F64, k * k)?;
@@ -282,10 +278,7 @@ pub fn newton_polish(
             &[Arg::Buf(&ptg), Arg::I32(k as i32), Arg::Buf(&b)],
             k * k,
         )?;
-        let t = dev.alloc_zeros(DType::F64, k * k)?;
-        Gemm::new(false, false, k, k, k).run_gated(dev, gk, gate, &b, &f.q, &t)?;
-        let a = dev.alloc_zeros(DType::F64, k * k)?;
-        Gemm::new(true, false, k, k, k).run_gated(dev, gk, gate, &f.q, &t, &a)?;
+        let a = congruence(dev, gk, gate, &b, &f.q, k)?;
         let q = dev.copy(&f.q)?;
         let lam = dev.alloc_zeros(DType::F64, k)?;
         sym_eig(

@@ -4,7 +4,10 @@
 //! product forward, two backward) measured in the same run as the baseline ratio.
 //!
 //! Both run with `Validation::Deferred` (no host synchronisation inside a step) and one
-//! `synchronize` per iteration. Without a GPU it prints "CUDA part skipped: <reason>" and
+//! `synchronize` per iteration. `implicit_etf_graph` is the same head step captured once in a
+//! CUDA graph (`forward_into` + `backward_into` between `begin_capture` and `end_capture`)
+//! and replayed with one `Graph::launch` per iteration: the difference to `implicit_etf` is
+//! the launch overhead of the head's many small kernels. Without a GPU it prints "CUDA part skipped: <reason>" and
 //! measures nothing (the CPU execution's timings say nothing about a GPU).
 //! `scripts/gpu-check.sh` runs it briefly: `cuda -- --warm-up-time 1 --measurement-time 2`.
 //!
@@ -17,6 +20,7 @@
 //! device (included) and synchronises once.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use implicit_etf::device::cudarc::driver::CudaContext;
 use implicit_etf::device::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
 use implicit_etf::device::status::Status;
 use implicit_etf::device::{DType, Device};
@@ -76,6 +80,37 @@ fn bench(c: &mut Criterion) {
             })
         });
         head.check().unwrap();
+        drop(head);
+        // The same step captured once in a CUDA graph and replayed: what launch overhead
+        // costs (the head's dozens of small launches become one graph launch).
+        let ctx = CudaContext::new(0).unwrap();
+        // SAFETY: all of this benchmark's work on this context is queued on one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let dev = Device::cuda_on_stream(ctx.new_stream().unwrap()).unwrap();
+        let mut head = DeviceHead::with_options(dev, HeadConfig::new(d, k), opt).unwrap();
+        let dev = head.device();
+        let xb = dev.upload(&raw).unwrap();
+        let yb = dev.upload(&y).unwrap();
+        let dz = dev.upload(&vec![1e-3f32; N * k]).unwrap();
+        let mut z = dev.alloc_zeros(DType::F32, N * k).unwrap();
+        let mut dx = dev.alloc_zeros(DType::F32, N * d).unwrap();
+        // The first step, then two that fill the workspaces; the fourth is captured.
+        for _ in 0..3 {
+            head.forward_into(&xb, &yb, &mut z).unwrap();
+            head.backward_into(&dz, &mut dx).unwrap();
+        }
+        head.device().begin_capture().unwrap();
+        head.forward_into(&xb, &yb, &mut z).unwrap();
+        head.backward_into(&dz, &mut dx).unwrap();
+        let graph = head.device().end_capture().unwrap();
+        g.bench_function(BenchmarkId::new("implicit_etf_graph", &id), |b| {
+            b.iter(|| {
+                graph.launch().unwrap();
+                head.device().synchronize().unwrap();
+            })
+        });
+        head.check().unwrap();
+        drop(graph);
         // The baseline: a linear head, one product forward, two backward.
         let dev = Device::cuda(0).unwrap();
         let w = dev.upload(&vec![1e-2f32; k * d]).unwrap();

@@ -24,6 +24,25 @@ extern "C" __global__ void labels_to_i32_i64(const long long* labels, int n, int
     labels_to_i32(labels, n, k, out, bad);
 }
 
+// After labels_to_i32_*: when status[0] holds the index of an out-of-range label, copy that
+// label's value into status[6] (low 32 bits) and status[7] (high 32 bits), so the host can
+// report it from the status word alone (the step status layout is in status.cu). One thread.
+template <typename L>
+__device__ __forceinline__ void record_bad_label(const L* labels, int n, int* status) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int i = status[0];
+    if (i < 0 || i >= n) return;  // none recorded (INT_MAX)
+    long long v = (long long)labels[i];
+    status[6] = (int)(unsigned int)((unsigned long long)v & 0xffffffffull);
+    status[7] = (int)(unsigned int)((unsigned long long)v >> 32);
+}
+extern "C" __global__ void record_bad_label_u32(const unsigned int* labels, int n, int* status) {
+    record_bad_label(labels, n, status);
+}
+extern "C" __global__ void record_bad_label_i64(const long long* labels, int n, int* status) {
+    record_bad_label(labels, n, status);
+}
+
 // ---- class membership: counts, offsets, members (stable order) ---------------------------
 // One thread per class scans the labels: O(N K) label reads, deterministic, no atomics.
 extern "C" __global__ void class_counts(const int* labels, int n, int k, int* counts) {

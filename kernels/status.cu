@@ -10,6 +10,8 @@
 //                                               not converge, 3 singular Lagrangian Hessian)
 //   [4] first non-finite d_logits index        (INT_MAX: none; written by the backward)
 //   [5] numerical failure in the backward      (0/3)
+//   [6] [7] the label at index [0], as a 64-bit value (low, high 32 bits; valid only when
+//           [0] records an index; written by record_bad_label_* in stats.cu)
 #include "etf_cuda.h"
 
 #define ETF_NONE 2147483647

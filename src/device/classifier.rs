@@ -44,6 +44,24 @@ pub fn logits(
     d: usize,
     k: usize,
 ) -> Result<(Buffer, Buffer)> {
+    let z = dev.alloc_zeros(DType::F32, n * k)?;
+    let b = logits_into(dev, gk, x, w, mu, n, d, k, &z)?;
+    Ok((z, b))
+}
+
+/// [`logits`] into an existing `z` (N x K f32, overwritten); returns `b` (K).
+#[allow(clippy::too_many_arguments)]
+pub fn logits_into(
+    dev: &Device,
+    gk: GemmKernel,
+    x: &Buffer,
+    w: &Buffer,
+    mu: &Buffer,
+    n: usize,
+    d: usize,
+    k: usize,
+    z: &Buffer,
+) -> Result<Buffer> {
     let b = dev.alloc_zeros(DType::F32, k)?;
     dev.launch(
         "bias_from_w",
@@ -56,19 +74,18 @@ pub fn logits(
             Arg::Buf(&b),
         ],
     )?;
-    let z = dev.alloc_zeros(DType::F32, n * k)?;
-    Gemm::new(false, true, n, k, d).run(dev, gk, x, w, &z)?;
+    Gemm::new(false, true, n, k, d).run(dev, gk, x, w, z)?;
     dev.launch(
         "add_bias_rows",
         grid_stride(dev, n * k),
         &[
-            Arg::Buf(&z),
+            Arg::Buf(z),
             Arg::Buf(&b),
             Arg::I32(n as i32),
             Arg::I32(k as i32),
         ],
     )?;
-    Ok((z, b))
+    Ok(b)
 }
 
 /// What the classifier's backward gives.

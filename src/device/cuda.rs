@@ -1,6 +1,7 @@
 //! CUDA backend (cudarc driver API). Never panics when `libcuda` is absent: availability is
 //! checked with `cudarc::driver::sys::is_culib_present()` first.
 
+use super::memory::BufInner;
 use super::{gen, Arg, KernelSig, LaunchConfig};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
@@ -124,19 +125,94 @@ impl CudaDevice {
     }
 
     pub(super) fn upload(&self, data: &[u8]) -> Result<CudaBuf> {
-        let mut b = self.alloc_zeros(data.len())?;
-        self.write(&mut b, data)?;
+        let b = self.alloc_zeros(data.len())?;
+        self.write(&b, data)?;
         Ok(b)
     }
 
-    pub(super) fn write(&self, b: &mut CudaBuf, data: &[u8]) -> Result<()> {
+    pub(super) fn write(&self, b: &CudaBuf, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        let mut view = b.slice.slice_mut(..data.len());
+        let len = data.len().min(b.bytes);
+        self.bind()?;
+        let (dst, _guard) = b.slice.device_ptr(&self.stream);
+        // SAFETY: `dst` addresses a live allocation of at least `b.bytes >= len` bytes in this
+        // context; the driver stages pageable host memory before returning, so `data` may be
+        // dropped afterwards.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst, &data[..len], self.stream.cu_stream())
+        }
+        .map_err(|e| dev_err("copy to device", e))
+    }
+
+    /// Fills `b` with zero bytes (stream-ordered, capturable).
+    pub(super) fn zero(&self, b: &CudaBuf) -> Result<()> {
+        self.bind()?;
+        let (dst, _guard) = b.slice.device_ptr(&self.stream);
+        // SAFETY: `dst` addresses a live allocation of at least `b.bytes` bytes.
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, b.bytes, self.stream.cu_stream()) }
+            .map_err(|e| dev_err("zero fill", e))
+    }
+
+    /// `dst <- src` (the first `dst.bytes` bytes; stream-ordered, capturable).
+    pub(super) fn copy_into(&self, dst: &CudaBuf, src: &CudaBuf) -> Result<()> {
+        let bytes = dst.bytes.min(src.bytes);
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let (d, _gd) = dst.slice.device_ptr(&self.stream);
+        let (s, _gs) = src.slice.device_ptr(&self.stream);
+        // SAFETY: both address live allocations of at least `bytes` bytes in this context;
+        // distinct buffers never overlap, and a copy onto itself is harmless.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) }
+            .map_err(|e| dev_err("copy on device", e))
+    }
+
+    /// Makes this context current on the calling thread (the raw driver calls need it).
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))
+    }
+
+    /// Starts a stream capture. Refused on the legacy default stream (not capturable) and
+    /// while cudarc's event tracking is on in a multi-stream context (a capture must not wait
+    /// on events recorded outside it).
+    pub(super) fn begin_capture(&self) -> Result<()> {
+        if self.stream.cu_stream().is_null() {
+            return Err(Error::InvalidParameter {
+                name: "stream",
+                reason: "the legacy default stream cannot be captured; make the device with \
+                         Device::cuda_on_stream and a stream of CudaContext::new_stream"
+                    .into(),
+            });
+        }
+        if self.ctx.is_in_multi_stream_mode() && self.ctx.is_event_tracking() {
+            return Err(Error::InvalidParameter {
+                name: "stream",
+                reason: "cudarc's event tracking is on for this context: call \
+                         `unsafe { ctx.disable_event_tracking() }` before capturing"
+                    .into(),
+            });
+        }
         self.stream
-            .memcpy_htod(data, &mut view)
-            .map_err(|e| dev_err("copy to device", e))
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| dev_err("begin capture", e))
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub(super) fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+        self.stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| dev_err("end capture", e))?
+            .ok_or_else(|| Error::Device {
+                op: "end capture".into(),
+                message: "the driver returned no graph (the capture was invalidated)".into(),
+            })
     }
 
     pub(super) fn read(&self, b: &CudaBuf, dst: &mut [u8]) -> Result<()> {
@@ -203,7 +279,7 @@ impl CudaDevice {
         Ok(m)
     }
 
-    fn function(&self, sig: &KernelSig) -> Result<CudaFunction> {
+    pub(super) fn function(&self, sig: &KernelSig) -> Result<CudaFunction> {
         if let Some(f) = self
             .funcs
             .lock()
@@ -234,13 +310,13 @@ impl CudaDevice {
         let mut slots: Vec<u64> = Vec::with_capacity(args.len());
         for a in args {
             slots.push(match a {
-                Arg::Buf(b) => match &b.inner {
-                    super::BufInner::Cuda(c) => {
+                Arg::Buf(b) => match &b.mem.buf {
+                    BufInner::Cuda(c) => {
                         let (p, g) = c.slice.device_ptr(&self.stream);
                         guards.push(g);
                         p
                     }
-                    super::BufInner::Cpu(_) => 0,
+                    _ => 0,
                 },
                 scalar => scalar.scalar_slot().unwrap_or(0),
             });

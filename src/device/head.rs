@@ -14,13 +14,24 @@
 //! range, a non-finite value, degenerate means, a numerical failure) are recorded in a device
 //! status word ([`super::status`]); the kernels that commit the state read it and change
 //! nothing when the step failed. With [`Validation::Eager`] (the default) `forward` and
-//! `backward` read that word back at the end (one 24-byte copy) and return the typed error, like
+//! `backward` read that word back at the end (one 32-byte copy) and return the typed error, like
 //! the CPU head. With [`Validation::Deferred`] they never synchronise and never copy to the
 //! host, so a trainer can overlap steps or capture them in a CUDA graph; errors are then read
 //! with [`DeviceHead::check`] whenever the trainer chooses (a failed step has left the state
 //! unchanged, and its logits and gradient are meaningless). The first step is the exception:
 //! its gauge rule (`method.md` §3, the tie-break among the maximisers without `Prox`) runs on
 //! the host in float64 (exactly the CPU head's code), which reads `Y` back once.
+//!
+//! **No allocation after the third step.** Every intermediate buffer comes from the head's
+//! workspaces ([`crate::device::memory`]): two forward workspaces used alternately (so the
+//! previous step's saved tensors stay intact while a new step runs or is rejected), one for
+//! the backward, one for the first step (dropped by the second). The second and third steps
+//! fill the two forward workspaces; from the fourth on, [`DeviceHead::forward_into`] and
+//! [`DeviceHead::backward_into`] (outputs in caller-owned buffers) allocate and free nothing,
+//! and with [`Validation::Deferred`] such a step can be captured with
+//! [`Device::begin_capture`] and replayed with [`crate::device::Graph::launch`]
+//! (`tests/device_capture.rs`; README, "Capturing a step in a CUDA graph"). A change of batch
+//! size refills the workspaces (two more uncaptured steps).
 //!
 //! ```
 //! use implicit_etf::device::{Device, DType};
@@ -132,8 +143,10 @@ struct LastSolve {
 #[derive(Debug)]
 struct Pending {
     n: usize,
-    /// The caller's features (a device copy; needed by the `tau` backward).
-    raw: Buffer,
+    /// The caller's features (a device copy, kept only for the `tau` backward).
+    raw: Option<Buffer>,
+    /// Their element type (part of the backward's workspace key).
+    raw_dtype: DType,
     /// The features the classifier saw (f32).
     x: Buffer,
     stats: StatsForward,
@@ -155,7 +168,25 @@ pub struct DeviceHead {
     status: Status,
     last: Option<LastSolve>,
     pending: Option<Pending>,
+    /// The forward workspace of the next ordinary step (0 or 1).
+    arena: usize,
+    /// What filled each forward workspace last: the ordinary step it served (see
+    /// [`StepKey`]); a step with the same key reuses every slot.
+    filled: [Option<StepKey>; 2],
+    /// The batch size, feature type and first-step flag the backward workspace was filled
+    /// with.
+    bwd_filled: Option<(usize, DType, bool)>,
 }
+
+/// What decides the buffer requests of an ordinary forward: the batch size, the feature type
+/// and whether a warm start is kept (the configuration and options are fixed per head).
+type StepKey = (usize, DType, bool);
+
+/// Workspace of the backward's scratch buffers (none outlives a backward).
+const BACKWARD_WORKSPACE: usize = 2;
+/// Workspace of the first step (solved on the host; a different request sequence), dropped
+/// by the next ordinary step.
+const FIRST_WORKSPACE: usize = 3;
 
 impl DeviceHead {
     /// A fresh head on `dev` with the default [`DeviceOptions`].
@@ -202,6 +233,9 @@ impl DeviceHead {
             status,
             last: None,
             pending: None,
+            arena: 0,
+            filled: [None; 2],
+            bwd_filled: None,
         })
     }
 
@@ -264,14 +298,60 @@ impl DeviceHead {
     }
 
     /// One training forward: `raw` (N x d; f32, f16 or bf16) and `labels` (N; u32 or i64) to
-    /// the logits (N x K f32). Advances the state (moving means, `Prox`) on the device and
-    /// keeps what [`backward`](Self::backward) needs. Errors leave the head unchanged (see
-    /// [`Validation`] for when data-dependent ones are returned).
+    /// the logits (N x K f32, a new buffer). Advances the state (moving means, `Prox`) on the
+    /// device and keeps what [`backward`](Self::backward) needs. Errors leave the head
+    /// unchanged (see [`Validation`] for when data-dependent ones are returned).
+    /// [`forward_into`](Self::forward_into) writes into a buffer of yours instead.
     pub fn forward(&mut self, raw: &Buffer, labels: &Buffer) -> Result<Buffer> {
+        let mut logits = self
+            .dev
+            .alloc_zeros(DType::F32, labels.len() * self.cfg.classes)?;
+        self.forward_into(raw, labels, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`forward`](Self::forward) writing the logits into `logits` (N x K f32, caller-owned,
+    /// overwritten). After the first step this allocates and frees nothing on the device:
+    /// every intermediate lives in the head's workspaces (see [`crate::device::memory`]), so
+    /// with [`Validation::Deferred`] a step made of `forward_into` and
+    /// [`backward_into`](Self::backward_into) can be captured with
+    /// [`Device::begin_capture`] and replayed with [`crate::device::Graph::launch`]
+    /// (refill the input buffers with [`Device::write`] or your own kernels between
+    /// launches). Errors as [`forward`](Self::forward), plus: `logits` of the wrong length or
+    /// type, and, during a capture, [`Validation::Eager`] or a first step (both read the
+    /// device from the host).
+    pub fn forward_into(
+        &mut self,
+        raw: &Buffer,
+        labels: &Buffer,
+        logits: &mut Buffer,
+    ) -> Result<()> {
         let n = self.batch_shape(raw, labels)?;
         let (d, k) = (self.cfg.dim, self.cfg.classes);
+        f32_of_len(logits, "logits", n * k)?;
+        let first_step = self.prox.is_none();
+        let key: StepKey = (n, raw.dtype(), self.q_warm.is_some());
+        if self.dev.is_capturing() {
+            self.check_capturable()?;
+            // A warm start not yet kept would be allocated (after the first step, or after
+            // `import_state`).
+            let keeps_warm = !self.opt.warm_start || self.q_warm.is_some();
+            if first_step || !keeps_warm || self.filled[self.arena] != Some(key) {
+                return Err(not_filled());
+            }
+        } else if !first_step {
+            // Refilled below; marked again only if the step succeeds.
+            self.filled[self.arena] = None;
+        }
         let dev = &self.dev;
         let gk = self.opt.gemm;
+        // Every scratch buffer of this step comes from forward workspace `arena`; the other
+        // one holds the previous step's saved tensors (`last`, `pending`).
+        let scope = dev.workspace(if first_step {
+            FIRST_WORKSPACE
+        } else {
+            self.arena
+        });
         self.status.reset(dev, Part::Forward)?;
         let mut sf = stats::forward_deferred(
             dev,
@@ -282,13 +362,10 @@ impl DeviceHead {
             self.stats_options(),
             &self.status,
         )?;
-        let first_step = self.prox.is_none();
         let (factor, prox_used) = match &self.prox {
             None => {
                 // First step: the gauge rule on the host (reads Y back once).
-                self.status
-                    .read(dev)?
-                    .forward_error(k, "raw", |i| stats::label_at(dev, labels, i))?;
+                self.status.read(dev)?.forward_error(k, "raw")?;
                 let y: Vec<f32> = dev.download(&sf.y)?;
                 let sol = crate::cpu::solve::solve(
                     from_row_major(&y, d, k).as_ref(),
@@ -340,7 +417,16 @@ impl DeviceHead {
             None => classifier::to_f32(dev, raw)?,
         };
         let w = classifier::weights(dev, &factor.p, d, k)?;
-        let (logits, b) = classifier::logits(dev, gk, &x, &w, &sf.stats.mu, n, d, k)?;
+        let b = classifier::logits_into(dev, gk, &x, &w, &sf.stats.mu, n, d, k, logits)?;
+        // `Y` is only read from here on: the last solve shares the pending backward's. The
+        // caller's features are needed again only by the `tau` normalisation's backward.
+        let y_kept = sf.y.share();
+        let raw_kept = match self.cfg.tau {
+            Some(_) => Some(dev.copy(raw)?),
+            None => None,
+        };
+        // The state below outlives every workspace.
+        drop(scope);
         // Commit (the kernels skip it when the status word records an error).
         self.moving.commit(dev, &sf.update, &self.status.buf)?;
         let new_prox = match self.prox.take() {
@@ -360,11 +446,11 @@ impl DeviceHead {
         }
         if self.opt.validation == Validation::Eager && !first_step {
             let word = self.status.read(dev)?;
-            word.forward_error(k, "raw", |i| stats::label_at(dev, labels, i))?;
+            word.forward_error(k, "raw")?;
         }
         self.last = Some(LastSolve {
             factor,
-            y: dev.copy(&sf.y)?,
+            y: y_kept,
             prox_used,
             first_step,
             w,
@@ -372,35 +458,71 @@ impl DeviceHead {
         });
         self.pending = Some(Pending {
             n,
-            raw: dev.copy(raw)?,
+            raw: raw_kept,
+            raw_dtype: raw.dtype(),
             x,
             stats: sf,
         });
-        Ok(logits)
+        if !first_step {
+            self.filled[self.arena] = Some(key);
+            self.arena = 1 - self.arena;
+            // Nothing aliases the first step's workspace any more.
+            self.dev.clear_workspace(FIRST_WORKSPACE);
+        }
+        Ok(())
     }
 
-    /// Backward of the last forward: `d_logits` (N x K f32) to `dL/draw` (N x d f32), through
-    /// every path (logits, bias, and `W -> P -> Y -> moving means -> class means and mu`).
-    /// Consumes the pending forward (an error keeps it).
+    /// During a capture, only steps that never read the device from the host can be
+    /// recorded (call only while capturing).
+    fn check_capturable(&self) -> Result<()> {
+        if self.opt.validation == Validation::Eager {
+            return Err(Error::InvalidParameter {
+                name: "validation",
+                reason: "a captured step needs Validation::Deferred (Eager reads the status \
+                         word back after every call)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Backward of the last forward: `d_logits` (N x K f32) to `dL/draw` (N x d f32, a new
+    /// buffer), through every path (logits, bias, and `W -> P -> Y -> moving means -> class
+    /// means and mu`). Consumes the pending forward (an error keeps it).
+    /// [`backward_into`](Self::backward_into) writes into a buffer of yours instead.
     pub fn backward(&mut self, d_logits: &Buffer) -> Result<Buffer> {
+        let n = self
+            .pending
+            .as_ref()
+            .ok_or(Error::BackwardWithoutForward)?
+            .n;
+        let mut d_raw = self.dev.alloc_zeros(DType::F32, n * self.cfg.dim)?;
+        self.backward_into(d_logits, &mut d_raw)?;
+        Ok(d_raw)
+    }
+
+    /// [`backward`](Self::backward) writing `dL/draw` into `d_raw` (N x d f32, caller-owned,
+    /// overwritten); allocates and frees nothing on the device (see
+    /// [`forward_into`](Self::forward_into) for capturing a step). Errors as
+    /// [`backward`](Self::backward), plus `d_raw` of the wrong length or type.
+    pub fn backward_into(&mut self, d_logits: &Buffer, d_raw: &mut Buffer) -> Result<()> {
         let p = self.pending.as_ref().ok_or(Error::BackwardWithoutForward)?;
         let last = self.last.as_ref().ok_or(Error::BackwardWithoutForward)?;
         let (d, k, n) = (self.cfg.dim, self.cfg.classes, p.n);
-        if d_logits.len() != n * k {
-            return Err(Error::ShapeMismatch {
-                what: "d_logits",
-                expected: n * k,
-                got: d_logits.len(),
-            });
-        }
-        if d_logits.dtype() != DType::F32 {
-            return Err(Error::InvalidParameter {
-                name: "d_logits",
-                reason: format!("expected f32, got {:?}", d_logits.dtype()),
-            });
+        f32_of_len(d_logits, "d_logits", n * k)?;
+        f32_of_len(d_raw, "d_raw", n * d)?;
+        let bwd_key = (n, p.raw_dtype, last.first_step);
+        if self.dev.is_capturing() {
+            self.check_capturable()?;
+            if self.bwd_filled != Some(bwd_key) {
+                return Err(not_filled());
+            }
+        } else {
+            self.bwd_filled = None;
         }
         let dev = &self.dev;
         let gk = self.opt.gemm;
+        let scope = dev.workspace(BACKWARD_WORKSPACE);
         self.status.reset(dev, Part::Backward)?;
         dev.launch(
             "check_finite_f32",
@@ -415,21 +537,26 @@ impl DeviceHead {
         let ClassifierGradsDev { dx, dp, dmu } =
             classifier::backward(dev, gk, &p.x, d_logits, &last.w, &p.stats.stats.mu, n, d, k)?;
         let dy = backward::solve_backward(dev, gk, &last.factor, &dp, d, k, &self.status)?;
-        let d_raw = stats::backward(dev, &p.stats, &p.raw, &dy, Some(&dmu), Some(&dx))?;
+        // Without `tau`, `stats::backward` does not read the raw features.
+        let raw = p.raw.as_ref().unwrap_or(&p.x);
+        let grad = stats::backward(dev, &p.stats, raw, &dy, Some(&dmu), Some(&dx))?;
+        dev.copy_into(d_raw, &grad)?;
+        drop(scope);
         if self.opt.validation == Validation::Eager {
             self.status.read(dev)?.backward_error()?;
         }
         self.pending = None;
-        Ok(d_raw)
+        self.bwd_filled = Some(bwd_key);
+        Ok(())
     }
 
     /// Reads the status word: the error of the last forward (or of the last backward) if it
     /// failed. With [`Validation::Deferred`] this is how failures reach the host (it
-    /// synchronises). A [`Error::LabelOutOfRange`] from here carries the index but not the
-    /// label's value (`label: -1`), since the labels buffer is the caller's.
+    /// synchronises). A [`Error::LabelOutOfRange`] carries the first offending index and that
+    /// label's value, both recorded on the device.
     pub fn check(&self) -> Result<()> {
         let word = self.status.read(&self.dev)?;
-        word.forward_error(self.cfg.classes, "raw", |_| Ok(-1))?;
+        word.forward_error(self.cfg.classes, "raw")?;
         word.backward_error()
     }
 
@@ -453,7 +580,7 @@ impl DeviceHead {
         let dev = &self.dev;
         let st = Status::new(dev)?;
         super::status::check_finite(dev, raw, &st, 1)?;
-        st.read(dev)?.forward_error(k, "raw", |_| Ok(-1))?;
+        st.read(dev)?.forward_error(k, "raw")?;
         let x = match self.cfg.tau {
             Some(t) => stats::tau_normalise(dev, raw, n, d, t)?,
             None => classifier::to_f32(dev, raw)?,
@@ -532,29 +659,69 @@ impl DeviceHead {
         })
     }
 
-    /// Replaces the state (validated first, as the CPU head does). Drops any pending backward
-    /// and the eigensolver's warm start.
+    /// Replaces the state (validated first, as the CPU head does), writing it into the
+    /// head's device buffers in place: a captured step replayed afterwards continues from
+    /// it. Drops any pending backward and the eigensolver's warm start (so the next two
+    /// steps must run uncaptured before a capture). Not allowed during a capture.
     pub fn import_state(&mut self, state: HeadState<f32>) -> Result<()> {
         check_state(&self.cfg, &state)?;
+        if self.dev.is_capturing() {
+            return Err(Error::InvalidParameter {
+                name: "capture",
+                reason: "import_state writes the state from the host; not during a capture".into(),
+            });
+        }
         let dev = &self.dev;
         let seen: Vec<i32> = state.moving.seen.iter().map(|&s| i32::from(s)).collect();
-        let moving = MovingStateDev {
-            e: dev.upload(&state.moving.e)?,
-            scal: dev.upload(&[state.moving.step as f64, state.moving.alpha])?,
-            seen: dev.upload(&seen)?,
-            d: self.cfg.dim,
-            k: self.cfg.classes,
-        };
-        let prox = match &state.prox {
-            Some(p) => Some(dev.upload(p)?),
-            None => None,
-        };
-        self.moving = moving;
-        self.prox = prox;
+        // In place (the shapes were validated), so that a captured step replayed later
+        // continues from the imported state.
+        dev.write(&mut self.moving.e, &state.moving.e)?;
+        dev.write(
+            &mut self.moving.scal,
+            &[state.moving.step as f64, state.moving.alpha],
+        )?;
+        dev.write(&mut self.moving.seen, &seen)?;
+        match (&mut self.prox, &state.prox) {
+            (Some(p), Some(v)) => dev.write(p, v)?,
+            (p, v) => *p = v.as_deref().map(|v| dev.upload(v)).transpose()?,
+        }
         self.q_warm = None;
         self.pending = None;
         self.last = None;
+        // The next steps take other paths (no warm start yet): refill before capturing.
+        self.filled = [None; 2];
+        self.bwd_filled = None;
         Ok(())
+    }
+}
+
+/// Checks that a caller's buffer holds `len` f32 values.
+fn f32_of_len(b: &Buffer, what: &'static str, len: usize) -> Result<()> {
+    if b.len() != len {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: len,
+            got: b.len(),
+        });
+    }
+    if b.dtype() != DType::F32 {
+        return Err(Error::InvalidParameter {
+            name: what,
+            reason: format!("expected f32, got {:?}", b.dtype()),
+        });
+    }
+    Ok(())
+}
+
+/// The error of a step captured before its workspace was filled.
+fn not_filled() -> Error {
+    Error::InvalidParameter {
+        name: "capture",
+        reason: "this step's workspace has not been filled by an uncaptured step of the same \
+                 batch size yet: the first step solves on the host and the next two fill the \
+                 two forward workspaces, so capture from the fourth step on (and again only \
+                 after two uncaptured steps when the batch size or the warm start changes)"
+            .into(),
     }
 }
 

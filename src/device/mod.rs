@@ -19,8 +19,10 @@ pub mod backward;
 pub mod classifier;
 mod cpu;
 mod cuda;
+pub mod graph;
 pub mod head;
 pub mod linalg;
+pub mod memory;
 pub mod solve;
 pub mod stats;
 pub mod status;
@@ -30,8 +32,13 @@ pub mod status;
 /// this version).
 pub use cudarc;
 
+pub use graph::Graph;
+pub use memory::MemoryStats;
+
 use crate::error::{Error, Result};
-use std::sync::Arc;
+use graph::{CpuOp, GraphKind, Recording};
+use memory::{BufInner, Counters, Mem, Workspaces};
+use std::sync::{Arc, Mutex};
 
 /// Element type of a [`Buffer`] (and of kernel pointer / scalar parameters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -248,13 +255,9 @@ impl Arg<'_> {
 pub struct Buffer {
     dtype: DType,
     len: usize,
-    inner: BufInner,
-}
-
-#[derive(Debug)]
-enum BufInner {
-    Cpu(cpu::CpuBuf),
-    Cuda(cuda::CudaBuf),
+    /// The allocation; shared with a head's workspace (see [`memory`]), a [`Graph`] that
+    /// uses it, or a head's second handle to the same tensor.
+    mem: Arc<Mem>,
 }
 
 impl Buffer {
@@ -274,12 +277,24 @@ impl Buffer {
     pub fn bytes(&self) -> usize {
         self.len * self.dtype.size()
     }
+    /// A second handle to the same memory (no copy): for a head keeping a tensor in two
+    /// places (e.g. `Y` in the pending backward and in the last solve).
+    pub(crate) fn share(&self) -> Buffer {
+        Buffer {
+            dtype: self.dtype,
+            len: self.len,
+            mem: self.mem.clone(),
+        }
+    }
 }
 
 /// A device: CUDA GPU or CPU execution of the kernels.
 #[derive(Debug)]
 pub struct Device {
     inner: DevInner,
+    counters: Arc<Counters>,
+    workspaces: Mutex<Workspaces>,
+    capture: Mutex<Option<Recording>>,
 }
 
 #[derive(Debug)]
@@ -288,19 +303,43 @@ enum DevInner {
     Cuda(Box<cuda::CudaDevice>),
 }
 
+/// Restores the previous workspace scope when dropped (see [`Device::workspace`]).
+#[derive(Debug)]
+pub(crate) struct WorkspaceScope<'a> {
+    dev: &'a Device,
+    prev: Option<usize>,
+}
+
+impl Drop for WorkspaceScope<'_> {
+    fn drop(&mut self) {
+        lock(&self.dev.workspaces).leave(self.prev);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Device {
+    fn wrap(inner: DevInner) -> Device {
+        Device {
+            inner,
+            counters: Arc::default(),
+            workspaces: Mutex::default(),
+            capture: Mutex::default(),
+        }
+    }
+
     /// The CPU execution of the kernels (always available).
     pub fn cpu() -> Device {
-        Device {
-            inner: DevInner::Cpu,
-        }
+        Device::wrap(DevInner::Cpu)
     }
 
     /// CUDA device `ordinal`; [`Error::NoDevice`] when there is no driver or no GPU.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device {
-            inner: DevInner::Cuda(Box::new(cuda::CudaDevice::new(ordinal)?)),
-        })
+        Ok(Device::wrap(DevInner::Cuda(Box::new(
+            cuda::CudaDevice::new(ordinal)?,
+        ))))
     }
 
     /// The GPU of a caller's cudarc stream, with all of this crate's work queued on that
@@ -309,12 +348,13 @@ impl Device {
     /// CUDA graph ([`Device::cuda`] uses the legacy default stream, which cannot be captured
     /// and is not ordered with non-blocking streams such as those of
     /// `CudaContext::new_stream`). The stream must belong to this crate's `cudarc` version
-    /// (re-exported as [`cudarc`](crate::device::cudarc)).
+    /// (re-exported as [`cudarc`]).
     ///
     /// Cost to know about: once a context has several streams, cudarc records an event per
     /// buffer per launch (its automatic cross-stream ordering). This crate queues everything
     /// on one stream and does not need them; a trainer that orders its streams itself can
-    /// switch them off with `unsafe { ctx.disable_event_tracking() }` (cudarc's contract).
+    /// switch them off with `unsafe { ctx.disable_event_tracking() }` (cudarc's contract),
+    /// and must do so before [`Device::begin_capture`].
     ///
     /// ```no_run
     /// use implicit_etf::device::{cudarc::driver::CudaContext, DType, Device};
@@ -335,9 +375,9 @@ impl Device {
                 reason: "the CUDA driver library (libcuda) is not installed".into(),
             });
         }
-        Ok(Device {
-            inner: DevInner::Cuda(Box::new(cuda::CudaDevice::on_stream(stream)?)),
-        })
+        Ok(Device::wrap(DevInner::Cuda(Box::new(
+            cuda::CudaDevice::on_stream(stream)?,
+        ))))
     }
 
     /// The cudarc stream this device queues its work on (`None` on the CPU execution).
@@ -351,41 +391,55 @@ impl Device {
     /// A caller's cudarc slice as a [`Buffer`] of this device, without a copy: the buffer
     /// owns the allocation from now on (freed on this device's stream). When the slice's
     /// stream is not this device's, this stream first waits for it, so pending writes to
-    /// the slice are seen. Errors: the CPU execution, or a slice of another CUDA context.
+    /// the slice are seen. Errors: the CPU execution, a slice of another CUDA context, or a
+    /// capture in progress.
     pub fn from_cuda_slice<T: DeviceScalar>(
         &self,
         slice: cudarc::driver::CudaSlice<T>,
     ) -> Result<Buffer> {
+        self.refuse_in_capture("from_cuda_slice")?;
         let len = slice.len();
         match &self.inner {
             DevInner::Cpu => Err(Error::Device {
                 op: "from_cuda_slice".into(),
                 message: "the CPU execution has no CUDA memory".into(),
             }),
-            DevInner::Cuda(c) => Ok(Buffer {
-                dtype: T::DTYPE,
-                len,
-                inner: BufInner::Cuda(c.adopt(slice)?),
-            }),
+            DevInner::Cuda(c) => {
+                let bytes = len * std::mem::size_of::<T>();
+                let buf = BufInner::Cuda(c.adopt(slice)?);
+                Ok(Buffer {
+                    dtype: T::DTYPE,
+                    len,
+                    mem: self.counters.track(buf, bytes),
+                })
+            }
         }
     }
 
     /// A [`Buffer`] of this device as a cudarc slice of `T` on this device's stream, without a
     /// copy (use it on another stream only after that stream waits for this one, e.g.
-    /// `CudaStream::join`). Errors: `T` is not the buffer's element type, or the buffer is not
-    /// a CUDA buffer of this kind of device.
+    /// `CudaStream::join`). Errors: `T` is not the buffer's element type, the buffer is not
+    /// a CUDA buffer of this kind of device, or its memory is shared (a head's workspace, a
+    /// [`Graph`] that uses it).
     pub fn into_cuda_slice<T: DeviceScalar>(
         &self,
         buf: Buffer,
     ) -> Result<cudarc::driver::CudaSlice<T>> {
         check_type::<T>(&buf, "into_cuda_slice")?;
         let len = buf.len;
-        match (&self.inner, buf.inner) {
-            (DevInner::Cuda(c), BufInner::Cuda(b)) => Ok(c.release::<T>(b, len)),
-            _ => Err(Error::Device {
+        let (DevInner::Cuda(c), BufInner::Cuda(_)) = (&self.inner, &buf.mem.buf) else {
+            return Err(Error::Device {
                 op: "into_cuda_slice".into(),
                 message: "not a CUDA buffer of a CUDA device".into(),
-            }),
+            });
+        };
+        let mut mem = Arc::try_unwrap(buf.mem).map_err(|_| Error::Device {
+            op: "into_cuda_slice".into(),
+            message: "the buffer's memory is shared (a workspace or a graph uses it)".into(),
+        })?;
+        match std::mem::replace(&mut mem.buf, BufInner::Moved) {
+            BufInner::Cuda(b) => Ok(c.release::<T>(b, len)),
+            _ => Err(foreign("into_cuda_slice")),
         }
     }
 
@@ -446,20 +500,132 @@ impl Device {
         }
     }
 
-    /// A zero-filled buffer of `len` elements.
-    pub fn alloc_zeros(&self, dtype: DType, len: usize) -> Result<Buffer> {
-        let bytes = len * dtype.size();
-        let inner = match &self.inner {
+    /// Allocations this device has created and released so far (see [`MemoryStats`]).
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.counters.stats()
+    }
+
+    /// Bytes held by the workspaces of the heads on this device (kept between steps so that
+    /// a steady-state step allocates nothing; see [`memory`]).
+    pub fn workspace_bytes(&self) -> usize {
+        lock(&self.workspaces).bytes()
+    }
+
+    /// Enters workspace `id` until the returned scope drops: scratch requests
+    /// ([`alloc_zeros`](Self::alloc_zeros), [`copy`](Self::copy)) then reuse its slots in
+    /// order (see [`memory`]). Crate-internal: only the heads know which buffers outlive a
+    /// scope.
+    pub(crate) fn workspace(&self, id: usize) -> WorkspaceScope<'_> {
+        let prev = lock(&self.workspaces).enter(id);
+        WorkspaceScope { dev: self, prev }
+    }
+
+    /// Drops workspace `id`'s slots (freed once no buffer aliases them).
+    pub(crate) fn clear_workspace(&self, id: usize) {
+        lock(&self.workspaces).clear(id);
+    }
+
+    /// An error if a capture is in progress (`op` cannot be part of a graph).
+    fn refuse_in_capture(&self, op: &str) -> Result<()> {
+        if lock(&self.capture).is_some() {
+            return Err(Error::Device {
+                op: op.into(),
+                message: "not allowed while capturing a graph (allocation, host copies and \
+                          synchronisation cannot be replayed)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new zero-filled allocation (counted).
+    fn fresh(&self, bytes: usize) -> Result<Arc<Mem>> {
+        self.refuse_in_capture("allocate")?;
+        let buf = match &self.inner {
             DevInner::Cpu => BufInner::Cpu(cpu::CpuBuf::zeroed(bytes)),
             DevInner::Cuda(c) => BufInner::Cuda(c.alloc_zeros(bytes)?),
         };
-        Ok(Buffer { dtype, len, inner })
+        Ok(self.counters.track(buf, bytes))
     }
 
-    /// A new buffer holding a copy of `data`.
+    /// The next slot of the workspace in scope (`None` outside a scope).
+    fn slot(&self, bytes: usize) -> Result<Option<Arc<Mem>>> {
+        lock(&self.workspaces).take(bytes, || self.fresh(bytes))
+    }
+
+    /// Zero-fills `m` (recorded during a capture on the CPU execution).
+    fn zero(&self, m: &Arc<Mem>) -> Result<()> {
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            rec.keep(m);
+            if let DevInner::Cpu = self.inner {
+                rec.ops.push(CpuOp::Zero(m.clone()));
+                return Ok(());
+            }
+        }
+        match (&self.inner, &m.buf) {
+            (DevInner::Cpu, BufInner::Cpu(_)) => {
+                cpu::zero(m);
+                Ok(())
+            }
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => c.zero(b),
+            _ => Err(foreign("zero fill")),
+        }
+    }
+
+    /// `dst <- src`, same size (recorded during a capture on the CPU execution).
+    fn copy_mem(&self, dst: &Arc<Mem>, src: &Arc<Mem>) -> Result<()> {
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            rec.keep(dst);
+            rec.keep(src);
+            if let DevInner::Cpu = self.inner {
+                rec.ops.push(CpuOp::Copy {
+                    dst: dst.clone(),
+                    src: src.clone(),
+                });
+                return Ok(());
+            }
+        }
+        match (&self.inner, &dst.buf, &src.buf) {
+            (DevInner::Cpu, BufInner::Cpu(_), BufInner::Cpu(_)) => {
+                cpu::copy(dst, src);
+                Ok(())
+            }
+            (DevInner::Cuda(c), BufInner::Cuda(d), BufInner::Cuda(s)) => c.copy_into(d, s),
+            _ => Err(foreign("copy")),
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements (a reused slot inside a head's workspace).
+    pub fn alloc_zeros(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let bytes = len * dtype.size();
+        let mem = match self.slot(bytes)? {
+            Some(m) => {
+                self.zero(&m)?;
+                m
+            }
+            None => self.fresh(bytes)?,
+        };
+        Ok(Buffer { dtype, len, mem })
+    }
+
+    /// A new buffer holding a copy of `data` (a reused slot inside a head's workspace). Not
+    /// allowed during a capture.
     pub fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<Buffer> {
+        self.refuse_in_capture("upload")?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let inner = match &self.inner {
+        if let Some(mem) = self.slot(bytes.len())? {
+            match (&self.inner, &mem.buf) {
+                (DevInner::Cpu, BufInner::Cpu(b)) => b.write(bytes),
+                (DevInner::Cuda(c), BufInner::Cuda(b)) => c.write(b, bytes)?,
+                _ => return Err(foreign("upload")),
+            }
+            return Ok(Buffer {
+                dtype: T::DTYPE,
+                len: data.len(),
+                mem,
+            });
+        }
+        let buf = match &self.inner {
             DevInner::Cpu => {
                 let b = cpu::CpuBuf::zeroed(bytes.len());
                 b.write(bytes);
@@ -470,11 +636,12 @@ impl Device {
         Ok(Buffer {
             dtype: T::DTYPE,
             len: data.len(),
-            inner,
+            mem: self.counters.track(buf, bytes.len()),
         })
     }
 
-    /// Overwrites `buf` with `data` (same type and length).
+    /// Overwrites `buf` with `data` (same type and length): how a trainer refills the input
+    /// buffers of a captured step between [`Graph::launch`]es. Not allowed during a capture.
     pub fn write<T: DeviceScalar>(&self, buf: &mut Buffer, data: &[T]) -> Result<()> {
         check_type::<T>(buf, "write")?;
         if data.len() != buf.len {
@@ -484,8 +651,9 @@ impl Device {
                 got: data.len(),
             });
         }
+        self.refuse_in_capture("write")?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        match (&self.inner, &mut buf.inner) {
+        match (&self.inner, &buf.mem.buf) {
             (DevInner::Cpu, BufInner::Cpu(b)) => {
                 b.write(bytes);
                 Ok(())
@@ -495,12 +663,13 @@ impl Device {
         }
     }
 
-    /// Copies `buf` back to the host (waits for pending work).
+    /// Copies `buf` back to the host (waits for pending work). Not allowed during a capture.
     pub fn download<T: DeviceScalar>(&self, buf: &Buffer) -> Result<Vec<T>> {
         check_type::<T>(buf, "download")?;
+        self.refuse_in_capture("download")?;
         let mut out = vec![T::zeroed(); buf.len];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-        match (&self.inner, &buf.inner) {
+        match (&self.inner, &buf.mem.buf) {
             (DevInner::Cpu, BufInner::Cpu(b)) => b.read(dst),
             (DevInner::Cuda(c), BufInner::Cuda(b)) => c.read(b, dst)?,
             _ => return Err(foreign("download")),
@@ -508,24 +677,55 @@ impl Device {
         Ok(out)
     }
 
-    /// A new buffer with a copy of `buf`'s contents (device to device).
+    /// A new buffer with a copy of `buf`'s contents, device to device (a reused slot inside a
+    /// head's workspace).
     pub fn copy(&self, buf: &Buffer) -> Result<Buffer> {
-        let inner = match (&self.inner, &buf.inner) {
-            (DevInner::Cpu, BufInner::Cpu(b)) => BufInner::Cpu(b.clone_buf()),
-            (DevInner::Cuda(c), BufInner::Cuda(b)) => BufInner::Cuda(c.copy(b)?),
-            _ => return Err(foreign("copy")),
+        let mem = match self.slot(buf.bytes())? {
+            Some(m) => {
+                self.copy_mem(&m, &buf.mem)?;
+                m
+            }
+            None => {
+                self.refuse_in_capture("copy to a new buffer")?;
+                let inner = match (&self.inner, &buf.mem.buf) {
+                    (DevInner::Cpu, BufInner::Cpu(b)) => BufInner::Cpu(b.clone_buf()),
+                    (DevInner::Cuda(c), BufInner::Cuda(b)) => BufInner::Cuda(c.copy(b)?),
+                    _ => return Err(foreign("copy")),
+                };
+                self.counters.track(inner, buf.bytes())
+            }
         };
         Ok(Buffer {
             dtype: buf.dtype,
             len: buf.len,
-            inner,
+            mem,
         })
+    }
+
+    /// `dst <- src`, device to device, into an existing buffer of the same type and length
+    /// (capturable: no allocation).
+    pub fn copy_into(&self, dst: &mut Buffer, src: &Buffer) -> Result<()> {
+        if dst.dtype != src.dtype {
+            return Err(Error::Device {
+                op: "copy_into".into(),
+                message: format!("{:?} buffer into a {:?} buffer", src.dtype, dst.dtype),
+            });
+        }
+        if dst.len != src.len {
+            return Err(Error::ShapeMismatch {
+                what: "copy_into",
+                expected: dst.len,
+                got: src.len,
+            });
+        }
+        self.copy_mem(&dst.mem, &src.mem)
     }
 
     /// Launches kernel `name` (an `extern "C" __global__` function of `kernels/*.cu`).
     /// The arguments are checked against its C signature. On CUDA the launch is
     /// asynchronous (errors of the kernel itself surface at [`Device::synchronize`] or the
-    /// next download); on the CPU it runs to completion before returning.
+    /// next download); on the CPU it runs to completion before returning. During a capture
+    /// it is recorded instead (see [`graph`]).
     pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg<'_>]) -> Result<()> {
         let sig = sig(name)?;
         let bad = |message: String| Error::Device {
@@ -549,7 +749,7 @@ impl Device {
                         )));
                     }
                     matches!(
-                        (&self.inner, &b.inner),
+                        (&self.inner, &b.mem.buf),
                         (DevInner::Cpu, BufInner::Cpu(_)) | (DevInner::Cuda(_), BufInner::Cuda(_))
                     )
                 }
@@ -574,14 +774,109 @@ impl Device {
                 cfg.shared_bytes
             )));
         }
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            for a in args {
+                if let Arg::Buf(b) = a {
+                    rec.keep(&b.mem);
+                }
+            }
+            match &self.inner {
+                DevInner::Cpu => {
+                    rec.ops.push(CpuOp::Launch {
+                        name: cpu::c_name(name)?,
+                        cfg,
+                        slots: cpu::slots(args),
+                    });
+                    return Ok(());
+                }
+                DevInner::Cuda(c) => rec.funcs.push(c.function(sig)?),
+            }
+        }
         match &self.inner {
             DevInner::Cpu => cpu::launch(name, cfg, args),
             DevInner::Cuda(c) => c.launch(sig, cfg, args),
         }
     }
 
-    /// Waits for all launched work; reports asynchronous kernel errors.
+    /// Starts capturing this device's work into a [`Graph`] (see [`graph`]): until
+    /// [`end_capture`](Self::end_capture), launches and device-side copies are recorded, not
+    /// run, and allocation, uploads, downloads and synchronisation are refused with a typed
+    /// error. Errors: a capture already in progress; on a GPU, the legacy default stream
+    /// ([`Device::cuda`]; use [`Device::cuda_on_stream`]) or cudarc's event tracking on.
+    ///
+    /// ```
+    /// use implicit_etf::device::{Device, LaunchConfig, Arg};
+    /// let dev = Device::cpu();
+    /// let mut x = dev.upload(&[1.0f32, 2.0]).unwrap();
+    /// let y = dev.upload(&[10.0f32, 20.0]).unwrap();
+    /// dev.begin_capture().unwrap();
+    /// let cfg = LaunchConfig::new((1, 1, 1), (32, 1, 1));
+    /// dev.launch("add_f32", cfg, &[Arg::Buf(&x), Arg::Buf(&y), Arg::I64(2)]).unwrap();
+    /// let graph = dev.end_capture().unwrap();
+    /// assert_eq!(dev.download::<f32>(&x).unwrap(), [1.0, 2.0]); // recorded, not run
+    /// graph.launch().unwrap();
+    /// graph.launch().unwrap();
+    /// assert_eq!(dev.download::<f32>(&x).unwrap(), [21.0, 42.0]);
+    /// dev.write(&mut x, &[0.5f32, 0.5]).unwrap(); // new inputs, same graph
+    /// graph.launch().unwrap();
+    /// assert_eq!(dev.download::<f32>(&x).unwrap(), [10.5, 20.5]);
+    /// ```
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut cap = lock(&self.capture);
+        if cap.is_some() {
+            return Err(Error::Device {
+                op: "begin_capture".into(),
+                message: "a capture is already in progress on this device".into(),
+            });
+        }
+        if let DevInner::Cuda(c) = &self.inner {
+            c.begin_capture()?;
+        }
+        *cap = Some(Recording::new(self.counters.stats()));
+        Ok(())
+    }
+
+    /// Whether a capture is in progress.
+    pub fn is_capturing(&self) -> bool {
+        lock(&self.capture).is_some()
+    }
+
+    /// Ends the capture and returns the [`Graph`]. Errors: no capture in progress; a buffer
+    /// was released during the capture (its memory could be reused while the graph still
+    /// addresses it); on a GPU, a capture the driver invalidated. Call it on the thread that
+    /// began the capture: on a GPU the stream otherwise stays in capture mode, though this
+    /// device no longer records.
+    pub fn end_capture(&self) -> Result<Graph> {
+        let rec = lock(&self.capture).take().ok_or_else(|| Error::Device {
+            op: "end_capture".into(),
+            message: "no capture in progress".into(),
+        })?;
+        let kind = match &self.inner {
+            DevInner::Cpu => GraphKind::Cpu(rec.ops),
+            DevInner::Cuda(c) => GraphKind::Cuda(c.end_capture()?),
+        };
+        let now = self.counters.stats();
+        if now != rec.start {
+            return Err(Error::Device {
+                op: "end_capture".into(),
+                message: format!(
+                    "{} allocations were released during the capture; a replayable step must \
+                     not free memory (DeviceHead::forward_into / backward_into keep theirs)",
+                    now.released - rec.start.released
+                ),
+            });
+        }
+        Ok(Graph {
+            kind,
+            keep: rec.keep,
+            funcs: rec.funcs,
+        })
+    }
+
+    /// Waits for all launched work; reports asynchronous kernel errors. Not allowed during a
+    /// capture.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("synchronize")?;
         match &self.inner {
             DevInner::Cpu => Ok(()),
             DevInner::Cuda(c) => c.synchronize(),

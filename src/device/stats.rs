@@ -54,9 +54,7 @@ fn cols(d: usize) -> u32 {
 pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Result<Buffer> {
     let status = Status::new(dev)?;
     let out = labels_to_i32_deferred(dev, labels, n, k, &status)?;
-    status
-        .read(dev)?
-        .forward_error(k, "labels", |i| label_at(dev, labels, i))?;
+    status.read(dev)?.forward_error(k, "labels")?;
     Ok(out)
 }
 
@@ -94,6 +92,12 @@ pub fn labels_to_i32_deferred(
             Arg::Buf(&out),
             Arg::Buf(&status.buf),
         ],
+    )?;
+    // The offending label's value, for the error message (no host read of the labels).
+    dev.launch(
+        &kernel.replace("labels_to_i32", "record_bad_label"),
+        LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+        &[Arg::Buf(labels), Arg::I32(ni), Arg::Buf(&status.buf)],
     )?;
     Ok(out)
 }
@@ -516,7 +520,7 @@ pub fn moving_update_backward(
 pub fn frobenius_normalise(dev: &Device, e: &Buffer) -> Result<(Buffer, Buffer, f32)> {
     let status = Status::new(dev)?;
     let (y, norm) = frobenius_normalise_deferred(dev, e, &status)?;
-    status.read(dev)?.forward_error(1, "E", |_| Ok(-1))?;
+    status.read(dev)?.forward_error(1, "E")?;
     let nv = dev.download::<f32>(&norm)?[0];
     Ok((y, norm, nv))
 }
@@ -678,19 +682,9 @@ pub fn forward(
     let status = Status::new(dev)?;
     let f = forward_deferred(dev, raw, labels, n, state, opt, &status)?;
     let k = state.k;
-    status
-        .read(dev)?
-        .forward_error(k, "raw features", |i| label_at(dev, labels, i))?;
+    status.read(dev)?.forward_error(k, "raw features")?;
     state.commit(dev, &f.update, &status.buf)?;
     Ok(f)
-}
-
-/// `labels[i]` read back (for an error message).
-pub fn label_at(dev: &Device, labels: &Buffer, i: usize) -> Result<i64> {
-    Ok(match labels.dtype() {
-        DType::U32 => i64::from(dev.download::<u32>(labels)?[i]),
-        _ => dev.download::<i64>(labels)?[i],
-    })
 }
 
 /// Backward of [`forward`]: `dY` (d x K) and an optional extra gradient on `mu` (d) to the

@@ -5,7 +5,7 @@
 //! them in a small `i32` buffer (layout in `kernels/status.cu`), and every kernel that changes
 //! the head's state first reads it and does nothing when the step failed: a failed step leaves
 //! the state exactly as it was, with or without the host looking. [`Status::read`] (one
-//! 24-byte download) turns the word into the typed [`Error`] a checked call returns.
+//! 32-byte download) turns the word into the typed [`Error`] a checked call returns.
 
 use super::{Arg, Buffer, DType, Device, LaunchConfig};
 use crate::error::{Error, Result};
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// "No error" value of the index-valued entries.
 pub const NONE: i32 = i32::MAX;
 /// Length of the status word.
-pub const LEN: usize = 6;
+pub const LEN: usize = 8;
 
 /// Which half of the status word a reset clears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,19 +69,15 @@ impl Status {
 
 impl StatusWord {
     /// The forward's error, if any, in the order the CPU head checks: labels, features,
-    /// degenerate means, solve. `label_at(i)` fetches the offending label for the message.
-    pub fn forward_error(
-        &self,
-        classes: usize,
-        what: &'static str,
-        label_at: impl FnOnce(usize) -> Result<i64>,
-    ) -> Result<()> {
+    /// degenerate means, solve. A bad label is reported with its index and value (entries 6
+    /// and 7 hold the value).
+    pub fn forward_error(&self, classes: usize, what: &'static str) -> Result<()> {
         let w = self.0;
         if w[0] != NONE {
-            let index = w[0] as usize;
+            let label = (u64::from(w[6] as u32) | (u64::from(w[7] as u32) << 32)) as i64;
             return Err(Error::LabelOutOfRange {
-                index,
-                label: label_at(index)?,
+                index: w[0] as usize,
+                label,
                 classes,
             });
         }

@@ -720,7 +720,8 @@ fn not_filled() -> Error {
         reason: "this step's workspace has not been filled by an uncaptured step of the same \
                  batch size yet: the first step solves on the host and the next two fill the \
                  two forward workspaces, so capture from the fourth step on (and again only \
-                 after two uncaptured steps when the batch size or the warm start changes)"
+                 after two uncaptured steps when the batch size or feature type changes, or after \
+                 import_state)"
             .into(),
     }
 }

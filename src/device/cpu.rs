@@ -77,9 +77,7 @@ impl CpuBuf {
 
     pub(super) fn clone_buf(&self) -> CpuBuf {
         let b = CpuBuf::zeroed(self.bytes);
-        let _g = exclusive();
-        // SAFETY: both are valid for `bytes` bytes and distinct allocations.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), b.ptr.as_ptr(), self.bytes) }
+        b.copy_from(self);
         b
     }
 

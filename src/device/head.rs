@@ -143,10 +143,9 @@ struct LastSolve {
 #[derive(Debug)]
 struct Pending {
     n: usize,
-    /// The caller's features (a device copy, kept only for the `tau` backward).
+    /// The caller's features (a device copy, kept only for the `tau` backward; its type is
+    /// part of the backward's workspace key).
     raw: Option<Buffer>,
-    /// Their element type (part of the backward's workspace key).
-    raw_dtype: DType,
     /// The features the classifier saw (f32).
     x: Buffer,
     stats: StatsForward,
@@ -173,9 +172,9 @@ pub struct DeviceHead {
     /// What filled each forward workspace last: the ordinary step it served (see
     /// [`StepKey`]); a step with the same key reuses every slot.
     filled: [Option<StepKey>; 2],
-    /// The batch size, feature type and first-step flag the backward workspace was filled
-    /// with.
-    bwd_filled: Option<(usize, DType, bool)>,
+    /// The batch size, kept feature type (with `tau`) and first-step flag the backward
+    /// workspace was filled with.
+    bwd_filled: Option<(usize, Option<DType>, bool)>,
 }
 
 /// What decides the buffer requests of an ordinary forward: the batch size, the feature type
@@ -459,7 +458,6 @@ impl DeviceHead {
         self.pending = Some(Pending {
             n,
             raw: raw_kept,
-            raw_dtype: raw.dtype(),
             x,
             stats: sf,
         });
@@ -511,7 +509,7 @@ impl DeviceHead {
         let (d, k, n) = (self.cfg.dim, self.cfg.classes, p.n);
         f32_of_len(d_logits, "d_logits", n * k)?;
         f32_of_len(d_raw, "d_raw", n * d)?;
-        let bwd_key = (n, p.raw_dtype, last.first_step);
+        let bwd_key = (n, p.raw.as_ref().map(Buffer::dtype), last.first_step);
         if self.dev.is_capturing() {
             self.check_capturable()?;
             if self.bwd_filled != Some(bwd_key) {
@@ -537,10 +535,9 @@ impl DeviceHead {
         let ClassifierGradsDev { dx, dp, dmu } =
             classifier::backward(dev, gk, &p.x, d_logits, &last.w, &p.stats.stats.mu, n, d, k)?;
         let dy = backward::solve_backward(dev, gk, &last.factor, &dp, d, k, &self.status)?;
-        // Without `tau`, `stats::backward` does not read the raw features.
+        // Without `tau`, `stats::backward_into` does not read the raw features.
         let raw = p.raw.as_ref().unwrap_or(&p.x);
-        let grad = stats::backward(dev, &p.stats, raw, &dy, Some(&dmu), Some(&dx))?;
-        dev.copy_into(d_raw, &grad)?;
+        stats::backward_into(dev, &p.stats, raw, &dy, Some(&dmu), Some(&dx), d_raw)?;
         drop(scope);
         if self.opt.validation == Validation::Eager {
             self.status.read(dev)?.backward_error()?;

@@ -614,11 +614,7 @@ impl Device {
         self.refuse_in_capture("upload")?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
         if let Some(mem) = self.slot(bytes.len())? {
-            match (&self.inner, &mem.buf) {
-                (DevInner::Cpu, BufInner::Cpu(b)) => b.write(bytes),
-                (DevInner::Cuda(c), BufInner::Cuda(b)) => c.write(b, bytes)?,
-                _ => return Err(foreign("upload")),
-            }
+            self.write_mem(&mem, bytes, "upload")?;
             return Ok(Buffer {
                 dtype: T::DTYPE,
                 len: data.len(),
@@ -652,14 +648,18 @@ impl Device {
             });
         }
         self.refuse_in_capture("write")?;
-        let bytes: &[u8] = bytemuck::cast_slice(data);
-        match (&self.inner, &buf.mem.buf) {
+        self.write_mem(&buf.mem, bytemuck::cast_slice(data), "write")
+    }
+
+    /// Host bytes into an allocation of this device (of the same size).
+    fn write_mem(&self, m: &Mem, bytes: &[u8], op: &str) -> Result<()> {
+        match (&self.inner, &m.buf) {
             (DevInner::Cpu, BufInner::Cpu(b)) => {
                 b.write(bytes);
                 Ok(())
             }
             (DevInner::Cuda(c), BufInner::Cuda(b)) => c.write(b, bytes),
-            _ => Err(foreign("write")),
+            _ => Err(foreign(op)),
         }
     }
 

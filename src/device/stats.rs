@@ -132,12 +132,27 @@ pub fn tau_normalise_backward(
     d: usize,
     tau: f64,
 ) -> Result<Buffer> {
+    let dr = dev.alloc_zeros(DType::F32, n * d)?;
+    tau_normalise_backward_into(dev, raw, dx, n, d, tau, &dr)?;
+    Ok(dr)
+}
+
+/// [`tau_normalise_backward`] into an existing `dr` (N x d f32, overwritten).
+pub fn tau_normalise_backward_into(
+    dev: &Device,
+    raw: &Buffer,
+    dx: &Buffer,
+    n: usize,
+    d: usize,
+    tau: f64,
+    dr: &Buffer,
+) -> Result<()> {
     check_len(raw, "raw features", n * d)?;
     check_len(dx, "dx", n * d)?;
+    check_len(dr, "d_raw", n * d)?;
     let sfx = feat_suffix(raw, "raw features")?;
-    let dr = dev.alloc_zeros(DType::F32, n * d)?;
     if n == 0 || d == 0 {
-        return Ok(dr);
+        return Ok(());
     }
     dev.launch(
         &format!("tau_normalise_backward_{sfx}"),
@@ -147,10 +162,9 @@ pub fn tau_normalise_backward(
             Arg::Buf(dx),
             Arg::I32(i32_dim(d, "d")?),
             Arg::F32(tau as f32),
-            Arg::Buf(&dr),
+            Arg::Buf(dr),
         ],
-    )?;
-    Ok(dr)
+    )
 }
 
 /// Batch statistics on the device (all buffers stay there).
@@ -272,12 +286,28 @@ pub fn class_stats_backward(
     let (n, d, k) = (s.n, s.d, s.k);
     check_len(d_centred, "d_centred", d * k)?;
     check_len(d_mu, "d_mu", d)?;
-    let (ni, di, ki) = (i32_dim(n, "N")?, i32_dim(d, "d")?, i32_dim(k, "K")?);
-    let g = dev.alloc_zeros(DType::F32, d)?;
     let dx = dev.alloc_zeros(DType::F32, n * d)?;
+    class_stats_backward_into(dev, s, d_centred, d_mu, &dx)?;
+    Ok(dx)
+}
+
+/// [`class_stats_backward`] into an existing `dx` (N x d f32, overwritten).
+pub fn class_stats_backward_into(
+    dev: &Device,
+    s: &ClassStatsDev,
+    d_centred: &Buffer,
+    d_mu: &Buffer,
+    dx: &Buffer,
+) -> Result<()> {
+    let (n, d, k) = (s.n, s.d, s.k);
+    check_len(d_centred, "d_centred", d * k)?;
+    check_len(d_mu, "d_mu", d)?;
+    check_len(dx, "dx", n * d)?;
+    let (ni, di, ki) = (i32_dim(n, "N")?, i32_dim(d, "d")?, i32_dim(k, "K")?);
     if d == 0 {
-        return Ok(dx);
+        return Ok(());
     }
+    let g = dev.alloc_zeros(DType::F32, d)?;
     dev.launch(
         "class_stats_backward_prep",
         LaunchConfig::linear(d, BLOCK),
@@ -301,10 +331,9 @@ pub fn class_stats_backward(
             Arg::Buf(&g),
             Arg::I32(di),
             Arg::I32(ki),
-            Arg::Buf(&dx),
+            Arg::Buf(dx),
         ],
-    )?;
-    Ok(dx)
+    )
 }
 
 /// Moving class means state on the device (`method.md` §2 step 3). The step count and the
@@ -698,20 +727,48 @@ pub fn backward(
     d_mu_extra: Option<&Buffer>,
     dx_extra: Option<&Buffer>,
 ) -> Result<Buffer> {
+    let out = dev.alloc_zeros(DType::F32, f.stats.n * f.stats.d)?;
+    backward_into(dev, f, raw, dy, d_mu_extra, dx_extra, &out)?;
+    Ok(out)
+}
+
+/// [`backward`] into an existing `d_raw` (N x d f32, overwritten). Without `tau`, `raw` is
+/// not read.
+pub fn backward_into(
+    dev: &Device,
+    f: &StatsForward,
+    raw: &Buffer,
+    dy: &Buffer,
+    d_mu_extra: Option<&Buffer>,
+    dx_extra: Option<&Buffer>,
+    d_raw: &Buffer,
+) -> Result<()> {
     let (n, d, k) = (f.stats.n, f.stats.d, f.stats.k);
+    check_len(d_raw, "d_raw", n * d)?;
     let de = frobenius_normalise_backward(dev, &f.y, &f.norm_buf, dy)?;
     let (dc, dmu) = moving_update_backward(dev, &f.update, &de, d_mu_extra, d, k)?;
-    let dx = class_stats_backward(dev, &f.stats, &dc, &dmu)?;
+    // Without `tau` the class statistics' gradient is the result: written in place.
+    let with_tau;
+    let dx = match f.tau {
+        Some(_) => {
+            with_tau = class_stats_backward(dev, &f.stats, &dc, &dmu)?;
+            &with_tau
+        }
+        None => {
+            class_stats_backward_into(dev, &f.stats, &dc, &dmu, d_raw)?;
+            d_raw
+        }
+    };
     if let Some(extra) = dx_extra {
         check_len(extra, "dx_extra", n * d)?;
         dev.launch(
             "add_f32",
             super::grid_stride(dev, n * d),
-            &[Arg::Buf(&dx), Arg::Buf(extra), Arg::I64((n * d) as i64)],
+            &[Arg::Buf(dx), Arg::Buf(extra), Arg::I64((n * d) as i64)],
         )?;
     }
     match f.tau {
-        Some(t) => tau_normalise_backward(dev, raw, &dx, n, d, t),
-        None => Ok(dx),
+        Some(t) => tau_normalise_backward_into(dev, raw, dx, n, d, t, d_raw),
+        None => Ok(()),
     }
 }

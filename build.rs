@@ -25,6 +25,8 @@ struct Param {
     ctype: String,
     /// Rust expression of the `Param` kind.
     kind: String,
+    /// The C parameter name.
+    name: String,
 }
 
 struct Kernel {
@@ -34,6 +36,14 @@ struct Kernel {
 }
 
 fn main() {
+    // The device layer exists with either backend; without both the crate is the CPU head only.
+    println!("cargo::rustc-check-cfg=cfg(device)");
+    let device = env::var_os("CARGO_FEATURE_CUDA").is_some()
+        || env::var_os("CARGO_FEATURE_CPU_EXEC").is_some();
+    if !device {
+        return;
+    }
+    println!("cargo:rustc-cfg=device");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kdir = manifest.join("kernels");
@@ -50,12 +60,28 @@ fn main() {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
-    let mut files: Vec<PathBuf> = fs::read_dir(&kdir)
-        .expect("kernels/ directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
+    // Every `.cu` under kernels/ except the CPU execution's own folder; `kernels/test/` (the
+    // execution-model self tests) only with the `test-kernels` feature, so that they are not
+    // part of a user's library or PTX.
+    let test_kernels = env::var_os("CARGO_FEATURE_TEST_KERNELS").is_some();
+    let mut files: Vec<PathBuf> = walk(&kdir)
+        .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .filter(|p| !p.starts_with(kdir.join("cpu")))
+        .filter(|p| test_kernels || !p.starts_with(kdir.join("test")))
         .collect();
     files.sort();
+    // `head/stats` for kernels/head/stats.cu.
+    let keys: Vec<String> = files
+        .iter()
+        .map(|f| {
+            f.strip_prefix(&kdir)
+                .unwrap()
+                .with_extension("")
+                .to_string_lossy()
+                .replace('\\', "/")
+        })
+        .collect();
     for entry in walk(&kdir) {
         println!("cargo:rerun-if-changed={}", entry.display());
     }
@@ -84,109 +110,14 @@ fn main() {
     }
 
     // ---- CPU execution ---------------------------------------------------------------------
-    let cpu_dir = out.join("cpu");
-    fs::create_dir_all(&cpu_dir).unwrap();
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++20")
-        .include(&kdir)
-        .flag_if_supported("-pthread")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-unused-function")
-        .opt_level(2)
-        .file(kdir.join("cpu/runtime.cpp"));
     let asan = env::var("IMPLICIT_ETF_ASAN").is_ok_and(|v| v == "1");
-    if asan {
-        build
-            .flag("-fsanitize=address")
-            .flag("-fno-omit-frame-pointer")
-            .flag("-g");
-        println!("cargo:rustc-link-lib=dylib=asan");
-    }
-    for (fi, f) in files.iter().enumerate() {
-        let stem = f.file_stem().unwrap().to_string_lossy().to_string();
-        let mut cpp = String::new();
-        writeln!(cpp, "#line 1 \"kernels/{stem}.cu\"").unwrap();
-        cpp.push_str(&rewrite_dynamic_shared(&sources[fi]));
-        cpp.push_str("\n// ---- generated trampolines ----\n#include <functional>\n#include <string>\nnamespace etf_cpu { std::string run_grid(dim3, dim3, size_t, const std::function<void()>&); }\n");
-        for k in kernels.iter().filter(|k| k.file_index == fi) {
-            writeln!(
-                cpp,
-                "std::string etf_cpu_tramp_{}(dim3 g, dim3 b, size_t sh, void** args) {{",
-                k.name
-            )
-            .unwrap();
-            let mut call = Vec::new();
-            for (i, p) in k.params.iter().enumerate() {
-                writeln!(cpp, "    {} a{i} = *({}*)args[{i}];", p.ctype, p.ctype).unwrap();
-                call.push(format!("a{i}"));
-            }
-            writeln!(
-                cpp,
-                "    std::function<void()> fn = [=]() {{ {}({}); }};\n    return etf_cpu::run_grid(g, b, sh, fn);\n}}",
-                k.name,
-                call.join(", ")
-            )
-            .unwrap();
-        }
-        let path = cpu_dir.join(format!("{stem}.cpp"));
-        write_if_changed(&path, &cpp);
-        build.file(path);
-    }
-    let mut reg = String::from(
-        "#include \"cpu/cuda_cpu.h\"\n#include <cstring>\n#include <string>\n#include <cstdio>\n",
-    );
-    for k in &kernels {
-        writeln!(
-            reg,
-            "std::string etf_cpu_tramp_{}(dim3, dim3, size_t, void**);",
-            k.name
-        )
-        .unwrap();
-    }
-    reg.push_str("struct EtfCpuEntry { const char* name; size_t nargs; std::string (*f)(dim3, dim3, size_t, void**); };\nstatic const EtfCpuEntry ETF_CPU_KERNELS[] = {\n");
-    for k in &kernels {
-        writeln!(
-            reg,
-            "    {{\"{0}\", {1}, etf_cpu_tramp_{0}}},",
-            k.name,
-            k.params.len()
-        )
-        .unwrap();
-    }
-    reg.push_str(
-        r#"};
-// Launches kernel `name` on the CPU execution. Returns 0, or 1 with a message in `err`.
-extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsigned* block,
-                              size_t shmem, void** args, size_t nargs, char* err, size_t errlen) {
-    std::string e;
-    bool found = false;
-    for (const auto& k : ETF_CPU_KERNELS) {
-        if (std::strcmp(k.name, name) != 0) continue;
-        found = true;
-        if (k.nargs != nargs) {
-            e = "kernel " + std::string(name) + " takes " + std::to_string(k.nargs) +
-                " arguments, got " + std::to_string(nargs);
-        } else {
-            e = k.f(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), shmem, args);
-        }
-    }
-    if (!found) e = "no kernel named " + std::string(name);
-    if (e.empty()) return 0;
-    if (errlen) std::snprintf(err, errlen, "%s", e.c_str());
-    return 1;
-}
-"#,
-    );
-    let reg_path = cpu_dir.join("registry.cpp");
-    write_if_changed(&reg_path, &reg);
-    build.file(reg_path);
-    build.compile("implicit_etf_cpu_kernels");
+    #[cfg(feature = "cpu-exec")]
+    build_cpu_execution(&out, &kdir, &keys, &sources, &kernels, asan);
 
     // ---- nvcc ------------------------------------------------------------------------------
     let require = env::var("IMPLICIT_ETF_REQUIRE_NVCC").is_ok_and(|v| v == "1");
-    let nvcc = if env::var("IMPLICIT_ETF_NO_NVCC").is_ok_and(|v| v == "1") {
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
+    let nvcc = if !cuda || env::var("IMPLICIT_ETF_NO_NVCC").is_ok_and(|v| v == "1") {
         None
     } else {
         find_nvcc()
@@ -202,12 +133,14 @@ extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsi
             if require {
                 panic!("IMPLICIT_ETF_REQUIRE_NVCC=1 but no nvcc found (NVCC, CUDA_HOME, CUDA_PATH, PATH)");
             }
-            println!("cargo:warning=implicit-etf: nvcc not found (NVCC, CUDA_HOME/CUDA_PATH, PATH); embedding the CUDA sources, which NVRTC compiles at run time on a GPU machine");
+            if cuda {
+                println!("cargo:warning=implicit-etf: nvcc not found (NVCC, CUDA_HOME/CUDA_PATH, PATH); embedding the CUDA sources, which NVRTC compiles at run time on a GPU machine");
+            }
         }
         Some(nvcc) => {
             let mut ok = true;
             for (fi, f) in files.iter().enumerate() {
-                let stem = f.file_stem().unwrap().to_string_lossy().to_string();
+                let stem = keys[fi].replace('/', "_");
                 let ptx = out.join(format!("{stem}.ptx"));
                 let cubin = out.join(format!("{stem}.sm_90.cubin"));
                 let r1 = run_nvcc(nvcc, &kdir, f, &["-ptx", "-arch=compute_75"], &ptx);
@@ -251,11 +184,11 @@ extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsi
         }
     }
 
-    // ---- Rust table ------------------------------------------------------------------------
-    let mut rs = String::from("// Generated by build.rs from kernels/*.cu. Do not edit.\n");
-    writeln!(rs, "pub(crate) static KERNEL_FILES: &[KernelFile] = &[").unwrap();
+    // ---- Rust table and typed launch wrappers ----------------------------------------------
+    let mut rs = String::from("// Generated by build.rs from kernels/**/*.cu. Do not edit.\n");
     for (fi, f) in files.iter().enumerate() {
-        let stem = f.file_stem().unwrap().to_string_lossy().to_string();
+        let key = &keys[fi];
+        let stem = key.replace('/', "_");
         let inlined = inline_includes(f, &kdir, &mut HashSet::new());
         let src_path = out.join(format!("{stem}.nvrtc.cu"));
         write_if_changed(&src_path, &inlined);
@@ -268,25 +201,57 @@ extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsi
         };
         writeln!(
             rs,
-            "    KernelFile {{ name: {stem:?}, source: include_str!({:?}), ptx: {ptx}, cubin_sm90: {cubin} }},",
+            "static FILE_{fi}: KernelFile = KernelFile {{ name: {key:?}, source: include_str!({:?}), ptx: {ptx}, cubin_sm90: {cubin} }};",
             src_path.display().to_string()
         )
         .unwrap();
     }
-    rs.push_str("];\n");
-    writeln!(rs, "pub(crate) static KERNELS: &[KernelSig] = &[").unwrap();
     for k in &kernels {
         let ps: Vec<&str> = k.params.iter().map(|p| p.kind.as_str()).collect();
         writeln!(
             rs,
-            "    KernelSig {{ name: {:?}, file: {}, params: &[{}] }},",
+            "static SIG_{0}: KernelSig = KernelSig {{ name: {0:?}, file: &FILE_{1}, params: &[{2}] }};",
             k.name,
             k.file_index,
             ps.join(", ")
         )
         .unwrap();
     }
+    writeln!(rs, "pub(crate) static KERNELS: &[&KernelSig] = &[").unwrap();
+    for k in &kernels {
+        writeln!(rs, "    &SIG_{},", k.name).unwrap();
+    }
     rs.push_str("];\n");
+    // One module per kernel file (`kernels::head::stats` for kernels/head/stats.cu), one
+    // `unsafe fn` per kernel.
+    let mut groups: std::collections::BTreeMap<String, Vec<(String, usize)>> = Default::default();
+    for (fi, key) in keys.iter().enumerate() {
+        let (group, file) = key.split_once('/').unwrap_or(("", key));
+        groups
+            .entry(group.to_string())
+            .or_default()
+            .push((file.to_string(), fi));
+    }
+    for (group, members) in &groups {
+        if !group.is_empty() {
+            writeln!(rs, "/// Kernels of `kernels/{group}/`.\npub mod {group} {{").unwrap();
+        }
+        for (file, fi) in members {
+            let key = &keys[*fi];
+            writeln!(
+                rs,
+                "/// The kernels of `kernels/{key}.cu`, one typed launch each.\npub mod {file} {{\n#[allow(unused_imports)]\nuse crate::runtime::{{Arg, Buffer, Device, LaunchConfig}};\nuse crate::error::Result;"
+            )
+            .unwrap();
+            for k in kernels.iter().filter(|k| k.file_index == *fi) {
+                write_wrapper(&mut rs, k, key);
+            }
+            rs.push_str("}\n");
+        }
+        if !group.is_empty() {
+            rs.push_str("}\n");
+        }
+    }
     writeln!(
         rs,
         "pub(crate) const PTXAS_REPORT: Option<&str> = {};",
@@ -307,6 +272,182 @@ extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsi
     .unwrap();
     writeln!(rs, "pub(crate) const CPU_ASAN: bool = {asan};").unwrap();
     write_if_changed(&out.join("kernels_gen.rs"), &rs);
+}
+
+/// Rust keywords a C parameter name may collide with (suffixed with `_`).
+const RESERVED: &[&str] = &[
+    "as", "async", "await", "box", "break", "const", "continue", "crate", "dyn", "else", "enum",
+    "extern", "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move",
+    "mut", "pub", "ref", "return", "self", "static", "struct", "super", "trait", "true", "type",
+    "unsafe", "use", "where", "while", "yield", "dev", "cfg",
+];
+
+/// One typed launch: `&Buffer` for `const T*`, `&mut Buffer` for `T*`, `Option<&Buffer>` for
+/// the optional `gate` pointer, Rust scalars for scalars.
+fn write_wrapper(rs: &mut String, k: &Kernel, key: &str) {
+    let mut params = Vec::new();
+    let mut args = Vec::new();
+    let mut csig = Vec::new();
+    for p in &k.params {
+        let name = if RESERVED.contains(&p.name.as_str()) {
+            format!("{}_", p.name)
+        } else {
+            p.name.clone()
+        };
+        csig.push(format!("{} {}", p.ctype, p.name));
+        if p.ctype.ends_with('*') {
+            let writable = !p.ctype.split_whitespace().any(|t| t == "const");
+            if p.name == "gate" {
+                params.push(format!("{name}: Option<&Buffer>"));
+                args.push(format!(
+                    "match {name} {{ Some(b) => Arg::Buf(b), None => Arg::Null }}"
+                ));
+            } else if writable {
+                params.push(format!("{name}: &mut Buffer"));
+                args.push(format!("Arg::Buf(&*{name})"));
+            } else {
+                params.push(format!("{name}: &Buffer"));
+                args.push(format!("Arg::Buf({name})"));
+            }
+        } else {
+            let (rty, variant) = match p.kind.as_str() {
+                k if k.contains("I32") => ("i32", "I32"),
+                k if k.contains("U32") => ("u32", "U32"),
+                k if k.contains("I64") => ("i64", "I64"),
+                k if k.contains("U64") => ("u64", "U64"),
+                k if k.contains("F32") => ("f32", "F32"),
+                k if k.contains("F64") => ("f64", "F64"),
+                other => panic!("kernel {}: scalar kind {other}", k.name),
+            };
+            params.push(format!("{name}: {rty}"));
+            args.push(format!("Arg::{variant}({name})"));
+        }
+    }
+    writeln!(
+        rs,
+        "/// Launches `{}({})` of `kernels/{key}.cu`.\n///\n/// Pointer element types and the device of every buffer are checked (a typed error);\n/// sizes are not.\n///\n/// # Safety\n/// Every buffer must hold at least as many elements as the kernel reads or writes at the\n/// given sizes and launch shape (see the kernel's source).\n#[allow(clippy::too_many_arguments, dead_code)]\npub unsafe fn {}(dev: &Device, cfg: LaunchConfig{}{}) -> Result<()> {{\n    // SAFETY: forwarded to the caller (see `# Safety`).\n    unsafe {{ dev.launch(&super::{}SIG_{}, cfg, &[{}]) }}\n}}",
+        k.name,
+        csig.join(", "),
+        k.name,
+        if params.is_empty() { "" } else { ", " },
+        params.join(", "),
+        if key.contains('/') { "super::" } else { "" },
+        k.name,
+        args.join(", ")
+    )
+    .unwrap();
+}
+
+/// Compiles the kernels and the CPU runtime of `kernels/cpu/` for the host (feature
+/// `cpu-exec`), with generated trampolines that unpack a `void** args` array like
+/// `cuLaunchKernel`.
+#[cfg(feature = "cpu-exec")]
+fn build_cpu_execution(
+    out: &Path,
+    kdir: &Path,
+    keys: &[String],
+    sources: &[String],
+    kernels: &[Kernel],
+    asan: bool,
+) {
+    let cpu_dir = out.join("cpu");
+    fs::create_dir_all(&cpu_dir).unwrap();
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .include(kdir)
+        .flag_if_supported("-pthread")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-unused-function")
+        .opt_level(2)
+        .file(kdir.join("cpu/runtime.cpp"));
+    if asan {
+        build
+            .flag("-fsanitize=address")
+            .flag("-fno-omit-frame-pointer")
+            .flag("-g");
+        println!("cargo:rustc-link-lib=dylib=asan");
+    }
+    for (fi, key) in keys.iter().enumerate() {
+        let stem = key.replace('/', "_");
+        let mut cpp = String::new();
+        writeln!(cpp, "#line 1 \"kernels/{key}.cu\"").unwrap();
+        cpp.push_str(&rewrite_dynamic_shared(&sources[fi]));
+        cpp.push_str("\n// ---- generated trampolines ----\n#include <functional>\n#include <string>\nnamespace etf_cpu { std::string run_grid(dim3, dim3, size_t, const std::function<void()>&); }\n");
+        for k in kernels.iter().filter(|k| k.file_index == fi) {
+            writeln!(
+                cpp,
+                "std::string etf_cpu_tramp_{}(dim3 g, dim3 b, size_t sh, void** args) {{",
+                k.name
+            )
+            .unwrap();
+            let mut call = Vec::new();
+            for (i, p) in k.params.iter().enumerate() {
+                writeln!(cpp, "    {} a{i} = *({}*)args[{i}];", p.ctype, p.ctype).unwrap();
+                call.push(format!("a{i}"));
+            }
+            writeln!(
+                cpp,
+                "    std::function<void()> fn = [=]() {{ {}({}); }};\n    return etf_cpu::run_grid(g, b, sh, fn);\n}}",
+                k.name,
+                call.join(", ")
+            )
+            .unwrap();
+        }
+        let path = cpu_dir.join(format!("{stem}.cpp"));
+        write_if_changed(&path, &cpp);
+        build.file(path);
+    }
+    let mut reg = String::from(
+        "#include \"cpu/cuda_cpu.h\"\n#include <cstring>\n#include <string>\n#include <cstdio>\n",
+    );
+    for k in kernels {
+        writeln!(
+            reg,
+            "std::string etf_cpu_tramp_{}(dim3, dim3, size_t, void**);",
+            k.name
+        )
+        .unwrap();
+    }
+    reg.push_str("struct EtfCpuEntry { const char* name; size_t nargs; std::string (*f)(dim3, dim3, size_t, void**); };\nstatic const EtfCpuEntry ETF_CPU_KERNELS[] = {\n");
+    for k in kernels {
+        writeln!(
+            reg,
+            "    {{\"{0}\", {1}, etf_cpu_tramp_{0}}},",
+            k.name,
+            k.params.len()
+        )
+        .unwrap();
+    }
+    reg.push_str(
+        r#"};
+// Launches kernel `name` on the CPU execution. Returns 0, or 1 with a message in `err`.
+extern "C" int etf_cpu_launch(const char* name, const unsigned* grid, const unsigned* block,
+                              size_t shmem, void** args, size_t nargs, char* err, size_t errlen) {
+    std::string e;
+    bool found = false;
+    for (const auto& k : ETF_CPU_KERNELS) {
+        if (std::strcmp(k.name, name) != 0) continue;
+        found = true;
+        if (k.nargs != nargs) {
+            e = "kernel " + std::string(name) + " takes " + std::to_string(k.nargs) +
+                " arguments, got " + std::to_string(nargs);
+        } else {
+            e = k.f(dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2]), shmem, args);
+        }
+    }
+    if (!found) e = "no kernel named " + std::string(name);
+    if (e.empty()) return 0;
+    if (errlen) std::snprintf(err, errlen, "%s", e.c_str());
+    return 1;
+}
+"#,
+    );
+    let reg_path = cpu_dir.join("registry.cpp");
+    write_if_changed(&reg_path, &reg);
+    build.file(reg_path);
+    build.compile("implicit_etf_cpu_kernels");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -381,7 +522,7 @@ fn parse_kernels(src: &str, file: &Path) -> Vec<(String, Vec<Param>)> {
                 let p = p.replace("__restrict__", " ");
                 let p = p.replace('*', " * ");
                 let toks: Vec<&str> = p.split_whitespace().collect();
-                let (ty, _pname) = toks.split_at(toks.len() - 1);
+                let (ty, pname) = toks.split_at(toks.len() - 1);
                 let ctype = ty.join(" ").replace(" *", "*");
                 let kind = param_kind(&ctype).unwrap_or_else(|| {
                     panic!(
@@ -389,7 +530,11 @@ fn parse_kernels(src: &str, file: &Path) -> Vec<(String, Vec<Param>)> {
                         file.display()
                     )
                 });
-                params.push(Param { ctype, kind });
+                params.push(Param {
+                    ctype,
+                    kind,
+                    name: pname[0].to_string(),
+                });
             }
         }
         out.push((name, params));
@@ -432,6 +577,7 @@ fn param_kind(ctype: &str) -> Option<String> {
 }
 
 /// `extern __shared__ T name[];` -> `T* name = (T*)::etf_cpu::dynamic_shared();`
+#[cfg(feature = "cpu-exec")]
 fn rewrite_dynamic_shared(src: &str) -> String {
     let mut o = String::new();
     for line in src.lines() {

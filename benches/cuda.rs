@@ -20,10 +20,10 @@
 //! device (included) and synchronises once.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use implicit_etf::device::cudarc::driver::CudaContext;
-use implicit_etf::device::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
-use implicit_etf::device::status::Status;
-use implicit_etf::device::{DType, Device};
+use implicit_etf::gpu::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use implicit_etf::gpu::status::Status;
+use implicit_etf::runtime::cudarc::driver::CudaContext;
+use implicit_etf::runtime::{DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, HeadConfig, Validation};
 
 const N: usize = 256;
@@ -115,20 +115,20 @@ fn bench(c: &mut Criterion) {
         let dev = Device::cuda(0).unwrap();
         let w = dev.upload(&vec![1e-2f32; k * d]).unwrap();
         let x = dev.upload(&raw).unwrap();
-        let z = dev.alloc_zeros(DType::F32, N * k).unwrap();
-        let dx = dev.alloc_zeros(DType::F32, N * d).unwrap();
-        let dw = dev.alloc_zeros(DType::F32, k * d).unwrap();
+        let mut z = dev.alloc_zeros(DType::F32, N * k).unwrap();
+        let mut dx = dev.alloc_zeros(DType::F32, N * d).unwrap();
+        let mut dw = dev.alloc_zeros(DType::F32, k * d).unwrap();
         let gk = GemmKernel::Auto;
         g.bench_function(BenchmarkId::new("linear_baseline", &id), |b| {
             b.iter(|| {
                 Gemm::new(false, true, N, k, d)
-                    .run(&dev, gk, &x, &w, &z)
+                    .run(&dev, gk, &x, &w, &mut z)
                     .unwrap();
                 Gemm::new(false, false, N, d, k)
-                    .run(&dev, gk, &z, &w, &dx)
+                    .run(&dev, gk, &z, &w, &mut dx)
                     .unwrap();
                 Gemm::new(true, false, k, d, N)
-                    .run(&dev, gk, &z, &x, &dw)
+                    .run(&dev, gk, &z, &x, &mut dw)
                     .unwrap();
                 dev.synchronize().unwrap();
             })
@@ -165,7 +165,7 @@ fn bench_eig(c: &mut Criterion) {
     let Some(dev) = gpu() else { return };
     let mut g = c.benchmark_group("cuda_eig");
     g.sample_size(10);
-    let status = Status::new(&dev).unwrap();
+    let mut status = Status::new(&dev).unwrap();
     for k in [100usize, 1000] {
         let a = gram(k, 1);
         // Warm start: eigenvectors of a nearby matrix, from a converged device solve.
@@ -175,21 +175,21 @@ fn bench_eig(c: &mut Criterion) {
             .map(|(x, y)| x + 1e-4 * y)
             .collect();
         let q0 = {
-            let ab = dev.upload(&near).unwrap();
-            let v = dev.alloc_zeros(DType::F64, k * k).unwrap();
-            identity(&dev, &v, k).unwrap();
-            let lam = dev.alloc_zeros(DType::F64, k).unwrap();
-            let info = dev.alloc_zeros(DType::I32, 1).unwrap();
+            let mut ab = dev.upload(&near).unwrap();
+            let mut v = dev.alloc_zeros(DType::F64, k * k).unwrap();
+            identity(&dev, &mut v, k).unwrap();
+            let mut lam = dev.alloc_zeros(DType::F64, k).unwrap();
+            let mut info = dev.alloc_zeros(DType::I32, 1).unwrap();
             sym_eig(
                 &dev,
                 EigenSolver::Auto,
-                &ab,
-                &v,
+                &mut ab,
+                &mut v,
                 k,
                 30,
-                &lam,
-                &info,
-                &status,
+                &mut lam,
+                &mut info,
+                &mut status,
                 None,
             )
             .unwrap();
@@ -197,10 +197,10 @@ fn bench_eig(c: &mut Criterion) {
         };
         let a_cold = dev.upload(&a).unwrap();
         let a_warm = congruence(&dev, GemmKernel::Auto, None, &a_cold, &q0, k).unwrap();
-        let eye = dev.alloc_zeros(DType::F64, k * k).unwrap();
-        identity(&dev, &eye, k).unwrap();
-        let lam = dev.alloc_zeros(DType::F64, k).unwrap();
-        let info = dev.alloc_zeros(DType::I32, 1).unwrap();
+        let mut eye = dev.alloc_zeros(DType::F64, k * k).unwrap();
+        identity(&dev, &mut eye, k).unwrap();
+        let mut lam = dev.alloc_zeros(DType::F64, k).unwrap();
+        let mut info = dev.alloc_zeros(DType::I32, 1).unwrap();
         let cases: [(EigenSolver, usize); 4] = [
             (EigenSolver::OneBlock, 30),
             (EigenSolver::Blocked { width: 16 }, 30),
@@ -220,10 +220,21 @@ fn bench_eig(c: &mut Criterion) {
                 let id = format!("K{k}_{start}");
                 g.bench_function(BenchmarkId::new(name, id), |b| {
                     b.iter(|| {
-                        let ab = dev.copy(a0).unwrap();
-                        let vb = dev.copy(v0).unwrap();
-                        sym_eig(&dev, solver, &ab, &vb, k, cap, &lam, &info, &status, None)
-                            .unwrap();
+                        let mut ab = dev.copy(a0).unwrap();
+                        let mut vb = dev.copy(v0).unwrap();
+                        sym_eig(
+                            &dev,
+                            solver,
+                            &mut ab,
+                            &mut vb,
+                            k,
+                            cap,
+                            &mut lam,
+                            &mut info,
+                            &mut status,
+                            None,
+                        )
+                        .unwrap();
                         dev.synchronize().unwrap();
                     })
                 });

@@ -1,6 +1,6 @@
 //! Unconstrained feature model: trains free features with the `standard`, `fixed` and
 //! `implicit` heads and shows that the implicit-ETF head converges faster
-//! (`method.md` §7).
+//! (`docs/metrics.md#training-expectations`).
 //!
 //! ```text
 //! cargo run --release --example ufm

@@ -68,6 +68,17 @@ pub enum Error {
         /// What failed.
         what: &'static str,
     },
+    /// A size computed from the inputs (`d * K`, `N * d`, a byte count) does not fit the
+    /// address space.
+    SizeOverflow {
+        /// The size that overflows.
+        what: &'static str,
+    },
+    /// An allocation failed: the memory is not there.
+    OutOfMemory {
+        /// Bytes asked for.
+        bytes: usize,
+    },
     /// No usable CUDA device (no driver, no GPU, or the device layer was not built).
     NoDevice {
         /// Why.
@@ -120,6 +131,8 @@ impl fmt::Display for Error {
                 "the moving class means are all zero, so the nearest ETF is undefined"
             ),
             Error::Numerical { what } => write!(f, "numerical failure: {what}"),
+            Error::SizeOverflow { what } => write!(f, "`{what}` overflows the address space"),
+            Error::OutOfMemory { bytes } => write!(f, "out of memory allocating {bytes} bytes"),
             Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
             Error::Device { op, message } => write!(f, "device error in {op}: {message}"),
         }

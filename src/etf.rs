@@ -1,13 +1,15 @@
 //! The stateless API: the nearest-ETF solve `Y, Prox, delta -> P` and its vector-Jacobian
 //! product `dL/dP -> (dL/dY, dL/dProx)`, on plain row-major slices.
 
-use crate::config::{check_sizes, SolveMethod};
+use crate::core::config::SolveMethod;
+pub use crate::core::report::SolveReport;
+use crate::core::validate::check_sizes;
+use crate::core::validate::{check_finite, check_len, validate_labels, Label};
 use crate::cpu::linalg::{from_row_major, to_row_major};
-pub use crate::cpu::solve::SolveReport;
-use crate::cpu::solve::{self, Factor};
+use crate::cpu::solve;
 use crate::cpu::{backward, classifier};
 use crate::error::{Error, Result};
-use crate::label::{check_finite, check_len, validate_labels, Label};
+use crate::stiefel::Factor;
 use crate::Real;
 
 /// A solved nearest-ETF problem, ready for its vector-Jacobian product.

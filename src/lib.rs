@@ -41,21 +41,30 @@
 //!
 //! ## Layout
 //!
-//! | stage | CPU module |
-//! |---|---|
-//! | feature normalisation, class statistics | [`cpu::stats`] |
-//! | moving class means | [`cpu::moving`] |
-//! | nearest-ETF solve | [`cpu::solve`] |
-//! | implicit backward | [`cpu::backward`] |
-//! | classifier, cross-entropy | [`cpu::classifier`] |
-//! | the stateful head | [`cpu::head`] |
-//! | neural-collapse metrics (NC1-NC4, ...) | [`metrics`] |
+//! | layer | module | what |
+//! |---|---|---|
+//! | core | [`core`] | configuration, the head's state, solve reports, shared constants, input validation (backend-neutral) |
+//! | | [`stiefel`] | the Stiefel-manifold pieces both solves and backwards share: the factor of a solve, the tangent-space solve |
+//! | CPU head | [`cpu`] | one module per stage (below), and [`CpuHead`] |
+//! | GPU head | [`gpu`] | the same stages on a [`runtime::Device`], and [`DeviceHead`] |
+//! | runtime | [`runtime`] | device handle, buffers, launches, workspaces, graphs; CUDA through cudarc and the CPU execution of the CUDA sources; knows nothing of the head |
+//! | kernels | [`kernels`] | the CUDA sources of `kernels/` as typed (`unsafe`) launches, one module per file |
+//! | | [`metrics`] | neural-collapse metrics NC1-NC4 |
 //!
-//! The CUDA side: [`device`] is the device layer (CUDA through cudarc, or the crate's CPU
-//! execution of the same CUDA sources in `kernels/`), with one module per stage on it
-//! ([`device::stats`], [`device::solve`], [`device::backward`], [`device::classifier`],
-//! dense kernels in [`device::linalg`]) and the complete head [`DeviceHead`]
-//! ([`device::head`]): device buffers in, logits out, gradient back.
+//! | stage | CPU module | GPU module |
+//! |---|---|---|
+//! | feature normalisation, class statistics | [`cpu::stats`] | `gpu::stats` |
+//! | moving class means, Frobenius normalisation | [`cpu::moving`] | `gpu::moving` |
+//! | nearest-ETF solve | [`cpu::solve`] | `gpu::solve` |
+//! | implicit backward | [`cpu::backward`] | `gpu::backward` |
+//! | classifier, cross-entropy | [`cpu::classifier`] | `gpu::classifier` |
+//! | the stateful head | [`cpu::head`] | [`gpu::head`] |
+//! | dense products, eigensolvers | `cpu::linalg` | [`gpu::linalg`] |
+//!
+//! The derivations behind every stage are in the crate's `docs/` folder: `docs/head.md` (the
+//! stages), `docs/solve.md` (the nearest ETF), `docs/backward.md` (the implicit gradient),
+//! `docs/reference.md` (the authors' semantics and the goldens), `docs/testing.md` (the test
+//! oracles and their tolerances), `docs/metrics.md`.
 //!
 //! All matrices are row-major slices at the API: features `N x d`, moving means and `P`
 //! `d x K`, `W` `K x d`, logits `N x K`. `f64` is the reference precision; `f32` storage is
@@ -67,25 +76,32 @@
 // `!(x > 0.0)` is used on purpose throughout: unlike `x <= 0.0` it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
-pub mod config;
+pub mod core;
 pub mod cpu;
-pub mod device;
 pub mod error;
 pub mod etf;
-pub mod label;
+#[cfg(device)]
+pub mod gpu;
+#[cfg(device)]
+pub mod kernels;
 pub mod metrics;
-pub mod real;
+#[cfg(device)]
+pub mod runtime;
+pub mod stiefel;
 
-pub use config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
-pub use cpu::head::{CpuHead, HeadOutput, HeadState};
-pub use device::head::{DeviceHead, DeviceOptions, DeviceSolveReport, Validation};
+pub use crate::core::config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
+pub use crate::core::real::Real;
+pub use crate::core::report::SolveReport;
+pub use crate::core::state::{HeadState, MovingMeans};
+pub use crate::core::validate::Label;
+pub use cpu::head::{CpuHead, HeadOutput};
 pub use error::{Error, Result};
-pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution, SolveReport};
-pub use label::Label;
+pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution};
+#[cfg(device)]
+pub use gpu::head::{DeviceHead, DeviceOptions, DeviceSolveReport, Validation};
 pub use metrics::{nc_metrics, MetricsAccumulator, NcMetrics, SecondPass};
-pub use real::Real;
 
 /// The README's code blocks, compiled and run as doctests so the README stays true.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "cpu-exec"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -1,4 +1,4 @@
-//! Neural-collapse metrics (`method.md` §8).
+//! Neural-collapse metrics (`docs/metrics.md#definitions`).
 //!
 //! Over a data set of features `x_i` (`N x d`, row-major), labels `y_i` in `0..K`, a classifier
 //! `W` (`K x d`, row-major) and a bias `b` (`K`), everything computed in `f64` whatever the

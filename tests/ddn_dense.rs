@@ -1,4 +1,4 @@
-//! The closed-form implicit backward (`method.md` §4) against the dense DDN formula of
+//! The closed-form implicit backward (`docs/backward.md`) against the dense DDN formula of
 //! Gould et al. (Prop. 4.5), built explicitly for small sizes:
 //!
 //! ```text
@@ -126,7 +126,7 @@ fn closed_form_vjp_matches_dense_ddn_at_the_optimum() {
                 worst = worst.max(e_dy).max(e_dprox);
                 // Tolerance 1e-10: both sides are exact formulas for the same tangent solve;
                 // the only error is float64 rounding amplified by cond(B) ~ s_max/s_min
-                // ~ 1/delta <= 1e3 (gauge direction; method.md reports ~1e-13 agreement).
+                // ~ 1/delta <= 1e3 (gauge direction; docs/testing.md#dense-ddn-formula: ~1e-13 agreement).
                 // 1e-10 leaves ~100x margin over eps * cond * dK.
                 assert!(
                     e_dy <= 1e-10,
@@ -207,7 +207,7 @@ fn tangent_solve_satisfies_its_defining_equations() {
         let p = s.factor.p.clone();
         let b = sym(&(p.transpose() * &s.g));
         let v = gaussian(&mut rng, d, k);
-        let u = backward::tangent_solve(&s.factor, v.as_ref()).unwrap();
+        let u = implicit_etf::stiefel::tangent_solve(&s.factor, v.as_ref()).unwrap();
         let tang = sym(&(p.transpose() * &u));
         // Tolerance: |u| ~ |V|/s_min ~ 1e3; rounding of P^T u is ~ eps * |u| * sqrt(d K).
         assert!(

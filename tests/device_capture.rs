@@ -1,7 +1,7 @@
 //! A training step captured once and replayed: [`DeviceHead::forward_into`] /
 //! [`DeviceHead::backward_into`] allocate nothing after the first step, and a step recorded
 //! with [`Device::begin_capture`] / [`Device::end_capture`] and replayed with
-//! [`Graph::launch`](implicit_etf::device::Graph::launch) on refilled input buffers gives the
+//! [`Graph::launch`](implicit_etf::runtime::Graph::launch) on refilled input buffers gives the
 //! same logits, feature gradients, state and solve report as the same steps called one by
 //! one.
 //!
@@ -13,8 +13,8 @@
 
 mod common;
 use common::Rng;
-use implicit_etf::device::cudarc::driver::CudaContext;
-use implicit_etf::device::{Arg, Backend, DType, Device, LaunchConfig, MemoryStats};
+use implicit_etf::runtime::cudarc::driver::CudaContext;
+use implicit_etf::runtime::{Arg, Backend, DType, Device, LaunchConfig, MemoryStats};
 use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig, Validation};
 
 const N: usize = 24;
@@ -363,6 +363,8 @@ fn capture_refuses_what_cannot_be_replayed() {
 
     // Eager validation reads the status word back: refused before any work.
     let mut eager = DeviceHead::new(Device::cpu(), cfg).unwrap();
+    // Outputs on the eager head's own device (a buffer of another device is an error).
+    let mut z = eager.device().alloc_zeros(z.dtype(), z.len()).unwrap();
     let (x, y, _) = up(eager.device(), &bs[0]);
     eager.forward_into(&x, &y, &mut z).unwrap();
     let before = dev_state(&eager);
@@ -381,7 +383,7 @@ fn devices_heads_and_buffers_cross_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Device>();
     send_sync::<DeviceHead>();
-    send_sync::<implicit_etf::device::Buffer>();
+    send_sync::<implicit_etf::runtime::Buffer>();
     // A head moved to another thread after a step goes on exactly like a twin that stayed
     // (the CPU execution serialises memory access across threads).
     let new = || DeviceHead::with_options(Device::cpu(), HeadConfig::new(D, K), deferred());
@@ -403,8 +405,15 @@ fn a_graph_keeps_its_buffers_alive() {
     let y = dev.upload(&[10.0f32, 20.0]).unwrap();
     dev.begin_capture().unwrap();
     let cfg = LaunchConfig::new((1, 1, 1), (32, 1, 1));
-    dev.launch("add_f32", cfg, &[Arg::Buf(&x), Arg::Buf(&y), Arg::I64(2)])
-        .unwrap();
+    // SAFETY: every buffer is allocated for the sizes and launch shape given.
+    unsafe {
+        dev.launch(
+            implicit_etf::kernels::by_name("add_assign_f32").unwrap(),
+            cfg,
+            &[Arg::Buf(&x), Arg::Buf(&y), Arg::I64(2)],
+        )
+    }
+    .unwrap();
     let graph = dev.end_capture().unwrap();
     assert_eq!((graph.recorded_ops(), graph.buffers()), (Some(1), 2));
     let live = dev.memory_stats().live();

@@ -14,9 +14,9 @@
 mod common;
 use common::Rng;
 use faer::{Mat, Side};
-use implicit_etf::device::linalg::{congruence, identity, sym_eig, EigenSolver, GemmKernel};
-use implicit_etf::device::status::Status;
-use implicit_etf::device::{Buffer, DType, Device};
+use implicit_etf::gpu::linalg::{congruence, identity, sym_eig, EigenSolver, GemmKernel};
+use implicit_etf::gpu::status::Status;
+use implicit_etf::runtime::{Buffer, DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig};
 
 fn devices() -> Vec<Device> {
@@ -63,20 +63,29 @@ fn solve(
     k: usize,
     max_sweeps: usize,
 ) -> (Vec<f64>, Vec<f64>, usize, i32) {
-    let ab = dev.upload(a).unwrap();
-    let vb = match v0 {
+    let mut ab = dev.upload(a).unwrap();
+    let mut vb = match v0 {
         Some(v) => dev.upload(v).unwrap(),
         None => {
-            let v = dev.alloc_zeros(DType::F64, k * k).unwrap();
-            identity(dev, &v, k).unwrap();
+            let mut v = dev.alloc_zeros(DType::F64, k * k).unwrap();
+            identity(dev, &mut v, k).unwrap();
             v
         }
     };
-    let lam = dev.alloc_zeros(DType::F64, k).unwrap();
-    let info = dev.alloc_zeros(DType::I32, 1).unwrap();
-    let status = Status::new(dev).unwrap();
+    let mut lam = dev.alloc_zeros(DType::F64, k).unwrap();
+    let mut info = dev.alloc_zeros(DType::I32, 1).unwrap();
+    let mut status = Status::new(dev).unwrap();
     sym_eig(
-        dev, solver, &ab, &vb, k, max_sweeps, &lam, &info, &status, None,
+        dev,
+        solver,
+        &mut ab,
+        &mut vb,
+        k,
+        max_sweeps,
+        &mut lam,
+        &mut info,
+        &mut status,
+        None,
     )
     .unwrap();
     let w = status.read(dev).unwrap();
@@ -233,23 +242,23 @@ fn no_convergence_and_gate() {
             assert_eq!(sweeps, 1);
             assert_eq!(st, 2, "{solver:?}: no convergence not reported");
 
-            let ab = dev.upload(&a).unwrap();
+            let mut ab = dev.upload(&a).unwrap();
             let v0: Vec<f64> = rng.normals(k * k);
-            let vb = dev.upload(&v0).unwrap();
-            let lam = dev.alloc_zeros(DType::F64, k).unwrap();
-            let info = dev.alloc_zeros(DType::I32, 1).unwrap();
-            let status = Status::new(&dev).unwrap();
+            let mut vb = dev.upload(&v0).unwrap();
+            let mut lam = dev.alloc_zeros(DType::F64, k).unwrap();
+            let mut info = dev.alloc_zeros(DType::I32, 1).unwrap();
+            let mut status = Status::new(&dev).unwrap();
             let gate: Buffer = dev.upload(&[1i32]).unwrap();
             sym_eig(
                 &dev,
                 solver,
-                &ab,
-                &vb,
+                &mut ab,
+                &mut vb,
                 k,
                 30,
-                &lam,
-                &info,
-                &status,
+                &mut lam,
+                &mut info,
+                &mut status,
                 Some(&gate),
             )
             .unwrap();
@@ -294,23 +303,23 @@ fn invalid_eigensolver_choices_are_errors() {
         EigenSolver::Blocked { width: 24 }
     );
 
-    let a = dev.alloc_zeros(DType::F64, 4).unwrap();
-    let v = dev.alloc_zeros(DType::F64, 4).unwrap();
-    let lam = dev.alloc_zeros(DType::F64, 2).unwrap();
-    let info = dev.alloc_zeros(DType::I32, 1).unwrap();
-    let status = Status::new(&dev).unwrap();
+    let mut a = dev.alloc_zeros(DType::F64, 4).unwrap();
+    let mut v = dev.alloc_zeros(DType::F64, 4).unwrap();
+    let mut lam = dev.alloc_zeros(DType::F64, 2).unwrap();
+    let mut info = dev.alloc_zeros(DType::I32, 1).unwrap();
+    let mut status = Status::new(&dev).unwrap();
     let gate_f64 = dev.alloc_zeros(DType::F64, 1).unwrap();
     assert!(matches!(
         sym_eig(
             &dev,
             EigenSolver::Auto,
-            &a,
-            &v,
+            &mut a,
+            &mut v,
             2,
             30,
-            &lam,
-            &info,
-            &status,
+            &mut lam,
+            &mut info,
+            &mut status,
             Some(&gate_f64)
         ),
         Err(Error::InvalidParameter { .. })

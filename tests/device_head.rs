@@ -13,7 +13,7 @@
 mod common;
 use common::*;
 use half::{bf16, f16};
-use implicit_etf::device::{Buffer, Device};
+use implicit_etf::runtime::{Buffer, Device};
 use implicit_etf::*;
 
 const TOL_PW: f64 = 1e-5;
@@ -195,8 +195,8 @@ fn matches_cpu_head_across_shapes_and_policies() {
                     .with_moving_average(avg);
                 let absent: &[usize] = if k > 2 { &[1, 0, 2, 0] } else { &[0] };
                 let dd = match dev.backend() {
-                    implicit_etf::device::Backend::Cpu => Device::cpu(),
-                    implicit_etf::device::Backend::Cuda => Device::cuda(0).unwrap(),
+                    implicit_etf::runtime::Backend::Cpu => Device::cpu(),
+                    implicit_etf::runtime::Backend::Cuda => Device::cuda(0).unwrap(),
                 };
                 let w = compare(
                     dd,
@@ -228,8 +228,8 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
     for dev in devices() {
         let backend = dev.backend();
         let fresh = || match backend {
-            implicit_etf::device::Backend::Cpu => Device::cpu(),
-            implicit_etf::device::Backend::Cuda => Device::cuda(0).unwrap(),
+            implicit_etf::runtime::Backend::Cpu => Device::cpu(),
+            implicit_etf::runtime::Backend::Cuda => Device::cuda(0).unwrap(),
         };
         for (feat, i64l) in [(Feat::F16, true), (Feat::BF16, false)] {
             let cfg = HeadConfig::new(24, 6);
@@ -247,7 +247,7 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
             println!("{} {feat:?}: {w:?}", dev.name());
         }
         let opt = DeviceOptions {
-            gemm: implicit_etf::device::linalg::GemmKernel::Tiled,
+            gemm: implicit_etf::gpu::linalg::GemmKernel::Tiled,
             warm_start: false,
             max_newton_steps: 1,
             ..DeviceOptions::default()
@@ -267,7 +267,7 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
         // The block eigensolver (what a GPU runs for K > 96), in the solve and in the
         // Newton polish's re-factorisation.
         let opt = DeviceOptions {
-            eigensolver: implicit_etf::device::linalg::EigenSolver::Blocked { width: 4 },
+            eigensolver: implicit_etf::gpu::linalg::EigenSolver::Blocked { width: 4 },
             max_newton_steps: 2,
             ..DeviceOptions::default()
         };
@@ -295,8 +295,8 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
 fn matches_cpu_head_at_k1000() {
     for dev in devices() {
         let name = dev.name();
-        let k = if implicit_etf::device::cpu_asan()
-            && dev.backend() == implicit_etf::device::Backend::Cpu
+        let k = if implicit_etf::kernels::cpu_asan()
+            && dev.backend() == implicit_etf::runtime::Backend::Cpu
         {
             println!("{name}: K=1000 replaced by K=200 under AddressSanitizer (cost); the uninstrumented run covers K=1000");
             200
@@ -337,8 +337,8 @@ fn newton_polish_reaches_rounding_level_and_stops() {
     for dev in devices() {
         let run = |max_steps: usize| {
             let d2 = match dev.backend() {
-                implicit_etf::device::Backend::Cpu => Device::cpu(),
-                implicit_etf::device::Backend::Cuda => Device::cuda(0).unwrap(),
+                implicit_etf::runtime::Backend::Cpu => Device::cpu(),
+                implicit_etf::runtime::Backend::Cuda => Device::cuda(0).unwrap(),
             };
             let opt = DeviceOptions {
                 max_newton_steps: max_steps,

@@ -7,8 +7,8 @@
 
 mod common;
 use common::*;
-use implicit_etf::cpu::moving::MovingMeans;
-use implicit_etf::device::{Buffer, Device};
+use implicit_etf::runtime::{Buffer, Device};
+use implicit_etf::MovingMeans;
 use implicit_etf::*;
 
 fn devices() -> Vec<Device> {
@@ -21,8 +21,8 @@ fn devices() -> Vec<Device> {
 
 fn fresh(dev: &Device) -> Device {
     match dev.backend() {
-        implicit_etf::device::Backend::Cpu => Device::cpu(),
-        implicit_etf::device::Backend::Cuda => Device::cuda(0).unwrap(),
+        implicit_etf::runtime::Backend::Cpu => Device::cpu(),
+        implicit_etf::runtime::Backend::Cuda => Device::cuda(0).unwrap(),
     }
 }
 
@@ -277,7 +277,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
         ));
         // K > 1024: the one-block eigensolver refuses it; Auto takes the block solver.
         let one_block = DeviceOptions {
-            eigensolver: implicit_etf::device::linalg::EigenSolver::OneBlock,
+            eigensolver: implicit_etf::gpu::linalg::EigenSolver::OneBlock,
             ..DeviceOptions::default()
         };
         assert!(matches!(
@@ -378,38 +378,14 @@ fn head_goldens_stepwise_on_device() {
     for dev in devices() {
         for name in ["head_d8_k3.json", "head_d16_k5.json", "head_d32_k10.json"] {
             let g = golden(name);
-            let (d, k) = (
-                g["d"].as_u64().unwrap() as usize,
-                g["K"].as_u64().unwrap() as usize,
-            );
-            let cfg = HeadConfig::new(d, k)
-                .with_tau(Some(g["tau"].as_f64().unwrap()))
-                .with_delta(g["delta"].as_f64().unwrap())
-                .with_policy(AbsentClassPolicy::Reference);
-            for (si, st) in g["steps"].as_array().unwrap().iter().enumerate() {
+            let k = g["K"].as_u64().unwrap() as usize;
+            let cfg = golden_head_config(&g);
+            let steps = golden_head_steps(&g);
+            for (si, (step, st)) in steps.iter().zip(g["steps"].as_array().unwrap()).enumerate() {
                 let ctx = format!("{} {name} step {si}", dev.name());
-                let sb = &st["state_before"];
-                let state = HeadState::<f32> {
-                    moving: MovingMeans {
-                        e: mat(&sb["ema_prev"]).2.iter().map(|&v| v as f32).collect(),
-                        step: sb["count"].as_u64().unwrap(),
-                        alpha: sb["alpha"].as_f64().unwrap(),
-                        seen: sb["has_sampled"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|b| b.as_bool().unwrap())
-                            .collect(),
-                    },
-                    prox: (!sb["prox"].is_null()).then(|| mat(&sb["prox"]).2),
-                };
-                let labels: Vec<i64> = st["labels"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_i64().unwrap())
-                    .collect();
-                let raw: Vec<f32> = mat(&st["raw"]).2.iter().map(|&v| v as f32).collect();
+                let state = state_f32(&step.state);
+                let labels = step.labels.clone();
+                let raw: Vec<f32> = step.raw.iter().map(|&v| v as f32).collect();
                 let mut h = DeviceHead::new(fresh(&dev), cfg.clone()).unwrap();
                 h.import_state(state).unwrap();
                 let lb = h

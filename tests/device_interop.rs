@@ -10,8 +10,8 @@
 
 mod common;
 use common::Rng;
-use implicit_etf::device::cudarc::driver::CudaContext;
-use implicit_etf::device::{DType, Device};
+use implicit_etf::runtime::cudarc::driver::CudaContext;
+use implicit_etf::runtime::{DType, Device};
 use implicit_etf::{DeviceHead, Error, HeadConfig};
 
 #[test]

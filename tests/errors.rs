@@ -5,8 +5,8 @@
 
 mod common;
 use common::*;
-use implicit_etf::cpu::moving::MovingMeans;
 use implicit_etf::etf::solve_etf_with;
+use implicit_etf::MovingMeans;
 use implicit_etf::{
     cross_entropy, solve_etf, AbsentClassPolicy, CpuHead, Error, HeadConfig, HeadOutput, HeadState,
     SolveMethod,

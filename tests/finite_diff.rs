@@ -36,7 +36,7 @@
 
 mod common;
 use common::*;
-use implicit_etf::cpu::moving::MovingMeans;
+use implicit_etf::MovingMeans;
 use implicit_etf::{
     cross_entropy, solve_etf, AbsentClassPolicy, CpuHead, HeadConfig, HeadState, MovingAverage,
 };
@@ -97,7 +97,7 @@ fn compare(tag: &str, g: &[f64], fd: &[f64]) -> f64 {
     let e = rel(g, fd);
     let gmax = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     // Tolerance 1e-6 (relative, whole gradient vector): FD truncation O(h^2) ~ 1e-12 and
-    // rounding ~ eps/h ~ 1e-10 relative to gradients of size ~1e-2..1e-1; method.md reports
+    // rounding ~ eps/h ~ 1e-10 relative to gradients of size ~1e-2..1e-1; docs/testing.md#finite-differences reports
     // ~1e-8 agreement. Anything above 1e-6 is a wrong derivative, not noise.
     assert!(e <= 1e-6, "{tag}: rel error {e:e}");
     // Entry-wise, relative to the largest entry (small entries carry the same absolute

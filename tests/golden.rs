@@ -1,6 +1,6 @@
 //! The authors' reference vectors (`tests/data/`, copied from `shared/golden/`, format in
-//! `method.md` §5). The reference ran in float32 with an iterative trust-region solver, so
-//! agreement is bounded by its precision, not ours: `method.md` §6 measured ~1e-7 for `Y`,
+//! `docs/reference.md#the-golden-vectors`). The reference ran in float32 with an iterative trust-region solver, so
+//! agreement is bounded by its precision, not ours: `docs/reference.md#agreement-measured` measured ~1e-7 for `Y`,
 //! `W`, `b`, logits and 1e-6..1e-5 for gradients on later steps. Each tolerance below is the
 //! observed agreement times a margin of ~10-50, so a real regression (a wrong sign, a
 //! missing path: errors of order 1e-2..1) fails while the reference's own rounding passes.
@@ -18,7 +18,6 @@
 mod common;
 use common::*;
 use faer::Mat;
-use implicit_etf::cpu::moving::MovingMeans;
 use implicit_etf::cpu::{backward, solve};
 use implicit_etf::*;
 
@@ -108,67 +107,15 @@ fn solve_goldens() {
     }
 }
 
-struct Step {
-    state: HeadState<f64>,
-    labels: Vec<i64>,
-    raw: Vec<f64>,
-}
-
-fn head_steps(g: &serde_json::Value) -> Vec<Step> {
-    g["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|st| {
-            let sb = &st["state_before"];
-            Step {
-                state: HeadState {
-                    moving: MovingMeans {
-                        e: mat(&sb["ema_prev"]).2,
-                        step: sb["count"].as_u64().unwrap(),
-                        alpha: sb["alpha"].as_f64().unwrap(),
-                        seen: sb["has_sampled"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|b| b.as_bool().unwrap())
-                            .collect(),
-                    },
-                    prox: (!sb["prox"].is_null()).then(|| mat(&sb["prox"]).2),
-                },
-                labels: st["labels"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_i64().unwrap())
-                    .collect(),
-                raw: mat(&st["raw"]).2,
-            }
-        })
-        .collect()
-}
-
-fn config(g: &serde_json::Value) -> HeadConfig {
-    let (d, k) = (
-        g["d"].as_u64().unwrap() as usize,
-        g["K"].as_u64().unwrap() as usize,
-    );
-    assert_eq!(g["ema"].as_str(), Some("EMA"));
-    HeadConfig::new(d, k)
-        .with_tau(Some(g["tau"].as_f64().unwrap()))
-        .with_delta(g["delta"].as_f64().unwrap())
-        .with_policy(AbsentClassPolicy::Reference)
-}
-
 /// Each step from the reference's own state before it (imported), so the reference's
 /// first-step gauge does not propagate.
 #[test]
 fn head_goldens_stepwise() {
     for name in HEADS {
         let g = golden(name);
-        let cfg = config(&g);
+        let cfg = golden_head_config(&g);
         let (d, k) = (cfg.dim, cfg.classes);
-        let steps = head_steps(&g);
+        let steps = golden_head_steps(&g);
         for (si, (step, st)) in steps.iter().zip(g["steps"].as_array().unwrap()).enumerate() {
             let ctx = format!("{name} step {si}");
             let mut head = CpuHead::<f64>::new(cfg.clone()).unwrap();
@@ -223,7 +170,7 @@ fn head_goldens_stepwise() {
             assert!(el < 1e-5, "{ctx}: loss abs {el:.2e}");
             let ed = rel(&d_raw, &mat(&st["d_raw"]).2);
             // Step 0: the gauge column (see module docs), observed <= 4.1e-4, bound 1e-3 as
-            // in method.md §5. Later steps: observed <= 1.5e-5.
+            // in docs/reference.md#agreement-that-is-possible. Later steps: observed <= 1.5e-5.
             let tol = if si == 0 { 1e-3 } else { 1e-4 };
             assert!(ed < tol, "{ctx}: d_raw rel {ed:.2e}");
         }
@@ -238,12 +185,12 @@ fn head_goldens_stepwise() {
 fn head_goldens_carried() {
     for name in HEADS {
         let g = golden(name);
-        let cfg = config(&g);
+        let cfg = golden_head_config(&g);
         if cfg.dim == cfg.classes {
             continue; // component issue of the reference, covered stepwise
         }
         let mut head = CpuHead::<f64>::new(cfg.clone()).unwrap();
-        for (si, (step, st)) in head_steps(&g)
+        for (si, (step, st)) in golden_head_steps(&g)
             .iter()
             .zip(g["steps"].as_array().unwrap())
             .enumerate()

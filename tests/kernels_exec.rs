@@ -3,7 +3,7 @@
 //! when present; the deliberately wrong ones run on the CPU execution only.
 
 use half::{bf16, f16};
-use implicit_etf::device::{Arg, Device, LaunchConfig};
+use implicit_etf::runtime::{Arg, Device, LaunchConfig};
 use implicit_etf::Error;
 
 fn devices() -> Vec<Device> {
@@ -29,13 +29,16 @@ fn block_sum_is_exact_on_integers() {
             let n = (block * blocks) as usize;
             let v: Vec<f32> = (0..n).map(|i| (i % 17) as f32).collect();
             let out = dev
-                .alloc_zeros(implicit_etf::device::DType::F32, blocks as usize)
+                .alloc_zeros(implicit_etf::runtime::DType::F32, blocks as usize)
                 .unwrap();
-            dev.launch(
-                "selftest_block_sum",
-                LaunchConfig::new((blocks, 1, 1), (block, 1, 1)),
-                &[Arg::Buf(&dev.upload(&v).unwrap()), Arg::Buf(&out)],
-            )
+            // SAFETY: every buffer is allocated for the sizes and launch shape given.
+            unsafe {
+                dev.launch(
+                    implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),
+                    LaunchConfig::new((blocks, 1, 1), (block, 1, 1)),
+                    &[Arg::Buf(&dev.upload(&v).unwrap()), Arg::Buf(&out)],
+                )
+            }
             .unwrap();
             let got = dev.download::<f32>(&out).unwrap();
             for b in 0..blocks as usize {
@@ -52,13 +55,16 @@ fn shuffles_and_ballot_follow_cuda_semantics() {
         let nt = 64usize;
         let v: Vec<i32> = (0..nt as i32).map(|i| i * 7 + 1).collect();
         let out = dev
-            .alloc_zeros(implicit_etf::device::DType::I32, nt * 5)
+            .alloc_zeros(implicit_etf::runtime::DType::I32, nt * 5)
             .unwrap();
-        dev.launch(
-            "selftest_shuffles",
-            LaunchConfig::new((1, 1, 1), (nt as u32, 1, 1)),
-            &[Arg::Buf(&dev.upload(&v).unwrap()), Arg::Buf(&out)],
-        )
+        // SAFETY: every buffer is allocated for the sizes and launch shape given.
+        unsafe {
+            dev.launch(
+                implicit_etf::kernels::by_name("selftest_shuffles_i32").unwrap(),
+                LaunchConfig::new((1, 1, 1), (nt as u32, 1, 1)),
+                &[Arg::Buf(&dev.upload(&v).unwrap()), Arg::Buf(&out)],
+            )
+        }
         .unwrap();
         let o = dev.download::<i32>(&out).unwrap();
         for t in 0..nt {
@@ -85,19 +91,22 @@ fn atomics_count_every_thread() {
         let cd = dev.upload(&[0f64]).unwrap();
         let mx = dev.upload(&[-1i32]).unwrap();
         let mn = dev.upload(&[i32::MAX]).unwrap();
-        dev.launch(
-            "selftest_atomics",
-            LaunchConfig::new((blocks, 1, 1), (threads, 1, 1)),
-            &[
-                Arg::Buf(&ci),
-                Arg::Buf(&cu),
-                Arg::Buf(&cull),
-                Arg::Buf(&cf),
-                Arg::Buf(&cd),
-                Arg::Buf(&mx),
-                Arg::Buf(&mn),
-            ],
-        )
+        // SAFETY: every buffer is allocated for the sizes and launch shape given.
+        unsafe {
+            dev.launch(
+                implicit_etf::kernels::by_name("selftest_atomics_i32").unwrap(),
+                LaunchConfig::new((blocks, 1, 1), (threads, 1, 1)),
+                &[
+                    Arg::Buf(&ci),
+                    Arg::Buf(&cu),
+                    Arg::Buf(&cull),
+                    Arg::Buf(&cf),
+                    Arg::Buf(&cd),
+                    Arg::Buf(&mx),
+                    Arg::Buf(&mn),
+                ],
+            )
+        }
         .unwrap();
         assert_eq!(dev.download::<i32>(&ci).unwrap()[0], total);
         assert_eq!(dev.download::<u32>(&cu).unwrap()[0], total as u32);
@@ -116,15 +125,18 @@ fn dynamic_shared_memory_is_per_launch() {
             let blocks = 2u32;
             let v: Vec<f32> = (0..(nt * blocks)).map(|i| i as f32).collect();
             let out = dev
-                .alloc_zeros(implicit_etf::device::DType::F32, v.len())
+                .alloc_zeros(implicit_etf::runtime::DType::F32, v.len())
                 .unwrap();
             let mut cfg = LaunchConfig::new((blocks, 1, 1), (nt, 1, 1));
             cfg.shared_bytes = nt * 4;
-            dev.launch(
-                "selftest_dynamic_shared",
-                cfg,
-                &[Arg::Buf(&dev.upload(&v).unwrap()), Arg::Buf(&out)],
-            )
+            // SAFETY: every buffer is allocated for the sizes and launch shape given.
+            unsafe {
+                dev.launch(
+                    implicit_etf::kernels::by_name("selftest_dynamic_shared_f32").unwrap(),
+                    cfg,
+                    &[Arg::Buf(&dev.upload(&v).unwrap()), Arg::Buf(&out)],
+                )
+            }
             .unwrap();
             let o = dev.download::<f32>(&out).unwrap();
             for b in 0..blocks as usize {
@@ -169,29 +181,32 @@ fn half_conversions_round_to_nearest_even() {
     let n = vals.len();
     for dev in devices() {
         let h = dev
-            .alloc_zeros(implicit_etf::device::DType::F16, n)
+            .alloc_zeros(implicit_etf::runtime::DType::F16, n)
             .unwrap();
         let b = dev
-            .alloc_zeros(implicit_etf::device::DType::BF16, n)
+            .alloc_zeros(implicit_etf::runtime::DType::BF16, n)
             .unwrap();
         let hb = dev
-            .alloc_zeros(implicit_etf::device::DType::F32, n)
+            .alloc_zeros(implicit_etf::runtime::DType::F32, n)
             .unwrap();
         let bb = dev
-            .alloc_zeros(implicit_etf::device::DType::F32, n)
+            .alloc_zeros(implicit_etf::runtime::DType::F32, n)
             .unwrap();
-        dev.launch(
-            "selftest_half",
-            LaunchConfig::linear(n, 128),
-            &[
-                Arg::Buf(&dev.upload(&vals).unwrap()),
-                Arg::I32(n as i32),
-                Arg::Buf(&h),
-                Arg::Buf(&b),
-                Arg::Buf(&hb),
-                Arg::Buf(&bb),
-            ],
-        )
+        // SAFETY: every buffer is allocated for the sizes and launch shape given.
+        unsafe {
+            dev.launch(
+                implicit_etf::kernels::by_name("selftest_half_f32").unwrap(),
+                LaunchConfig::linear(n, 128),
+                &[
+                    Arg::Buf(&dev.upload(&vals).unwrap()),
+                    Arg::I32(n as i32),
+                    Arg::Buf(&h),
+                    Arg::Buf(&b),
+                    Arg::Buf(&hb),
+                    Arg::Buf(&bb),
+                ],
+            )
+        }
         .unwrap();
         let (h, b) = (
             dev.download::<f16>(&h).unwrap(),
@@ -224,26 +239,33 @@ fn half_conversions_round_to_nearest_even() {
 fn bad_launches_are_errors_not_hangs() {
     let dev = Device::cpu();
     let out = dev
-        .alloc_zeros(implicit_etf::device::DType::I32, 1024)
+        .alloc_zeros(implicit_etf::runtime::DType::I32, 1024)
         .unwrap();
-    let m = device_error(dev.launch(
-        "selftest_bad_barrier_exit",
-        LaunchConfig::new((2, 1, 1), (64, 1, 1)),
-        &[Arg::Buf(&out)],
-    ));
+    let m = device_error(unsafe {
+        dev.launch(
+            implicit_etf::kernels::by_name("selftest_bad_barrier_exit_i32").unwrap(),
+            LaunchConfig::new((2, 1, 1), (64, 1, 1)),
+            &[Arg::Buf(&out)],
+        )
+    });
     assert!(m.contains("deadlock"), "{m}");
-    let m = device_error(dev.launch(
-        "selftest_bad_divergent_barrier",
-        LaunchConfig::new((1, 1, 1), (64, 1, 1)),
-        &[Arg::Buf(&out)],
-    ));
+    let m = device_error(unsafe {
+        dev.launch(
+            implicit_etf::kernels::by_name("selftest_bad_divergent_barrier_i32").unwrap(),
+            LaunchConfig::new((1, 1, 1), (64, 1, 1)),
+            &[Arg::Buf(&out)],
+        )
+    });
     assert!(m.contains("divergent __syncthreads"), "{m}");
     // The execution still works after failed launches.
-    dev.launch(
-        "selftest_shuffles",
-        LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-        &[Arg::Buf(&out), Arg::Buf(&out)],
-    )
+    // SAFETY: every buffer is allocated for the sizes and launch shape given.
+    unsafe {
+        dev.launch(
+            implicit_etf::kernels::by_name("selftest_shuffles_i32").unwrap(),
+            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+            &[Arg::Buf(&out), Arg::Buf(&out)],
+        )
+    }
     .unwrap();
 }
 
@@ -251,10 +273,10 @@ fn bad_launches_are_errors_not_hangs() {
 fn launch_shapes_and_signatures_are_checked() {
     for dev in devices() {
         let f = dev
-            .alloc_zeros(implicit_etf::device::DType::F32, 4)
+            .alloc_zeros(implicit_etf::runtime::DType::F32, 4)
             .unwrap();
         let i = dev
-            .alloc_zeros(implicit_etf::device::DType::I32, 4)
+            .alloc_zeros(implicit_etf::runtime::DType::I32, 4)
             .unwrap();
         let args = [Arg::Buf(&f), Arg::Buf(&f)];
         for (cfg, what) in [
@@ -262,35 +284,54 @@ fn launch_shapes_and_signatures_are_checked() {
             (LaunchConfig::new((1, 1, 1), (2048, 1, 1)), "exceeds"),
             (LaunchConfig::new((1, 1, 1), (0, 1, 1)), "zero-sized block"),
         ] {
-            if dev.backend() == implicit_etf::device::Backend::Cpu {
-                let m = device_error(dev.launch("selftest_block_sum", cfg, &args));
+            if dev.backend() == implicit_etf::runtime::Backend::Cpu {
+                let m = device_error(unsafe {
+                    dev.launch(
+                        implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),
+                        cfg,
+                        &args,
+                    )
+                });
                 assert!(m.contains(what), "{m}");
             } else {
-                assert!(dev.launch("selftest_block_sum", cfg, &args).is_err());
+                assert!(unsafe {
+                    dev.launch(
+                        implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),
+                        cfg,
+                        &args,
+                    )
+                }
+                .is_err());
             }
         }
         let mut cfg = LaunchConfig::new((1, 1, 1), (32, 1, 1));
         cfg.shared_bytes = 64 * 1024;
-        assert!(
-            device_error(dev.launch("selftest_block_sum", cfg, &args)).contains("shared memory")
-        );
+        assert!(device_error(unsafe {
+            dev.launch(
+                implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),
+                cfg,
+                &args,
+            )
+        })
+        .contains("shared memory"));
         // Wrong pointer type, wrong count, unknown kernel.
-        assert!(device_error(dev.launch(
-            "selftest_block_sum",
-            LaunchConfig::linear(4, 32),
-            &[Arg::Buf(&i), Arg::Buf(&f)]
-        ))
+        assert!(device_error(unsafe {
+            dev.launch(
+                implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),
+                LaunchConfig::linear(4, 32),
+                &[Arg::Buf(&i), Arg::Buf(&f)],
+            )
+        })
         .contains("pointer"));
-        assert!(device_error(dev.launch(
-            "selftest_block_sum",
-            LaunchConfig::linear(4, 32),
-            &[Arg::Buf(&f)]
-        ))
+        assert!(device_error(unsafe {
+            dev.launch(
+                implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),
+                LaunchConfig::linear(4, 32),
+                &[Arg::Buf(&f)],
+            )
+        })
         .contains("arguments"));
-        assert!(
-            device_error(dev.launch("no_such_kernel", LaunchConfig::linear(4, 32), &[]))
-                .contains("no kernel")
-        );
+        assert!(implicit_etf::kernels::by_name("no_such_kernel").is_none());
         dev.synchronize().unwrap();
     }
 }
@@ -301,7 +342,7 @@ fn launch_shapes_and_signatures_are_checked() {
 /// `oob_child`).
 #[test]
 fn asan_catches_out_of_bounds_writes() {
-    if !implicit_etf::device::cpu_asan() {
+    if !implicit_etf::kernels::cpu_asan() {
         println!("skipped: the CPU execution was not built with IMPLICIT_ETF_ASAN=1");
         return;
     }
@@ -323,7 +364,7 @@ fn asan_catches_out_of_bounds_writes() {
         "the out-of-bounds write went unnoticed"
     );
     assert!(
-        err.contains("AddressSanitizer") && err.contains("selftest_bad_oob_write"),
+        err.contains("AddressSanitizer") && err.contains("selftest_bad_oob_write_f32"),
         "{err}"
     );
 }
@@ -336,24 +377,28 @@ fn oob_child() {
     }
     let dev = Device::cpu();
     let buf = dev
-        .alloc_zeros(implicit_etf::device::DType::F32, 10)
+        .alloc_zeros(implicit_etf::runtime::DType::F32, 10)
         .unwrap();
-    dev.launch(
-        "selftest_bad_oob_write",
-        LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-        &[Arg::Buf(&buf), Arg::I32(10)],
-    )
+    // SAFETY: none; this child process exists to show that the CPU execution under ASan
+    // aborts on the kernel's deliberate out-of-bounds write.
+    unsafe {
+        dev.launch(
+            implicit_etf::kernels::by_name("selftest_bad_oob_write_f32").unwrap(),
+            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+            &[Arg::Buf(&buf), Arg::I32(10)],
+        )
+    }
     .unwrap();
 }
 
 /// Every kernel compiled for sm_90 without register spills (when nvcc was used).
 #[test]
 fn ptxas_report_has_no_spills() {
-    let Some(report) = implicit_etf::device::ptxas_report() else {
+    let Some(report) = implicit_etf::kernels::ptxas_report() else {
         println!("skipped: built without nvcc (no ptxas report)");
         return;
     };
-    let kernels = implicit_etf::device::kernels();
+    let kernels = implicit_etf::kernels::all();
     let mut rows = 0;
     for line in report.lines().skip(1) {
         let f: Vec<&str> = line.split('\t').collect();

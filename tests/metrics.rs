@@ -1,4 +1,4 @@
-//! Tests of the neural-collapse metrics (`src/metrics.rs`, `method.md` §8), each against an
+//! Tests of the neural-collapse metrics (`src/metrics.rs`, `docs/metrics.md#definitions`), each against an
 //! independent oracle written here. All in `f64`; each tolerance is justified where it is used.
 
 use faer::{Mat, Side};
@@ -8,28 +8,8 @@ use implicit_etf::Error;
 // ---------------------------------------------------------------------------------------------
 // Helpers: a deterministic generator and the naive oracles.
 
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+mod common;
+use common::Rng;
 
 /// A random `d x k` matrix with orthonormal columns (thin Q of a Gaussian matrix).
 fn stiefel(d: usize, k: usize, rng: &mut Rng) -> Mat<f64> {

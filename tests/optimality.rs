@@ -1,4 +1,4 @@
-//! Forward optimality of the nearest-ETF solve (`method.md` §3), checked by oracles that do
+//! Forward optimality of the nearest-ETF solve (`docs/solve.md`), checked by oracles that do
 //! not share the crate's code path:
 //!
 //! * feasibility `||P^T P - I||_max` and the Riemannian gradient `||G - P sym(P^T G)||_F`,

@@ -1,4 +1,4 @@
-//! The UFM reproduction check (`method.md` §7) and the `ufm` example's argument validation.
+//! The UFM reproduction check (`docs/metrics.md#training-expectations`) and the `ufm` example's argument validation.
 //!
 //! Shares the training code with the example (`examples/ufm/train.rs`).
 
@@ -7,7 +7,7 @@ mod train;
 
 use train::{parse_args, train_head, Backend, Command, Config, Data, HeadKind, HeadRun};
 
-/// A small UFM: K=10, d=64, N=200, batch 128 (two steps per epoch), the method.md §7
+/// A small UFM: K=10, d=64, N=200, batch 128 (two steps per epoch), the docs/metrics.md#expected-numbers
 /// optimiser. Over seeds 0-13 the implicit head's epoch-1 accuracy is 45-54% against 7-15%
 /// for the others, and it reaches 100% first (epochs 16-20 against 19-30).
 fn small(seed: u64, metrics: bool) -> Config {
@@ -107,7 +107,7 @@ fn config(args: &str) -> Config {
 }
 
 #[test]
-fn defaults_are_method_md_k10_row() {
+fn defaults_are_the_documented_k10_row() {
     let c = config("");
     assert_eq!((c.classes, c.dim, c.samples, c.batch), (10, 512, 1000, 128));
     assert_eq!(

@@ -9,8 +9,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use implicit_etf::cpu::stats::{tau_normalise, tau_normalise_backward};
-use implicit_etf::device::Device;
 use implicit_etf::metrics::{nc_metrics, NcMetrics};
+use implicit_etf::runtime::Device;
 use implicit_etf::{cross_entropy, CpuHead, DeviceHead, HeadConfig};
 
 /// One of the three heads the paper compares.
@@ -84,7 +84,7 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// The K=10 row of `method.md` §7.
+    /// The K=10 row of `docs/metrics.md#training-expectations`.
     fn default() -> Self {
         Config {
             classes: 10,

@@ -1,4 +1,4 @@
-//! Stage 4: the implicit backward of the ETF solve (`method.md` §4).
+//! Stage 4: the implicit backward of the ETF solve (`docs/backward.md`).
 //!
 //! Given `V = dL/dP`, the DDN formula for equality constraints (Gould et al., Prop. 4.5)
 //! reduces to the unique tangent vector `u` (`sym(P^T u) = 0`) with `Proj_T(u B) = -Proj_T(V)`,
@@ -19,33 +19,10 @@
 
 use faer::{Mat, MatRef};
 
-use crate::cpu::linalg::{ab, abt, atb, center_rows, scale_cols};
-use crate::cpu::solve::{c_of, Factor};
-use crate::error::{Error, Result};
-
-/// The tangent-space solve: `u` with `sym(P^T u) = 0` and `Proj_T(u B) = -Proj_T(v)`.
-pub fn tangent_solve(f: &Factor, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
-    let k = f.s.len();
-    let vq = ab(v, f.q.as_ref());
-    let z = atb(f.u.as_ref(), vq.as_ref());
-    let scale = f.s.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let mut t = Mat::zeros(k, k);
-    for j in 0..k {
-        for i in 0..k {
-            let den = f.s[i] + f.s[j];
-            if !(den.abs() > 1e-300 && den.abs() > 1e-15 * scale) {
-                return Err(Error::Numerical {
-                    what: "singular Lagrangian Hessian (s_i + s_j = 0) in the implicit backward",
-                });
-            }
-            t[(i, j)] = (z[(i, j)] * f.s[i] + z[(j, i)] * f.s[j]) / den;
-        }
-    }
-    let mut w = ab(f.u.as_ref(), t.as_ref()) - vq;
-    let inv: Vec<f64> = f.s.iter().map(|x| 1.0 / x).collect();
-    scale_cols(&mut w, &inv);
-    Ok(abt(w.as_ref(), f.q.as_ref()))
-}
+use crate::core::constants::c_of;
+use crate::cpu::linalg::center_rows;
+use crate::error::Result;
+use crate::stiefel::{tangent_solve, Factor};
 
 /// Gradients of the solve's inputs.
 #[derive(Debug, Clone)]

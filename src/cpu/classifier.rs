@@ -1,5 +1,5 @@
 //! Stage 5: the classifier `W = sqrt(K/(K-1)) M P^T`, `b = -W mu`, logits `X W^T + b`
-//! (`method.md` §2, step 6), its backward, and the mean cross-entropy.
+//! (`docs/head.md#the-classifier-and-logits`), its backward, and the mean cross-entropy.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef};

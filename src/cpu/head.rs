@@ -2,49 +2,17 @@
 
 use faer::Mat;
 
-use crate::config::HeadConfig;
+use crate::core::config::HeadConfig;
+use crate::core::report::SolveReport;
+use crate::core::state::{check_state, HeadState, MovingMeans};
+use crate::core::validate::{check_finite, check_len, validate_labels, Label};
 use crate::cpu::linalg::{from_row_major, to_row_major};
-use crate::cpu::moving::{self, MovingMeans, MovingUpdate};
-use crate::cpu::solve::{self, Factor, SolveReport};
+use crate::cpu::moving::{self, MovingUpdate};
+use crate::cpu::solve;
 use crate::cpu::{backward, classifier, stats};
 use crate::error::{Error, Result};
-use crate::label::{check_finite, check_len, validate_labels, Label};
+use crate::stiefel::Factor;
 use crate::Real;
-
-/// The complete state of a head: enough to resume training bit-exactly.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeadState<T> {
-    /// Moving class means (`d x K`), step count, `alpha`, seen flags.
-    pub moving: MovingMeans<T>,
-    /// The previous step's `P` (`d x K`, row-major, float64), `None` before the first step.
-    pub prox: Option<Vec<f64>>,
-}
-
-/// Validates a state for a head of configuration `cfg` (shared by the CPU and device heads).
-pub(crate) fn check_state<T: Real>(cfg: &HeadConfig, state: &HeadState<T>) -> Result<()> {
-    let (d, k) = (cfg.dim, cfg.classes);
-    check_len("state.moving.e", d * k, state.moving.e.len())?;
-    check_len("state.moving.seen", k, state.moving.seen.len())?;
-    check_finite("state.moving.e", &state.moving.e)?;
-    if !(state.moving.alpha > 0.0 && state.moving.alpha <= 1.0) {
-        return Err(Error::InvalidParameter {
-            name: "state.moving.alpha",
-            reason: format!("must lie in (0, 1], got {}", state.moving.alpha),
-        });
-    }
-    if let Some(p) = &state.prox {
-        check_len("state.prox", d * k, p.len())?;
-        check_finite("state.prox", p)?;
-        let err = crate::cpu::linalg::orthogonality_error(from_row_major(p, d, k).as_ref());
-        if err > 1e-6 {
-            return Err(Error::InvalidParameter {
-                name: "state.prox",
-                reason: format!("columns are not orthonormal (max |P^T P - I| = {err:.3e})"),
-            });
-        }
-    }
-    Ok(())
-}
 
 /// What a forward returns.
 #[derive(Debug, Clone)]

@@ -111,19 +111,6 @@ pub(crate) fn scale_cols(a: &mut Mat<f64>, s: &[f64]) {
     }
 }
 
-/// `max |a^T a - I|` for a `d x K` matrix with orthonormal columns expected.
-pub(crate) fn orthogonality_error(a: MatRef<'_, f64>) -> f64 {
-    let g = atb(a, a);
-    let mut m = 0.0f64;
-    for i in 0..g.nrows() {
-        for j in 0..g.ncols() {
-            let t = if i == j { 1.0 } else { 0.0 };
-            m = m.max((g[(i, j)] - t).abs());
-        }
-    }
-    m
-}
-
 /// `a M` with `M = I - 1 1^T / K`: removes the row means of a `d x K` matrix.
 pub(crate) fn center_rows(a: &mut Mat<f64>) {
     let k = a.ncols();

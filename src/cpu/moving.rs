@@ -1,4 +1,4 @@
-//! Stage 2: moving class means and their Frobenius normalisation (`method.md` §2, steps 3-4).
+//! Stage 2: moving class means and their Frobenius normalisation (`docs/head.md#moving-class-means`, `#frobenius-normalisation`).
 //!
 //! State: `E` (`d x K`, zero at start), step count `t`, EMA weight `alpha` (starts at 1),
 //! and per-class *seen* flags. One update forms `E_new` column by column:
@@ -17,34 +17,10 @@
 //! quirk, kept on purpose; under `Hold` they are updated on every batch (they are informative
 //! only). Then `Y = E_new / ||E_new||_F`.
 
-use crate::config::{AbsentClassPolicy, MovingAverage};
+use crate::core::config::{AbsentClassPolicy, MovingAverage};
+use crate::core::state::MovingMeans;
 use crate::cpu::stats::ClassStats;
 use crate::Real;
-
-/// The moving-mean state of a head.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MovingMeans<T> {
-    /// Moving class means `E` (`d x K`, row-major).
-    pub e: Vec<T>,
-    /// Steps taken so far (`t`).
-    pub step: u64,
-    /// Last EMA weight (`1` before the first step).
-    pub alpha: f64,
-    /// Per-class seen flags (see the module docs for when they change).
-    pub seen: Vec<bool>,
-}
-
-impl<T: Real> MovingMeans<T> {
-    /// The initial state: zeros, `t = 0`, `alpha = 1`, nothing seen.
-    pub fn new(d: usize, k: usize) -> Self {
-        MovingMeans {
-            e: vec![T::from_f64(0.0); d * k],
-            step: 0,
-            alpha: 1.0,
-            seen: vec![false; k],
-        }
-    }
-}
 
 /// Where a column of `E_new` came from, which decides where its gradient goes.
 #[derive(Debug, Clone, Copy, PartialEq)]

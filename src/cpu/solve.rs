@@ -1,4 +1,4 @@
-//! Stage 3: the nearest simplex ETF (`method.md` §3).
+//! Stage 3: the nearest simplex ETF (`docs/solve.md`).
 //!
 //! ```text
 //! P* = argmin_{P in St(d,K)} ||Y - P M / sqrt(K-1)||^2 + (delta/2) ||P - Prox||^2
@@ -41,64 +41,22 @@
 
 use faer::{Mat, MatRef};
 
-use crate::config::SolveMethod;
-use crate::cpu::linalg::{
-    ab, abt, atb, center_rows, fro, orthogonality_error, scale_cols, sym, sym_eig,
-};
+use crate::core::config::SolveMethod;
+use crate::core::constants::{c_of, grad_tol, ORTH_TOL};
+use crate::core::report::SolveReport;
+use crate::cpu::linalg::{ab, abt, atb, center_rows, fro, scale_cols, sym, sym_eig};
 use crate::error::{Error, Result};
+use crate::stiefel::{orthogonality_error, Factor};
 
-/// Rounding level of the Riemannian gradient: `eps * max(16, sqrt(d K) / 4) * ||G||_F`.
-/// Forming `G - P sym(P^T G)` in float64 leaves a floor that grows like `sqrt(d K)`
-/// (measured: `1e-15 ||G||` at `d K ~ 1e2`, `3.4e-15` at `2e5`, `1.1e-14` at `2e6`); the
-/// bound sits 3-4x above it.
-pub fn grad_tol(g: MatRef<'_, f64>) -> f64 {
-    grad_tol_rel(g.nrows(), g.ncols()) * fro(g)
-}
-
-/// [`grad_tol`] relative to `||G||_F`: `eps * max(16, sqrt(d K) / 4)`.
-pub fn grad_tol_rel(d: usize, k: usize) -> f64 {
-    f64::EPSILON * (((d * k) as f64).sqrt() / 4.0).max(16.0)
-}
 /// Largest `eps cond(G)^2` the Gram route is used for (it loses that much relative accuracy
 /// in `P`); beyond it the QR + SVD route is taken.
 pub const GRAM_MAX_LOSS: f64 = 1e-6;
-/// `max |P^T P - I|` accepted without polishing (rounding level).
-pub const ORTH_TOL: f64 = 1e-14;
 /// At most this many Newton polishing steps after the Procrustes solution.
 pub const MAX_POLISH: usize = 3;
 /// First step: singular values of `c Y M` below `NULL_RTOL * s_max` count as null directions.
 /// Rounding puts the null singular values of a Gram-based computation at about
 /// `sqrt(K eps) s_max` (`~3e-7` at `K = 1000`), so the cut-off sits above that.
 pub const NULL_RTOL: f64 = 1e-6;
-
-/// The factorisation a solve leaves for the backward: `P`, and `B = sym(P^T G) = Q diag(s) Q^T`
-/// with `U = P Q`.
-#[derive(Debug, Clone)]
-pub struct Factor {
-    /// The solution `P` (`d x K`).
-    pub p: Mat<f64>,
-    /// `U = P Q` (`d x K`).
-    pub u: Mat<f64>,
-    /// Eigenvectors of `B` (`K x K`).
-    pub q: Mat<f64>,
-    /// Eigenvalues of `B` (ascending).
-    pub s: Vec<f64>,
-}
-
-/// What a solve did and how good its answer is.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SolveReport {
-    /// Riemannian Newton steps taken (polishing, or iterations of the Riemannian method).
-    pub steps: usize,
-    /// `||G - P sym(P^T G)||_F` at the returned `P`.
-    pub grad_norm: f64,
-    /// `||Y - P M/sqrt(K-1)||^2 + (delta/2)||P - Prox||^2` at the returned `P`.
-    pub objective: f64,
-    /// `max |P^T P - I|`.
-    pub orthogonality: f64,
-    /// `true` when there was no `Prox` (the first-step gauge rule was used).
-    pub first_step: bool,
-}
 
 /// A complete solve: the factor for the backward, `G`, the `Prox` used, and the report.
 #[derive(Debug, Clone)]
@@ -113,11 +71,6 @@ pub struct EtfSolve {
     pub report: SolveReport,
 }
 
-/// `c = 2 / sqrt(K - 1)`.
-pub fn c_of(k: usize) -> f64 {
-    2.0 / ((k - 1) as f64).sqrt()
-}
-
 /// Solves for the nearest ETF of `y` (`d x K`, float64).
 pub fn solve(
     y: MatRef<'_, f64>,
@@ -126,7 +79,7 @@ pub fn solve(
     method: SolveMethod,
 ) -> Result<EtfSolve> {
     let (d, k) = (y.nrows(), y.ncols());
-    crate::config::check_sizes(d, k)?;
+    crate::core::validate::check_sizes(d, k)?;
     let mut a = y.to_owned();
     center_rows(&mut a);
     let c = c_of(k);
@@ -361,7 +314,7 @@ fn newton_direction(f: &Factor, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
     let mut us = f.u.clone();
     scale_cols(&mut us, &f.s);
     let v = abt(us.as_ref(), f.q.as_ref()) - g;
-    crate::cpu::backward::tangent_solve(f, v.as_ref())
+    crate::stiefel::tangent_solve(f, v.as_ref())
 }
 
 /// Polar retraction by Newton–Schulz iterations `Z <- Z (3 I - Z^T Z) / 2` (quadratic

@@ -1,4 +1,4 @@
-//! Stage 1: feature normalisation and batch class statistics (`method.md` §2, steps 1-2).
+//! Stage 1: feature normalisation and batch class statistics (`docs/head.md#feature-normalisation`, `#batch-class-statistics`).
 //!
 //! * `x_i = tau * r_i / max(||r_i||, 1e-12)` (optional; the reference model does it just before
 //!   the head);
@@ -6,7 +6,7 @@
 //!   centred mean `c_k = (1/n_k) sum_{y_i = k} x_i - mu`.
 //!
 //! Matrices are row-major: features `N x d`, centred means `d x K` (column `k` is `c_k`, as in
-//! `method.md` and the goldens). Sums are accumulated in `f64` whatever `T` is, so the `f32`
+//! `docs/reference.md#the-golden-vectors`). Sums are accumulated in `f64` whatever `T` is, so the `f32`
 //! results are the correctly rounded `f64` results up to one rounding per output.
 
 use crate::Real;

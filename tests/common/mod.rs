@@ -66,34 +66,8 @@ pub fn center_rows(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     out
 }
 
-/// A small deterministic generator (SplitMix64) so the tests need no RNG crate.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    pub fn normals(&mut self, n: usize) -> Vec<f64> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+mod rng;
+pub use rng::Rng;
 
 // ---------------------------------------------------------------------------------------
 // Dense linear-algebra helpers for the oracle tests (faer, float64, row-major <-> Mat).
@@ -209,4 +183,79 @@ pub fn random_y(rng: &mut Rng, d: usize, k: usize) -> Mat<f64> {
 /// `||a - b||_F / ||b||_F` on matrices.
 pub fn rel_mat(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
     fro(&(a - b)) / fro(b).max(1e-300)
+}
+
+// ---------------------------------------------------------------------------------------
+// The head goldens' format (one parser for every test that reads them).
+// ---------------------------------------------------------------------------------------
+
+use implicit_etf::{AbsentClassPolicy, HeadConfig, HeadState, MovingMeans};
+
+/// One step of a head golden (`tests/data/head_*.json`): the reference's state before it,
+/// the batch's labels and raw features.
+pub struct GoldenStep {
+    pub state: HeadState<f64>,
+    pub labels: Vec<i64>,
+    pub raw: Vec<f64>,
+}
+
+/// The steps of a head golden.
+pub fn golden_head_steps(g: &serde_json::Value) -> Vec<GoldenStep> {
+    g["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|st| {
+            let sb = &st["state_before"];
+            GoldenStep {
+                state: HeadState {
+                    moving: MovingMeans {
+                        e: mat(&sb["ema_prev"]).2,
+                        step: sb["count"].as_u64().unwrap(),
+                        alpha: sb["alpha"].as_f64().unwrap(),
+                        seen: sb["has_sampled"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|b| b.as_bool().unwrap())
+                            .collect(),
+                    },
+                    prox: (!sb["prox"].is_null()).then(|| mat(&sb["prox"]).2),
+                },
+                labels: st["labels"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_i64().unwrap())
+                    .collect(),
+                raw: mat(&st["raw"]).2,
+            }
+        })
+        .collect()
+}
+
+/// The head configuration a head golden was produced with (the reference's rules).
+pub fn golden_head_config(g: &serde_json::Value) -> HeadConfig {
+    let (d, k) = (
+        g["d"].as_u64().unwrap() as usize,
+        g["K"].as_u64().unwrap() as usize,
+    );
+    assert_eq!(g["ema"].as_str(), Some("EMA"));
+    HeadConfig::new(d, k)
+        .with_tau(Some(g["tau"].as_f64().unwrap()))
+        .with_delta(g["delta"].as_f64().unwrap())
+        .with_policy(AbsentClassPolicy::Reference)
+}
+
+/// A float64 state as the `f32` state a device head imports.
+pub fn state_f32(s: &HeadState<f64>) -> HeadState<f32> {
+    HeadState {
+        moving: MovingMeans {
+            e: s.moving.e.iter().map(|&v| v as f32).collect(),
+            step: s.moving.step,
+            alpha: s.moving.alpha,
+            seen: s.moving.seen.clone(),
+        },
+        prox: s.prox.clone(),
+    }
 }

@@ -1,0 +1,55 @@
+// Device-side validation and the step status word (src/device/status.rs).
+//
+// A step records its data-dependent errors in an `int` status buffer on the device instead of
+// stopping on the host, so forward and backward need no host synchronisation; the state
+// commit kernels read it and leave the state untouched when it records an error.
+//   [0] first out-of-range label index        (INT_MAX: none)
+//   [1] first non-finite feature index         (INT_MAX: none)
+//   [2] moving means degenerate (||E|| = 0)    (0/1)
+//   [3] numerical failure in the ETF solve     (0 none, 1 G rank deficient, 2 eigensolver did
+//                                               not converge, 3 singular Lagrangian Hessian)
+//   [4] first non-finite d_logits index        (INT_MAX: none; written by the backward)
+//   [5] numerical failure in the backward      (0/3)
+//   [6] [7] the label at index [0], as a 64-bit value (low, high 32 bits; valid only when
+//           [0] records an index; written by record_bad_label_* in stats.cu)
+#include "etf_cuda.h"
+
+#define ETF_NONE 2147483647
+
+// which = 0: the forward entries [0..4); which = 1: the backward entries [4..6).
+extern "C" __global__ void status_reset_i32(int* status, int which) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    if (which == 0) {
+        status[0] = ETF_NONE;
+        status[1] = ETF_NONE;
+        status[2] = 0;
+        status[3] = 0;
+    } else {
+        status[4] = ETF_NONE;
+        status[5] = 0;
+    }
+}
+
+// status[entry] <- min(status[entry], first index of a NaN/Inf in x[0..len)). Grid-stride.
+template <typename T>
+__device__ __forceinline__ void check_finite(const T* x, long long len, int* status, int entry) {
+    int* slot = status + entry;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
+        float v = etf::to_f32(x[i]);
+        if (!isfinite(v)) {
+            atomicMin(slot, (int)i);
+            return;
+        }
+    }
+}
+extern "C" __global__ void check_finite_f32(const float* x, long long len, int* status, int entry) { check_finite(x, len, status, entry); }
+extern "C" __global__ void check_finite_f16(const __half* x, long long len, int* status, int entry) { check_finite(x, len, status, entry); }
+extern "C" __global__ void check_finite_bf16(const __nv_bfloat16* x, long long len, int* status, int entry) { check_finite(x, len, status, entry); }
+
+// status[2] <- 1 when the Frobenius norm is not a positive finite number.
+extern "C" __global__ void norm_check_f32(const float* norm, int* status) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    float v = norm[0];
+    if (!(v > 0.0f) || !isfinite(v)) status[2] = 1;
+}

@@ -1,0 +1,197 @@
+//! The classifier stage on the device (`docs/head.md#the-classifier-and-logits`), f32 with f64 `V`:
+//!
+//! ```text
+//! W = sqrt(K/(K-1)) (P M)^T (K x d)    b = -W mu     logits = X W^T + b
+//! backward: db = 1^T dZ,  dW = dZ^T X - db mu^T,  V = dL/dP = a dW^T M (f64),
+//!           dX = dZ W (direct path),  dmu = -W^T db (bias path)
+//! ```
+
+use super::linalg::{Gemm, GemmKernel};
+use crate::error::Result;
+use crate::kernels;
+use crate::runtime::{grid_stride, Buffer, DType, Device};
+
+/// `sqrt(K / (K - 1))`.
+fn scale(k: usize) -> f64 {
+    crate::cpu::classifier::scale_of(k)
+}
+
+/// `W` (K x d f32) from `P` (d x K f64).
+pub fn weights(dev: &Device, p: &Buffer, d: usize, k: usize) -> Result<Buffer> {
+    let mut w = dev.alloc_zeros(DType::F32, k * d)?;
+    unsafe {
+        kernels::head::classifier::weights_from_p_f64(
+            dev,
+            grid_stride(dev, d),
+            p,
+            d as i32,
+            k as i32,
+            scale(k),
+            &mut w,
+        )
+    }?;
+    Ok(w)
+}
+
+/// `(logits (N x K), b (K))` from `x` (N x d f32), `W` (K x d) and `mu` (d).
+#[allow(clippy::too_many_arguments)]
+pub fn logits(
+    dev: &Device,
+    gk: GemmKernel,
+    x: &Buffer,
+    w: &Buffer,
+    mu: &Buffer,
+    n: usize,
+    d: usize,
+    k: usize,
+) -> Result<(Buffer, Buffer)> {
+    let mut z = dev.alloc_zeros(DType::F32, n * k)?;
+    let b = logits_into(dev, gk, x, w, mu, n, d, k, &mut z)?;
+    Ok((z, b))
+}
+
+/// [`logits`] into an existing `z` (N x K f32, overwritten); returns `b` (K).
+#[allow(clippy::too_many_arguments)]
+pub fn logits_into(
+    dev: &Device,
+    gk: GemmKernel,
+    x: &Buffer,
+    w: &Buffer,
+    mu: &Buffer,
+    n: usize,
+    d: usize,
+    k: usize,
+    z: &mut Buffer,
+) -> Result<Buffer> {
+    let mut b = dev.alloc_zeros(DType::F32, k)?;
+    unsafe {
+        kernels::head::classifier::bias_from_w_f32(
+            dev,
+            grid_stride(dev, k),
+            w,
+            mu,
+            k as i32,
+            d as i32,
+            &mut b,
+        )
+    }?;
+    Gemm::new(false, true, n, k, d).run(dev, gk, x, w, z)?;
+    unsafe {
+        kernels::head::classifier::add_bias_rows_f32(
+            dev,
+            grid_stride(dev, n * k),
+            z,
+            &b,
+            n as i32,
+            k as i32,
+        )
+    }?;
+    Ok(b)
+}
+
+/// What the classifier's backward gives.
+#[derive(Debug)]
+pub struct ClassifierGradsDev {
+    /// Direct path `dZ W` (N x d f32).
+    pub dx: Buffer,
+    /// `dL/dP` (d x K f64).
+    pub dp: Buffer,
+    /// Bias path `-W^T db` (d f32).
+    pub dmu: Buffer,
+}
+
+/// Backward of [`weights`] and [`logits`] from `dz = dL/dlogits` (N x K f32).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dev: &Device,
+    gk: GemmKernel,
+    x: &Buffer,
+    dz: &Buffer,
+    w: &Buffer,
+    mu: &Buffer,
+    n: usize,
+    d: usize,
+    k: usize,
+) -> Result<ClassifierGradsDev> {
+    let mut db = dev.alloc_zeros(DType::F32, k)?;
+    unsafe {
+        kernels::head::classifier::col_sums_f32(
+            dev,
+            grid_stride(dev, k),
+            dz,
+            n as i32,
+            k as i32,
+            1.0,
+            &mut db,
+        )
+    }?;
+    let mut dwt = dev.alloc_zeros(DType::F32, k * d)?;
+    Gemm::new(true, false, k, d, n).run(dev, gk, dz, x, &mut dwt)?;
+    let mut dp = dev.alloc_zeros(DType::F64, d * k)?;
+    unsafe {
+        kernels::head::classifier::weights_backward_f32(
+            dev,
+            grid_stride(dev, d),
+            &dwt,
+            &db,
+            mu,
+            k as i32,
+            d as i32,
+            scale(k),
+            &mut dp,
+        )
+    }?;
+    let mut dx = dev.alloc_zeros(DType::F32, n * d)?;
+    Gemm::new(false, false, n, d, k).run(dev, gk, dz, w, &mut dx)?;
+    let mut dmu = dev.alloc_zeros(DType::F32, d)?;
+    unsafe {
+        kernels::head::classifier::dmu_bias_f32(
+            dev,
+            grid_stride(dev, d),
+            w,
+            &db,
+            k as i32,
+            d as i32,
+            &mut dmu,
+        )
+    }?;
+    Ok(ClassifierGradsDev { dx, dp, dmu })
+}
+
+/// Column means of `x` (N x d f32): the batch mean `mu` (inference).
+pub fn col_means(dev: &Device, x: &Buffer, n: usize, d: usize) -> Result<Buffer> {
+    let mut mu = dev.alloc_zeros(DType::F32, d)?;
+    unsafe {
+        kernels::head::classifier::col_sums_f32(
+            dev,
+            grid_stride(dev, d),
+            x,
+            n as i32,
+            d as i32,
+            1.0 / n as f32,
+            &mut mu,
+        )
+    }?;
+    Ok(mu)
+}
+
+/// `raw` (N x d, f32/f16/bf16) as f32: a copy for f32, widened otherwise.
+pub fn to_f32(dev: &Device, raw: &Buffer) -> Result<Buffer> {
+    let mut x = dev.alloc_zeros(DType::F32, raw.len())?;
+    let (cfg, len) = (grid_stride(dev, raw.len()), raw.len() as i64);
+    use kernels::head::classifier::{widen_bf16, widen_f16};
+    // SAFETY: `x` has `raw.len()` elements, as many as the kernel reads from `raw` and
+    // writes.
+    match raw.dtype() {
+        DType::F32 => return dev.copy(raw),
+        DType::F16 => unsafe { widen_f16(dev, cfg, raw, len, &mut x) }?,
+        DType::BF16 => unsafe { widen_bf16(dev, cfg, raw, len, &mut x) }?,
+        other => {
+            return Err(crate::error::Error::InvalidParameter {
+                name: "raw features",
+                reason: format!("features must be f32, f16 or bf16, got {other:?}"),
+            })
+        }
+    }
+    Ok(x)
+}

@@ -1,0 +1,747 @@
+//! The implicit-ETF head on a [`Device`]: every stage on the GPU (or on the CPU execution of
+//! the same kernels), with device buffers in and out.
+//!
+//! One training step is [`DeviceHead::forward`] (features and labels to logits; advances the
+//! state) then [`DeviceHead::backward`] (`dL/dlogits` to `dL/dfeatures`). Semantics are the
+//! CPU head's ([`crate::CpuHead`]): the same configuration, absent-class policies, EMA/CMA
+//! means, first-step gauge and state export/import; the tests compare the two.
+//!
+//! **Precision.** Features `f32`, `f16` or `bf16` (arithmetic in `f32`); labels `u32` or
+//! `i64`. The ETF solve and the implicit backward (`G`, the Gram matrix, the eigensolver, `P`,
+//! the tangent solve) are float64; the statistics and the classifier are float32.
+//!
+//! **No host synchronisation after the first step.** Data-dependent errors (a label out of
+//! range, a non-finite value, degenerate means, a numerical failure) are recorded in a device
+//! status word ([`super::status`]); the kernels that commit the state read it and change
+//! nothing when the step failed. With [`Validation::Eager`] (the default) `forward` and
+//! `backward` read that word back at the end (one 32-byte copy) and return the typed error, like
+//! the CPU head. With [`Validation::Deferred`] they never synchronise and never copy to the
+//! host, so a trainer can overlap steps or capture them in a CUDA graph; errors are then read
+//! with [`DeviceHead::check`] whenever the trainer chooses (a failed step has left the state
+//! unchanged, and its logits and gradient are meaningless). The first step is the exception:
+//! its gauge rule (`docs/solve.md#the-first-step-gauge-rule`) runs on
+//! the host in float64 (exactly the CPU head's code), which reads `Y` back once.
+//!
+//! **No allocation after the third step.** Every intermediate buffer comes from the head's
+//! workspaces ([`crate::runtime::memory`]): two forward workspaces used alternately (so the
+//! previous step's saved tensors stay intact while a new step runs or is rejected), one for
+//! the backward, one for the first step (dropped by the second). The second and third steps
+//! fill the two forward workspaces; from the fourth on, [`DeviceHead::forward_into`] and
+//! [`DeviceHead::backward_into`] (outputs in caller-owned buffers) allocate and free nothing,
+//! and with [`Validation::Deferred`] such a step can be captured with
+//! [`Device::begin_capture`] and replayed with [`crate::runtime::Graph::launch`]
+//! (`tests/device_capture.rs`; README, "Capturing a step in a CUDA graph"). A change of batch
+//! size refills the workspaces (two more uncaptured steps).
+//!
+//! ```
+//! use implicit_etf::runtime::{Device, DType};
+//! use implicit_etf::{DeviceHead, HeadConfig};
+//! let dev = Device::cpu(); // or Device::cuda(0)?
+//! let (n, d, k) = (6, 8, 3);
+//! let mut head = DeviceHead::new(dev, HeadConfig::new(d, k)).unwrap();
+//! let raw: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
+//! let labels: Vec<u32> = vec![0, 1, 2, 0, 1, 2];
+//! let x = head.device().upload(&raw).unwrap();
+//! let y = head.device().upload(&labels).unwrap();
+//! for _ in 0..2 {
+//!     let logits = head.forward(&x, &y).unwrap(); // N x K f32, on the device
+//!     assert_eq!((logits.len(), logits.dtype()), (n * k, DType::F32));
+//!     // ... the trainer's loss gives dL/dlogits on the device:
+//!     let d_logits = head.device().upload(&vec![0.01f32; n * k]).unwrap();
+//!     let d_raw = head.backward(&d_logits).unwrap(); // N x d f32, on the device
+//!     assert_eq!(d_raw.len(), n * d);
+//! }
+//! ```
+
+use super::backward;
+use super::classifier::{self, ClassifierGradsDev};
+use super::linalg::{EigenSolver, GemmKernel};
+use super::moving::MovingStateDev;
+use super::pipeline::{self, StatsForward, StatsOptions};
+use super::solve::{self, FactorDev};
+use super::stats;
+use super::status::{Part, Status};
+use crate::core::config::{HeadConfig, SolveMethod};
+use crate::core::report::SolveReport;
+use crate::core::state::MovingMeans;
+use crate::core::state::{check_state, HeadState};
+use crate::core::validate::check_len;
+use crate::cpu::linalg::{from_row_major, to_row_major};
+use crate::cpu::solve::{objective, riemannian_gradient_norm};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::runtime::{grid_stride, Buffer, DType, Device};
+use crate::stiefel::orthogonality_error;
+
+/// When data-dependent errors reach the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Validation {
+    /// `forward`/`backward` read the device status word back and return the typed error
+    /// (one small synchronising copy per call). The default.
+    #[default]
+    Eager,
+    /// No synchronisation and no device-to-host copy in `forward`/`backward` (after the first
+    /// step); call [`DeviceHead::check`] to learn about failed steps.
+    Deferred,
+}
+
+/// Options of the device head beyond [`HeadConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// Product kernel (tiled on a GPU, direct on the CPU execution by default).
+    pub gemm: GemmKernel,
+    /// Symmetric eigensolver: one block for small `K`, block Jacobi over many blocks for
+    /// large `K` on a GPU (see [`EigenSolver::Auto`]).
+    pub eigensolver: EigenSolver,
+    /// Jacobi sweep cap of the eigensolver (a cold start takes 6-10, a warm start 1-3). The
+    /// block solver launches all of them (`2 nb - 1` launches each), turning those after
+    /// convergence into no-ops on the device, so a lower cap saves launch overhead there.
+    pub max_sweeps: usize,
+    /// Start the eigensolver from the previous step's eigenvectors.
+    pub warm_start: bool,
+    /// When errors reach the host.
+    pub validation: Validation,
+    /// At most this many Riemannian Newton steps after the Procrustes solve (0: none, the
+    /// default). The Gram route leaves `P` within `~eps cond(G)^2` of the optimum (`1e-10`
+    /// at the default `delta`, well inside the tests' tolerances); one step takes it to
+    /// rounding level, which matters for a tiny `delta`. The polish stops on the device once
+    /// the Riemannian gradient and `P^T P - I` are at rounding level (the CPU head's rule);
+    /// the remaining steps' kernels then return at once. A step costs about ten
+    /// `d x K x K` products and a warm Jacobi.
+    pub max_newton_steps: usize,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            gemm: GemmKernel::Auto,
+            eigensolver: EigenSolver::Auto,
+            max_sweeps: 30,
+            warm_start: true,
+            validation: Validation::Eager,
+            max_newton_steps: 0,
+        }
+    }
+}
+
+/// What the device head reports about its last solve (read from the device on request).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSolveReport {
+    /// Riemannian gradient, orthogonality and objective at the returned `P`, computed on the
+    /// host in float64 from `P`, `G`, `Y` and `Prox` (`steps`: the Newton steps the device
+    /// polish took, at most [`DeviceOptions::max_newton_steps`]; 0 on the first step).
+    pub solve: SolveReport,
+    /// Jacobi sweeps the eigensolver used (0 on the first step, solved on the host).
+    pub sweeps: usize,
+}
+
+/// The last forward's solve, kept for the backward and for [`DeviceHead::solve_report`].
+#[derive(Debug)]
+struct LastSolve {
+    factor: FactorDev,
+    y: Buffer,
+    prox_used: Buffer,
+    first_step: bool,
+    w: Buffer,
+    b: Buffer,
+}
+
+/// What a backward needs from its forward.
+#[derive(Debug)]
+struct Pending {
+    n: usize,
+    /// The caller's features (a device copy, kept only for the `tau` backward; its type is
+    /// part of the backward's workspace key).
+    raw: Option<Buffer>,
+    /// The features the classifier saw (f32).
+    x: Buffer,
+    stats: StatsForward,
+}
+
+/// The implicit-ETF head on a device (a CUDA GPU, or the CPU execution of the kernels).
+/// See the [module documentation](self) for the step, the precision and the synchronisation
+/// rules.
+#[derive(Debug)]
+pub struct DeviceHead {
+    dev: Device,
+    cfg: HeadConfig,
+    opt: DeviceOptions,
+    moving: MovingStateDev,
+    /// `Prox` (d x K f64); `None` before the first successful step.
+    prox: Option<Buffer>,
+    /// The previous eigenvectors (K x K f64), for the warm start.
+    q_warm: Option<Buffer>,
+    status: Status,
+    last: Option<LastSolve>,
+    pending: Option<Pending>,
+    /// The forward workspace of the next ordinary step (0 or 1).
+    arena: usize,
+    /// What filled each forward workspace last: the ordinary step it served (see
+    /// [`StepKey`]); a step with the same key reuses every slot.
+    filled: [Option<StepKey>; 2],
+    /// The batch size, kept feature type (with `tau`) and first-step flag the backward
+    /// workspace was filled with.
+    bwd_filled: Option<(usize, Option<DType>, bool)>,
+}
+
+/// What decides the buffer requests of an ordinary forward: the batch size, the feature type
+/// and whether a warm start is kept (the configuration and options are fixed per head).
+type StepKey = (usize, DType, bool);
+
+/// Workspace of the backward's scratch buffers (none outlives a backward).
+const BACKWARD_WORKSPACE: usize = 2;
+/// Workspace of the first step (solved on the host; a different request sequence), dropped
+/// by the next ordinary step.
+const FIRST_WORKSPACE: usize = 3;
+
+impl DeviceHead {
+    /// A fresh head on `dev` with the default [`DeviceOptions`].
+    pub fn new(dev: Device, cfg: HeadConfig) -> Result<Self> {
+        Self::with_options(dev, cfg, DeviceOptions::default())
+    }
+
+    /// A fresh head with explicit options. Errors: an invalid configuration, an eigensolver
+    /// that cannot take `K` (the one-block solver stops at 1024, a block width must be 1 to
+    /// 24), dimensions beyond the kernels' `i32` range, or
+    /// [`SolveMethod::Riemannian`] (the device head solves in closed form only).
+    pub fn with_options(dev: Device, cfg: HeadConfig, opt: DeviceOptions) -> Result<Self> {
+        cfg.validate()?;
+        if !matches!(cfg.solve, SolveMethod::Procrustes) {
+            return Err(Error::InvalidParameter {
+                name: "solve",
+                reason: "the device head implements the Procrustes solve only".into(),
+            });
+        }
+        opt.eigensolver
+            .resolve(&dev, cfg.classes)
+            .validate(cfg.classes)?;
+        if i32::try_from(cfg.dim * cfg.classes).is_err() {
+            return Err(Error::InvalidParameter {
+                name: "dim",
+                reason: "d * K exceeds the i32 range of the kernels".into(),
+            });
+        }
+        if opt.max_sweeps == 0 {
+            return Err(Error::InvalidParameter {
+                name: "max_sweeps",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let moving = MovingStateDev::new(&dev, cfg.dim, cfg.classes)?;
+        let status = Status::new(&dev)?;
+        Ok(DeviceHead {
+            dev,
+            cfg,
+            opt,
+            moving,
+            prox: None,
+            q_warm: None,
+            status,
+            last: None,
+            pending: None,
+            arena: 0,
+            filled: [None; 2],
+            bwd_filled: None,
+        })
+    }
+
+    /// The device (to upload inputs and download results).
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HeadConfig {
+        &self.cfg
+    }
+
+    /// The options.
+    pub fn options(&self) -> &DeviceOptions {
+        &self.opt
+    }
+
+    fn stats_options(&self) -> StatsOptions {
+        StatsOptions {
+            tau: self.cfg.tau,
+            average: self.cfg.moving_average,
+            policy: self.cfg.policy,
+            alpha_floor: self.cfg.alpha_floor,
+        }
+    }
+
+    /// Host-side checks of a batch: returns `N`.
+    fn batch_shape(&self, raw: &Buffer, labels: &Buffer) -> Result<usize> {
+        let n = labels.len();
+        if n == 0 {
+            return Err(Error::EmptyBatch);
+        }
+        if !matches!(labels.dtype(), DType::U32 | DType::I64) {
+            return Err(Error::InvalidParameter {
+                name: "labels",
+                reason: format!("labels must be u32 or i64, got {:?}", labels.dtype()),
+            });
+        }
+        if !matches!(raw.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::InvalidParameter {
+                name: "raw",
+                reason: format!("features must be f32, f16 or bf16, got {:?}", raw.dtype()),
+            });
+        }
+        if raw.len() != n * self.cfg.dim {
+            return Err(Error::ShapeMismatch {
+                what: "raw",
+                expected: n * self.cfg.dim,
+                got: raw.len(),
+            });
+        }
+        if i32::try_from(raw.len()).is_err() {
+            return Err(Error::InvalidParameter {
+                name: "raw",
+                reason: "N * d exceeds the i32 range of the kernels".into(),
+            });
+        }
+        Ok(n)
+    }
+
+    /// One training forward: `raw` (N x d; f32, f16 or bf16) and `labels` (N; u32 or i64) to
+    /// the logits (N x K f32, a new buffer). Advances the state (moving means, `Prox`) on the
+    /// device and keeps what [`backward`](Self::backward) needs. Errors leave the head
+    /// unchanged (see [`Validation`] for when data-dependent ones are returned).
+    /// [`forward_into`](Self::forward_into) writes into a buffer of yours instead.
+    pub fn forward(&mut self, raw: &Buffer, labels: &Buffer) -> Result<Buffer> {
+        let mut logits = self
+            .dev
+            .alloc_zeros(DType::F32, labels.len() * self.cfg.classes)?;
+        self.forward_into(raw, labels, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`forward`](Self::forward) writing the logits into `logits` (N x K f32, caller-owned,
+    /// overwritten). After the first step this allocates and frees nothing on the device:
+    /// every intermediate lives in the head's workspaces (see [`crate::runtime::memory`]), so
+    /// with [`Validation::Deferred`] a step made of `forward_into` and
+    /// [`backward_into`](Self::backward_into) can be captured with
+    /// [`Device::begin_capture`] and replayed with [`crate::runtime::Graph::launch`]
+    /// (refill the input buffers with [`Device::write`] or your own kernels between
+    /// launches). Errors as [`forward`](Self::forward), plus: `logits` of the wrong length or
+    /// type, and, during a capture, [`Validation::Eager`] or a first step (both read the
+    /// device from the host).
+    pub fn forward_into(
+        &mut self,
+        raw: &Buffer,
+        labels: &Buffer,
+        logits: &mut Buffer,
+    ) -> Result<()> {
+        let n = self.batch_shape(raw, labels)?;
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        f32_of_len(logits, "logits", n * k)?;
+        let first_step = self.prox.is_none();
+        let key: StepKey = (n, raw.dtype(), self.q_warm.is_some());
+        if self.dev.is_capturing() {
+            self.check_capturable()?;
+            // A warm start not yet kept would be allocated (after the first step, or after
+            // `import_state`).
+            let keeps_warm = !self.opt.warm_start || self.q_warm.is_some();
+            if first_step || !keeps_warm || self.filled[self.arena] != Some(key) {
+                return Err(not_filled());
+            }
+        } else if !first_step {
+            // Refilled below; marked again only if the step succeeds.
+            self.filled[self.arena] = None;
+        }
+        let dev = &self.dev;
+        let gk = self.opt.gemm;
+        // Every scratch buffer of this step comes from forward workspace `arena`; the other
+        // one holds the previous step's saved tensors (`last`, `pending`).
+        let scope = dev.workspace(if first_step {
+            FIRST_WORKSPACE
+        } else {
+            self.arena
+        });
+        self.status.reset(dev, Part::Forward)?;
+        let mut sf = pipeline::forward_deferred(
+            dev,
+            raw,
+            labels,
+            n,
+            &self.moving,
+            self.stats_options(),
+            &mut self.status,
+        )?;
+        let (factor, prox_used) = match &self.prox {
+            None => {
+                // First step: the gauge rule on the host (reads Y back once).
+                self.status.read(dev)?.forward_error(k, "raw")?;
+                let y: Vec<f32> = dev.download(&sf.y)?;
+                let sol = crate::cpu::solve::solve(
+                    from_row_major(&y, d, k).as_ref(),
+                    None,
+                    self.cfg.delta,
+                    SolveMethod::Procrustes,
+                )?;
+                let f = FactorDev::upload(dev, &sol.factor, sol.g.as_ref())?;
+                let prox = dev.upload(&to_row_major::<f64>(sol.prox.as_ref()))?;
+                (f, prox)
+            }
+            Some(prox) => {
+                let g = solve::build_g(dev, &sf.y, prox, d, k, self.cfg.delta)?;
+                let warm = if self.opt.warm_start {
+                    self.q_warm.as_ref()
+                } else {
+                    None
+                };
+                let eig = self.opt.eigensolver;
+                let f = solve::procrustes(
+                    dev,
+                    gk,
+                    eig,
+                    g,
+                    warm,
+                    d,
+                    k,
+                    self.opt.max_sweeps,
+                    &mut self.status,
+                )?;
+                let f = solve::newton_polish(
+                    dev,
+                    gk,
+                    eig,
+                    f,
+                    d,
+                    k,
+                    self.opt.max_newton_steps,
+                    self.opt.max_sweeps,
+                    &mut self.status,
+                )?;
+                (f, dev.copy(prox)?)
+            }
+        };
+        // The normalised features move to the pending backward (the stats backward does not
+        // read them), so no copy.
+        let x = match sf.x.take() {
+            Some(x) => x,
+            None => classifier::to_f32(dev, raw)?,
+        };
+        let w = classifier::weights(dev, &factor.p, d, k)?;
+        let b = classifier::logits_into(dev, gk, &x, &w, &sf.stats.mu, n, d, k, logits)?;
+        // `Y` is only read from here on: the last solve shares the pending backward's. The
+        // caller's features are needed again only by the `tau` normalisation's backward.
+        let y_kept = sf.y.share();
+        let raw_kept = match self.cfg.tau {
+            Some(_) => Some(dev.copy(raw)?),
+            None => None,
+        };
+        // The state below outlives every workspace.
+        drop(scope);
+        // Commit (the kernels skip it when the status word records an error).
+        self.moving.commit(dev, &sf.update, &self.status.buf)?;
+        let new_prox = match self.prox.take() {
+            Some(mut p) => {
+                commit(dev, &mut p, &factor.p, &self.status)?;
+                p
+            }
+            // The first step's status was checked above.
+            None => dev.copy(&factor.p)?,
+        };
+        self.prox = Some(new_prox);
+        if self.opt.warm_start {
+            match &mut self.q_warm {
+                Some(q) => commit(dev, q, &factor.q, &self.status)?,
+                None => self.q_warm = Some(dev.copy(&factor.q)?),
+            }
+        }
+        if self.opt.validation == Validation::Eager && !first_step {
+            let word = self.status.read(dev)?;
+            word.forward_error(k, "raw")?;
+        }
+        self.last = Some(LastSolve {
+            factor,
+            y: y_kept,
+            prox_used,
+            first_step,
+            w,
+            b,
+        });
+        self.pending = Some(Pending {
+            n,
+            raw: raw_kept,
+            x,
+            stats: sf,
+        });
+        if !first_step {
+            self.filled[self.arena] = Some(key);
+            self.arena = 1 - self.arena;
+            // Nothing aliases the first step's workspace any more.
+            self.dev.clear_workspace(FIRST_WORKSPACE);
+        }
+        Ok(())
+    }
+
+    /// During a capture, only steps that never read the device from the host can be
+    /// recorded (call only while capturing).
+    fn check_capturable(&self) -> Result<()> {
+        if self.opt.validation == Validation::Eager {
+            return Err(Error::InvalidParameter {
+                name: "validation",
+                reason: "a captured step needs Validation::Deferred (Eager reads the status \
+                         word back after every call)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Backward of the last forward: `d_logits` (N x K f32) to `dL/draw` (N x d f32, a new
+    /// buffer), through every path (logits, bias, and `W -> P -> Y -> moving means -> class
+    /// means and mu`). Consumes the pending forward (an error keeps it).
+    /// [`backward_into`](Self::backward_into) writes into a buffer of yours instead.
+    pub fn backward(&mut self, d_logits: &Buffer) -> Result<Buffer> {
+        let n = self
+            .pending
+            .as_ref()
+            .ok_or(Error::BackwardWithoutForward)?
+            .n;
+        let mut d_raw = self.dev.alloc_zeros(DType::F32, n * self.cfg.dim)?;
+        self.backward_into(d_logits, &mut d_raw)?;
+        Ok(d_raw)
+    }
+
+    /// [`backward`](Self::backward) writing `dL/draw` into `d_raw` (N x d f32, caller-owned,
+    /// overwritten); allocates and frees nothing on the device (see
+    /// [`forward_into`](Self::forward_into) for capturing a step). Errors as
+    /// [`backward`](Self::backward), plus `d_raw` of the wrong length or type.
+    pub fn backward_into(&mut self, d_logits: &Buffer, d_raw: &mut Buffer) -> Result<()> {
+        let p = self.pending.as_ref().ok_or(Error::BackwardWithoutForward)?;
+        let last = self.last.as_ref().ok_or(Error::BackwardWithoutForward)?;
+        let (d, k, n) = (self.cfg.dim, self.cfg.classes, p.n);
+        f32_of_len(d_logits, "d_logits", n * k)?;
+        f32_of_len(d_raw, "d_raw", n * d)?;
+        let bwd_key = (n, p.raw.as_ref().map(Buffer::dtype), last.first_step);
+        if self.dev.is_capturing() {
+            self.check_capturable()?;
+            if self.bwd_filled != Some(bwd_key) {
+                return Err(not_filled());
+            }
+        } else {
+            self.bwd_filled = None;
+        }
+        let dev = &self.dev;
+        let gk = self.opt.gemm;
+        let scope = dev.workspace(BACKWARD_WORKSPACE);
+        self.status.reset(dev, Part::Backward)?;
+        unsafe {
+            kernels::head::status::check_finite_f32(
+                dev,
+                grid_stride(dev, n * k),
+                d_logits,
+                (n * k) as i64,
+                &mut self.status.buf,
+                4,
+            )
+        }?;
+        let ClassifierGradsDev { dx, dp, dmu } =
+            classifier::backward(dev, gk, &p.x, d_logits, &last.w, &p.stats.stats.mu, n, d, k)?;
+        let dy = backward::solve_backward(dev, gk, &last.factor, &dp, d, k, &mut self.status)?;
+        // Without `tau`, `stats::backward_into` does not read the raw features.
+        let raw = p.raw.as_ref().unwrap_or(&p.x);
+        pipeline::backward_into(dev, &p.stats, raw, &dy, Some(&dmu), Some(&dx), d_raw)?;
+        drop(scope);
+        if self.opt.validation == Validation::Eager {
+            self.status.read(dev)?.backward_error()?;
+        }
+        self.pending = None;
+        self.bwd_filled = Some(bwd_key);
+        Ok(())
+    }
+
+    /// Reads the status word: the error of the last forward (or of the last backward) if it
+    /// failed. With [`Validation::Deferred`] this is how failures reach the host (it
+    /// synchronises). A [`Error::LabelOutOfRange`] carries the first offending index and that
+    /// label's value, both recorded on the device.
+    pub fn check(&self) -> Result<()> {
+        let word = self.status.read(&self.dev)?;
+        word.forward_error(self.cfg.classes, "raw")?;
+        word.backward_error()
+    }
+
+    /// Inference: logits (N x K f32) from the current classifier, with the bias `-W mu` from
+    /// this batch's mean (as in training). Changes no state. [`Error::Untrained`] before the
+    /// first step; a non-finite feature gives [`Error::NonFinite`] (a synchronisation).
+    pub fn infer(&self, raw: &Buffer) -> Result<Buffer> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        if raw.is_empty() {
+            return Err(Error::EmptyBatch);
+        }
+        if raw.len() % d != 0 {
+            return Err(Error::ShapeMismatch {
+                what: "raw",
+                expected: (raw.len() / d + 1) * d,
+                got: raw.len(),
+            });
+        }
+        let prox = self.prox.as_ref().ok_or(Error::Untrained)?;
+        let n = raw.len() / d;
+        let dev = &self.dev;
+        let mut st = Status::new(dev)?;
+        super::status::check_finite(dev, raw, &mut st, 1)?;
+        st.read(dev)?.forward_error(k, "raw")?;
+        let x = match self.cfg.tau {
+            Some(t) => stats::tau_normalise(dev, raw, n, d, t)?,
+            None => classifier::to_f32(dev, raw)?,
+        };
+        let mu = classifier::col_means(dev, &x, n, d)?;
+        let w = classifier::weights(dev, prox, d, k)?;
+        Ok(classifier::logits(dev, self.opt.gemm, &x, &w, &mu, n, d, k)?.0)
+    }
+
+    /// The current classifier `W` (K x d f32, on the device) from the stored `P`, if a step
+    /// was taken.
+    pub fn classifier(&self) -> Result<Option<Buffer>> {
+        match &self.prox {
+            None => Ok(None),
+            Some(p) => Ok(Some(classifier::weights(
+                &self.dev,
+                p,
+                self.cfg.dim,
+                self.cfg.classes,
+            )?)),
+        }
+    }
+
+    /// The last forward's `P` (d x K f64), `W` (K x d f32), `b` (K f32) and `Y` (d x K f32).
+    pub fn last_solution(&self) -> Option<(&Buffer, &Buffer, &Buffer, &Buffer)> {
+        self.last.as_ref().map(|l| (&l.factor.p, &l.w, &l.b, &l.y))
+    }
+
+    /// The last forward's solve report, computed on the host in float64 (downloads `P`, `G`,
+    /// `Y` and `Prox`: a synchronisation; meant for diagnostics, not for every step).
+    pub fn solve_report(&self) -> Result<Option<DeviceSolveReport>> {
+        let Some(l) = &self.last else {
+            return Ok(None);
+        };
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let dev = &self.dev;
+        let p = from_row_major(&dev.download::<f64>(&l.factor.p)?, d, k);
+        let g = from_row_major(&dev.download::<f64>(&l.factor.g)?, d, k);
+        let y = from_row_major(&dev.download::<f32>(&l.y)?, d, k);
+        let prox = from_row_major(&dev.download::<f64>(&l.prox_used)?, d, k);
+        let sweeps = dev.download::<i32>(&l.factor.sweeps)?[0].max(0) as usize;
+        let newton = dev.download::<i32>(&l.factor.newton)?[0].max(0) as usize;
+        Ok(Some(DeviceSolveReport {
+            solve: SolveReport {
+                steps: newton,
+                grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref()),
+                objective: objective(y.as_ref(), p.as_ref(), prox.as_ref(), self.cfg.delta),
+                orthogonality: orthogonality_error(p.as_ref()),
+                first_step: l.first_step,
+            },
+            sweeps,
+        }))
+    }
+
+    /// A host copy of the full state (moving means as f32, `Prox` as f64), in the CPU head's
+    /// format: `CpuHead::<f32>::import_state` resumes from it, and so does
+    /// [`import_state`](Self::import_state).
+    pub fn export_state(&self) -> Result<HeadState<f32>> {
+        let dev = &self.dev;
+        let (step, alpha) = self.moving.scalars(dev)?;
+        Ok(HeadState {
+            moving: MovingMeans {
+                e: dev.download::<f32>(&self.moving.e)?,
+                step,
+                alpha,
+                seen: dev
+                    .download::<i32>(&self.moving.seen)?
+                    .iter()
+                    .map(|&v| v != 0)
+                    .collect(),
+            },
+            prox: match &self.prox {
+                Some(p) => Some(dev.download::<f64>(p)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Replaces the state (validated first, as the CPU head does), writing it into the
+    /// head's device buffers in place: a captured step replayed afterwards continues from
+    /// it. Drops any pending backward and the eigensolver's warm start (so the next two
+    /// steps must run uncaptured before a capture). Not allowed during a capture.
+    pub fn import_state(&mut self, state: HeadState<f32>) -> Result<()> {
+        check_state(&self.cfg, &state)?;
+        if self.dev.is_capturing() {
+            return Err(Error::InvalidParameter {
+                name: "capture",
+                reason: "import_state writes the state from the host; not during a capture".into(),
+            });
+        }
+        let dev = &self.dev;
+        let seen: Vec<i32> = state.moving.seen.iter().map(|&s| i32::from(s)).collect();
+        // In place (the shapes were validated), so that a captured step replayed later
+        // continues from the imported state.
+        dev.write(&mut self.moving.e, &state.moving.e)?;
+        dev.write(
+            &mut self.moving.scal,
+            &[state.moving.step as f64, state.moving.alpha],
+        )?;
+        dev.write(&mut self.moving.seen, &seen)?;
+        match (&mut self.prox, &state.prox) {
+            (Some(p), Some(v)) => dev.write(p, v)?,
+            (p, v) => *p = v.as_deref().map(|v| dev.upload(v)).transpose()?,
+        }
+        self.q_warm = None;
+        self.pending = None;
+        self.last = None;
+        // The next steps take other paths (no warm start yet): refill before capturing.
+        self.filled = [None; 2];
+        self.bwd_filled = None;
+        Ok(())
+    }
+}
+
+/// Checks that a caller's buffer holds `len` f32 values.
+fn f32_of_len(b: &Buffer, what: &'static str, len: usize) -> Result<()> {
+    if b.len() != len {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: len,
+            got: b.len(),
+        });
+    }
+    if b.dtype() != DType::F32 {
+        return Err(Error::InvalidParameter {
+            name: what,
+            reason: format!("expected f32, got {:?}", b.dtype()),
+        });
+    }
+    Ok(())
+}
+
+/// The error of a step captured before its workspace was filled.
+fn not_filled() -> Error {
+    Error::InvalidParameter {
+        name: "capture",
+        reason: "this step's workspace has not been filled by an uncaptured step of the same \
+                 batch size yet: the first step solves on the host and the next two fill the \
+                 two forward workspaces, so capture from the fourth step on (and again only \
+                 after two uncaptured steps when the batch size or feature type changes, or after \
+                 import_state)"
+            .into(),
+    }
+}
+
+/// `dst <- src` (f64) unless the status word records a forward error.
+fn commit(dev: &Device, dst: &mut Buffer, src: &Buffer, status: &Status) -> Result<()> {
+    check_len("commit", dst.len(), src.len())?;
+    // SAFETY: `dst` and `src` hold the same number of f64 (checked above).
+    unsafe {
+        kernels::head::solve::commit_f64(
+            dev,
+            grid_stride(dev, dst.len()),
+            dst,
+            src,
+            dst.len() as i64,
+            &status.buf,
+        )
+    }
+}

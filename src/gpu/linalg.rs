@@ -1,0 +1,426 @@
+//! Dense linear algebra on the device: products (`kernels/gemm.cu`) and the symmetric
+//! eigensolvers (`kernels/jacobi.cu`: one-block and block Jacobi), used by the ETF solve and
+//! the implicit backward.
+
+use super::status::Status;
+use crate::core::validate::{check_len, fits_i32};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::runtime::{grid_stride, Backend, Buffer, DType, Device, LaunchConfig};
+
+/// Which product kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmKernel {
+    /// Tiled on a GPU, direct on the CPU execution.
+    #[default]
+    Auto,
+    /// 64 x 64 shared-memory tiles, 256 threads per block (the GPU path).
+    Tiled,
+    /// No shared memory, no barrier, 4 x 4 outputs per thread (the CPU execution's path, and
+    /// a fallback).
+    Direct,
+}
+
+impl GemmKernel {
+    fn resolve(self, dev: &Device) -> GemmKernel {
+        match (self, dev.backend()) {
+            (GemmKernel::Auto, Backend::Cuda) => GemmKernel::Tiled,
+            (GemmKernel::Auto, Backend::Cpu) => GemmKernel::Direct,
+            (k, _) => k,
+        }
+    }
+}
+
+fn need(b: &Buffer, what: &'static str, len: usize, dtype: DType) -> Result<()> {
+    check_len(what, len, b.len())?;
+    if b.dtype() != dtype {
+        return Err(Error::InvalidParameter {
+            name: what,
+            reason: format!("expected {dtype:?}, got {:?}", b.dtype()),
+        });
+    }
+    Ok(())
+}
+
+/// Checks an optional gate flag (one i32; `None` means "always run").
+pub(crate) fn check_gate(gate: Option<&Buffer>) -> Result<Option<&Buffer>> {
+    if let Some(g) = gate {
+        need(g, "gate", 1, DType::I32)?;
+    }
+    Ok(gate)
+}
+
+/// One product `C = alpha op(A) op(B) + beta C` (row-major; `op(A)` is `m x l`, `op(B)` is
+/// `l x n`; `ta`/`tb` transpose the stored matrix). All three buffers are f64, or all f32.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    /// Transpose A (stored `l x m`).
+    pub ta: bool,
+    /// Transpose B (stored `n x l`).
+    pub tb: bool,
+    /// Rows of C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// Inner dimension.
+    pub l: usize,
+    /// Scale of the product.
+    pub alpha: f64,
+    /// Scale of the old C (0 overwrites without reading it).
+    pub beta: f64,
+}
+
+impl Gemm {
+    /// `C = op(A) op(B)`.
+    pub fn new(ta: bool, tb: bool, m: usize, n: usize, l: usize) -> Gemm {
+        Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            l,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
+    /// Launches it.
+    pub fn run(
+        &self,
+        dev: &Device,
+        kernel: GemmKernel,
+        a: &Buffer,
+        b: &Buffer,
+        c: &mut Buffer,
+    ) -> Result<()> {
+        self.run_gated(dev, kernel, None, a, b, c)
+    }
+
+    /// Launches it behind a device flag: `gate` (one i32) nonzero at run time makes the launch
+    /// a no-op, without a host decision. `None` always runs.
+    pub fn run_gated(
+        &self,
+        dev: &Device,
+        kernel: GemmKernel,
+        gate: Option<&Buffer>,
+        a: &Buffer,
+        b: &Buffer,
+        c: &mut Buffer,
+    ) -> Result<()> {
+        let dt = c.dtype();
+        let gate = check_gate(gate)?;
+        let (mi, ni, li) = (
+            fits_i32(self.m, "m")?,
+            fits_i32(self.n, "n")?,
+            fits_i32(self.l, "l")?,
+        );
+        need(a, "gemm A", self.m * self.l, dt)?;
+        need(b, "gemm B", self.l * self.n, dt)?;
+        need(c, "gemm C", self.m * self.n, dt)?;
+        if self.m == 0 || self.n == 0 {
+            return Ok(());
+        }
+        let kind = kernel.resolve(dev);
+        let (name, cfg) = match kind {
+            GemmKernel::Tiled => {
+                let tiles = self.m.div_ceil(64) * self.n.div_ceil(64);
+                (
+                    "tiled",
+                    LaunchConfig::new((tiles.min(65535) as u32, 1, 1), (256, 1, 1)),
+                )
+            }
+            _ => (
+                "direct",
+                grid_stride(dev, self.m.div_ceil(4) * self.n.div_ceil(4)),
+            ),
+        };
+        let (ta, tb) = (i32::from(self.ta), i32::from(self.tb));
+        use kernels::linalg::gemm;
+        let (alpha, beta) = (self.alpha, self.beta);
+        // SAFETY: `a`, `b`, `c` hold `m l`, `l n`, `m n` elements of `dt` and `gate` one i32
+        // (checked above), which is all a product reads and writes; `c` is `&mut`, so it
+        // aliases neither input.
+        unsafe {
+            match (dt, name) {
+                (DType::F64, "tiled") => {
+                    gemm::gemm_tiled_f64(dev, cfg, ta, tb, mi, ni, li, alpha, a, b, beta, c, gate)
+                }
+                (DType::F64, _) => {
+                    gemm::gemm_direct_f64(dev, cfg, ta, tb, mi, ni, li, alpha, a, b, beta, c, gate)
+                }
+                (DType::F32, "tiled") => gemm::gemm_tiled_f32(
+                    dev,
+                    cfg,
+                    ta,
+                    tb,
+                    mi,
+                    ni,
+                    li,
+                    alpha as f32,
+                    a,
+                    b,
+                    beta as f32,
+                    c,
+                    gate,
+                ),
+                (DType::F32, _) => gemm::gemm_direct_f32(
+                    dev,
+                    cfg,
+                    ta,
+                    tb,
+                    mi,
+                    ni,
+                    li,
+                    alpha as f32,
+                    a,
+                    b,
+                    beta as f32,
+                    c,
+                    gate,
+                ),
+                (other, _) => Err(Error::InvalidParameter {
+                    name: "gemm C",
+                    reason: format!("products take f64 or f32, got {other:?}"),
+                }),
+            }
+        }
+    }
+}
+
+/// Largest `K` the one-block Jacobi eigensolver takes.
+pub const MAX_JACOBI_K: usize = 1024;
+/// Widest column block of the block-Jacobi eigensolver (its `2b x 2b` sub-problems and tiles
+/// live in shared memory: `2 (2b)^2` doubles = 36 KiB at `b = 24`).
+pub const MAX_BLOCK_WIDTH: usize = 24;
+/// Largest `K` that [`EigenSolver::Auto`] gives to the one-block solver on a GPU.
+pub const AUTO_ONE_BLOCK_MAX_K: usize = 96;
+
+/// Which symmetric eigensolver runs (`kernels/jacobi.cu`). Both are cyclic Jacobi with the
+/// same rotation test, so they end at the same accuracy; they differ in how the work is
+/// spread over the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EigenSolver {
+    /// On a GPU: one block for `K <=` [`AUTO_ONE_BLOCK_MAX_K`], blocks of width
+    /// [`MAX_BLOCK_WIDTH`] above. On the CPU execution: one block up to [`MAX_JACOBI_K`]
+    /// (its real-thread barriers make the block solver's many small launches slow there),
+    /// blocks above.
+    #[default]
+    Auto,
+    /// The whole matrix in one CUDA block (`K <=` [`MAX_JACOBI_K`]). A round streams all of
+    /// `A` through one SM.
+    OneBlock,
+    /// Block Jacobi over many CUDA blocks, any `K`: column blocks of `width` (1 to
+    /// [`MAX_BLOCK_WIDTH`]) are paired round-robin; each pair's `2 width` square
+    /// sub-problem is diagonalised in its own block, then every tile of `A` is rotated in
+    /// its own block. `2 (ceil(K / width) rounded up to even) - 1` launches per sweep.
+    Blocked {
+        /// Column-block width.
+        width: usize,
+    },
+}
+
+impl EigenSolver {
+    /// The solver that runs for a `k x k` problem on `dev`.
+    pub fn resolve(self, dev: &Device, k: usize) -> EigenSolver {
+        let one_block_max = match dev.backend() {
+            Backend::Cuda => AUTO_ONE_BLOCK_MAX_K,
+            Backend::Cpu => MAX_JACOBI_K,
+        };
+        match self {
+            EigenSolver::Auto if k <= one_block_max => EigenSolver::OneBlock,
+            EigenSolver::Auto => EigenSolver::Blocked {
+                width: MAX_BLOCK_WIDTH,
+            },
+            s => s,
+        }
+    }
+
+    /// Checks the choice against `k`.
+    pub fn validate(self, k: usize) -> Result<()> {
+        match self {
+            EigenSolver::OneBlock if k > MAX_JACOBI_K => Err(Error::InvalidParameter {
+                name: "eigensolver",
+                reason: format!(
+                    "the one-block eigensolver takes K <= {MAX_JACOBI_K}, got {k} (use Blocked or Auto)"
+                ),
+            }),
+            EigenSolver::Blocked { width } if width == 0 || width > MAX_BLOCK_WIDTH => {
+                Err(Error::InvalidParameter {
+                    name: "eigensolver",
+                    reason: format!("block width must be 1..={MAX_BLOCK_WIDTH}, got {width}"),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Eigendecomposition of the symmetric `k x k` f64 matrix `a` (destroyed) by cyclic Jacobi
+/// (`kernels/jacobi.cu`; `solver` picks the one-block or the block solver). `v` holds the
+/// start basis on entry (identity for a cold start, the previous eigenvectors for a warm
+/// start with `a` already rotated into that basis) and the eigenvectors (columns) on return;
+/// `lam` (k f64) the eigenvalues, unsorted; `info[0]` (i32) the sweeps used. No convergence
+/// within `max_sweeps` sets entry 3 of `status` to 2. A nonzero `gate` flag at run time makes
+/// it a no-op. No host synchronisation.
+#[allow(clippy::too_many_arguments)]
+pub fn sym_eig(
+    dev: &Device,
+    solver: EigenSolver,
+    a: &mut Buffer,
+    v: &mut Buffer,
+    k: usize,
+    max_sweeps: usize,
+    lam: &mut Buffer,
+    info: &mut Buffer,
+    status: &mut Status,
+    gate: Option<&Buffer>,
+) -> Result<()> {
+    let solver = solver.resolve(dev, k);
+    solver.validate(k)?;
+    need(a, "eig A", k * k, DType::F64)?;
+    need(v, "eig V", k * k, DType::F64)?;
+    need(lam, "eig lambda", k, DType::F64)?;
+    need(info, "eig info", 1, DType::I32)?;
+    let ki = fits_i32(k, "K")?;
+    let sweeps = fits_i32(max_sweeps, "max_sweeps")?;
+    let width = match solver {
+        EigenSolver::Blocked { width } => width,
+        _ => {
+            let threads = match dev.backend() {
+                // Real host threads: a barrier costs ~0.1 ms, so keep the block small.
+                Backend::Cpu => 32,
+                Backend::Cuda if k <= 64 => 64,
+                Backend::Cuda if k <= 256 => 256,
+                Backend::Cuda => 1024,
+            };
+            return unsafe {
+                kernels::linalg::jacobi::jacobi_eig_f64(
+                    dev,
+                    LaunchConfig::new((1, 1, 1), (threads, 1, 1)),
+                    a,
+                    v,
+                    ki,
+                    sweeps,
+                    lam,
+                    info,
+                    &mut status.buf,
+                    check_gate(gate)?,
+                )
+            };
+        }
+    };
+    // Block Jacobi: a fixed launch sequence; a device flag ends it early.
+    let nb = k.div_ceil(width).max(2);
+    let nb = nb + (nb & 1);
+    let npairs = nb / 2;
+    let n2 = 2 * width;
+    let (t_local, t_apply) = match dev.backend() {
+        Backend::Cpu => (32, 32),
+        Backend::Cuda => (64, 256),
+    };
+    let mut fl = dev.alloc_zeros(DType::F64, 1)?;
+    let mut flags = dev.alloc_zeros(DType::I32, 3)?;
+    let mut rot = dev.alloc_zeros(DType::F64, npairs * n2 * n2)?;
+    let mut act = dev.alloc_zeros(DType::I32, npairs)?;
+    let g = check_gate(gate)?;
+    unsafe {
+        kernels::linalg::jacobi::bj_init_f64(
+            dev,
+            LaunchConfig::new((1, 1, 1), (t_apply, 1, 1)),
+            a,
+            ki,
+            &mut fl,
+            &mut flags,
+            g,
+        )
+    }?;
+    let (wi, nbi) = (fits_i32(width, "width")?, fits_i32(nb, "blocks")?);
+    let local_cfg = LaunchConfig {
+        shared_bytes: (n2 * n2 * 8) as u32,
+        ..LaunchConfig::new((npairs.min(65535) as u32, 1, 1), (t_local, 1, 1))
+    };
+    let tiles = npairs * npairs + k.div_ceil(n2) * npairs;
+    let apply_cfg = LaunchConfig {
+        shared_bytes: (2 * n2 * n2 * 8) as u32,
+        ..LaunchConfig::new((tiles.min(65535) as u32, 1, 1), (t_apply, 1, 1))
+    };
+    const MAX_INNER_SWEEPS: i32 = 30;
+    for _ in 0..max_sweeps {
+        for r in 0..nb - 1 {
+            let ri = r as i32;
+            unsafe {
+                kernels::linalg::jacobi::bj_local_f64(
+                    dev,
+                    local_cfg,
+                    a,
+                    ki,
+                    wi,
+                    ri,
+                    nbi,
+                    MAX_INNER_SWEEPS,
+                    &fl,
+                    &mut rot,
+                    &mut act,
+                    &mut flags,
+                    g,
+                )
+            }?;
+            unsafe {
+                kernels::linalg::jacobi::bj_apply_f64(
+                    dev, apply_cfg, a, v, ki, wi, ri, nbi, &rot, &act, &flags, g,
+                )
+            }?;
+        }
+        unsafe {
+            kernels::linalg::jacobi::bj_sweep_end_i32(
+                dev,
+                LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+                &mut flags,
+                g,
+            )
+        }?;
+    }
+    unsafe {
+        kernels::linalg::jacobi::bj_finish_f64(
+            dev,
+            grid_stride(dev, k),
+            a,
+            ki,
+            &flags,
+            lam,
+            info,
+            &mut status.buf,
+            g,
+        )
+    }
+}
+
+/// `Q^T X Q` (k x k f64) into a new buffer: the matrix `X` in the basis `Q`, how a warm start
+/// hands Jacobi a nearly diagonal matrix. Two products, behind `gate` like [`Gemm::run_gated`].
+pub fn congruence(
+    dev: &Device,
+    kernel: GemmKernel,
+    gate: Option<&Buffer>,
+    x: &Buffer,
+    q: &Buffer,
+    k: usize,
+) -> Result<Buffer> {
+    let mut t = dev.alloc_zeros(DType::F64, k * k)?;
+    Gemm::new(false, false, k, k, k).run_gated(dev, kernel, gate, x, q, &mut t)?;
+    let mut a = dev.alloc_zeros(DType::F64, k * k)?;
+    Gemm::new(true, false, k, k, k).run_gated(dev, kernel, gate, q, &t, &mut a)?;
+    Ok(a)
+}
+
+/// `v <- I` (k x k f64).
+pub fn identity(dev: &Device, v: &mut Buffer, k: usize) -> Result<()> {
+    need(v, "identity", k * k, DType::F64)?;
+    unsafe {
+        kernels::elementwise::ops::identity_f64(
+            dev,
+            grid_stride(dev, k * k),
+            v,
+            fits_i32(k, "K")?,
+        )
+    }
+}

@@ -1,0 +1,341 @@
+//! The nearest simplex ETF on the device (`docs/solve.md`), float64 throughout:
+//!
+//! ```text
+//! G   = c Y M + delta Prox                       build_g (row-mean removal fused)
+//! G^T G = Q diag(s^2) Q^T                        gemm, Jacobi (warm: Q0^T G^T G Q0)
+//! U   = G Q diag(1/s),  P = U Q^T                gemm, scale_cols_f64, gemm
+//! ```
+//!
+//! This is the CPU head's Procrustes (Gram) route without its polish: `P` is the polar factor
+//! to `~eps cond(G)^2` (`1e-10` at the default `delta = 1e-3`), and `B = sym(P^T G)` equals
+//! `Q diag(s) Q^T` to the same order, which is what the backward uses. Optional Riemannian
+//! Newton steps (see [`super::head::DeviceOptions::max_newton_steps`]) polish further.
+//!
+//! Warm start: the eigenvectors of the previous step, `Q0`, nearly diagonalise this step's
+//! Gram matrix (the class means move little between steps), so Jacobi runs on
+//! `Q0^T (G^T G) Q0` from `V = Q0` and needs one to three sweeps instead of six to ten.
+
+use crate::kernels;
+use crate::kernels::elementwise::ops as elementwise;
+use crate::kernels::head::solve as ksolve;
+use faer::MatRef;
+
+use super::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use super::status::Status;
+use crate::core::validate::check_len;
+use crate::cpu::linalg::to_row_major;
+use crate::error::Result;
+use crate::runtime::{grid_stride, Buffer, DType, Device, LaunchConfig};
+use crate::stiefel::Factor;
+
+/// `P`, its factorisation `B = sym(P^T G) = Q diag(s) Q^T` with `U = P Q`, and `G`, on the
+/// device (all f64, row-major: `p`, `u`, `g` d x K; `q` K x K; `s`, `s_inv` K).
+#[derive(Debug)]
+pub struct FactorDev {
+    /// `P`.
+    pub p: Buffer,
+    /// `U = P Q`.
+    pub u: Buffer,
+    /// Eigenvectors of `B` (columns).
+    pub q: Buffer,
+    /// Eigenvalues of `B` (the singular values of `G`), unsorted.
+    pub s: Buffer,
+    /// `1 / s`.
+    pub s_inv: Buffer,
+    /// `G = c Y M + delta Prox`.
+    pub g: Buffer,
+    /// Jacobi sweeps used by the last eigensolve (i32, 1).
+    pub sweeps: Buffer,
+    /// Newton polish counters (i32, 2): steps taken, stopping checks made.
+    pub newton: Buffer,
+}
+
+impl FactorDev {
+    /// Uploads a CPU factor (the first step's, solved on the host) with its `G`.
+    pub fn upload(dev: &Device, f: &Factor, g: MatRef<'_, f64>) -> Result<FactorDev> {
+        let inv: Vec<f64> = f.s.iter().map(|v| 1.0 / v).collect();
+        Ok(FactorDev {
+            p: dev.upload(&to_row_major::<f64>(f.p.as_ref()))?,
+            u: dev.upload(&to_row_major::<f64>(f.u.as_ref()))?,
+            q: dev.upload(&to_row_major::<f64>(f.q.as_ref()))?,
+            s: dev.upload(&f.s)?,
+            s_inv: dev.upload(&inv)?,
+            g: dev.upload(&to_row_major::<f64>(g))?,
+            sweeps: dev.upload(&[0i32])?,
+            newton: dev.upload(&[0i32; 2])?,
+        })
+    }
+}
+
+/// `c = 2 / sqrt(K - 1)`.
+fn c_of(k: usize) -> f64 {
+    crate::core::constants::c_of(k)
+}
+
+/// `G = c Y M + delta Prox` (`y` f32 d x K, `prox` f64 d x K) into a new f64 buffer.
+pub fn build_g(
+    dev: &Device,
+    y: &Buffer,
+    prox: &Buffer,
+    d: usize,
+    k: usize,
+    delta: f64,
+) -> Result<Buffer> {
+    let mut g = dev.alloc_zeros(DType::F64, d * k)?;
+    unsafe {
+        kernels::head::solve::build_g_f64(
+            dev,
+            grid_stride(dev, d),
+            y,
+            prox,
+            d as i32,
+            k as i32,
+            c_of(k),
+            delta,
+            &mut g,
+        )
+    }?;
+    Ok(g)
+}
+
+/// The Procrustes solve of `G` (d x K f64): the polar factor and the factor of `B`.
+/// `warm`: the previous eigenvectors `Q0` (K x K), or `None` for a cold start. Failures
+/// (rank-deficient `G`, no convergence) are recorded in entry 3 of `status`.
+#[allow(clippy::too_many_arguments)]
+pub fn procrustes(
+    dev: &Device,
+    gk: GemmKernel,
+    eig: EigenSolver,
+    g: Buffer,
+    warm: Option<&Buffer>,
+    d: usize,
+    k: usize,
+    max_sweeps: usize,
+    status: &mut Status,
+) -> Result<FactorDev> {
+    let mut gram = dev.alloc_zeros(DType::F64, k * k)?;
+    Gemm::new(true, false, k, k, d).run(dev, gk, &g, &g, &mut gram)?;
+    let (mut a, mut q) = match warm {
+        Some(q0) => {
+            // A' = Q0^T (G^T G) Q0, V = Q0.
+            (congruence(dev, gk, None, &gram, q0, k)?, dev.copy(q0)?)
+        }
+        None => {
+            let mut q = dev.alloc_zeros(DType::F64, k * k)?;
+            identity(dev, &mut q, k)?;
+            (gram, q)
+        }
+    };
+    let mut lam = dev.alloc_zeros(DType::F64, k)?;
+    let mut sweeps = dev.alloc_zeros(DType::I32, 1)?;
+    sym_eig(
+        dev,
+        eig,
+        &mut a,
+        &mut q,
+        k,
+        max_sweeps,
+        &mut lam,
+        &mut sweeps,
+        status,
+        None,
+    )?;
+    let mut s = dev.alloc_zeros(DType::F64, k)?;
+    let mut s_inv = dev.alloc_zeros(DType::F64, k)?;
+    unsafe {
+        kernels::head::solve::singular_values_f64(
+            dev,
+            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+            &lam,
+            k as i32,
+            &mut s,
+            &mut s_inv,
+            &mut status.buf,
+        )
+    }?;
+    let mut u = dev.alloc_zeros(DType::F64, d * k)?;
+    Gemm::new(false, false, d, k, k).run(dev, gk, &g, &q, &mut u)?;
+    scale_cols(dev, &mut u, &s_inv, d, k)?;
+    let mut p = dev.alloc_zeros(DType::F64, d * k)?;
+    Gemm::new(false, true, d, k, k).run(dev, gk, &u, &q, &mut p)?;
+    Ok(FactorDev {
+        p,
+        u,
+        q,
+        s,
+        s_inv,
+        g,
+        sweeps,
+        newton: dev.alloc_zeros(DType::I32, 2)?,
+    })
+}
+
+/// `x[i][c] *= s[c]` (rows x k f64).
+pub fn scale_cols(dev: &Device, x: &mut Buffer, s: &Buffer, rows: usize, k: usize) -> Result<()> {
+    check_len("scale_cols x", rows * k, x.len())?;
+    check_len("scale_cols s", k, s.len())?;
+    // SAFETY: `x` holds `rows k` and `s` `k` elements (checked above).
+    unsafe {
+        kernels::head::solve::scale_cols_f64(
+            dev,
+            grid_stride(dev, rows * k),
+            x,
+            s,
+            rows as i32,
+            k as i32,
+        )
+    }
+}
+
+/// Riemannian Newton steps on St(d, K) from `f` (the Procrustes factor), with the CPU head's
+/// stopping rule, decided on the device. Before each step, `newton_check` measures the
+/// Riemannian gradient `||P B - G||_F` and `max |P^T P - I|` and sets a device flag once both
+/// are at rounding level (`grad <= eps max(16, sqrt(dK)/4) ||G||_F`, the CPU head's
+/// [`grad_tol`](crate::cpu::solve::grad_tol), and orthogonality `<=`
+/// [`ORTH_TOL`](crate::core::constants::ORTH_TOL)), or once a step no longer gains a factor 10.
+/// Every later kernel of the polish reads that flag: the products and the eigensolver return at
+/// once, and the step's result is not committed. So at most `max_steps` steps run, the host
+/// makes no decision (no synchronisation), and a converged polish costs one check and a few
+/// empty launches per remaining step.
+///
+/// A step, as the CPU head's polish: the Newton direction `X` solves `Proj_T(X B) = G - P B`
+/// (the backward's tangent-space solve with `V = P B - G`), then `P <- NS(P + X)` (two
+/// Newton–Schulz retraction steps) and `B = sym(P^T G)` is factored again by Jacobi
+/// warm-started from the previous eigenvectors. Convergence is quadratic: one step takes the
+/// Gram route's `eps cond(G)^2` error to rounding level unless `G` is extremely
+/// ill-conditioned. The steps taken are counted in `f.newton[0]`.
+#[allow(clippy::too_many_arguments)]
+pub fn newton_polish(
+    dev: &Device,
+    gk: GemmKernel,
+    eig: EigenSolver,
+    mut f: FactorDev,
+    d: usize,
+    k: usize,
+    max_steps: usize,
+    max_sweeps: usize,
+    status: &mut Status,
+) -> Result<FactorDev> {
+    const NS_ITERS: usize = 2;
+    if max_steps == 0 {
+        return Ok(f);
+    }
+    let mut done = dev.alloc_zeros(DType::I32, 1)?;
+    let mut hist = dev.alloc_zeros(DType::F64, 3)?;
+    let grad_rel = crate::core::constants::grad_tol_rel(d, k);
+    let check_threads = match dev.backend() {
+        crate::runtime::Backend::Cpu => 32,
+        crate::runtime::Backend::Cuda => 256,
+    };
+    for _ in 0..max_steps {
+        // V = P B - G = U diag(s) Q^T - G, and P^T P: the stopping rule.
+        let mut us = dev.copy(&f.u)?;
+        scale_cols(dev, &mut us, &f.s, d, k)?;
+        let mut v = dev.copy(&f.g)?;
+        let mut gm = Gemm::new(false, true, d, k, k);
+        gm.beta = -1.0;
+        gm.run_gated(dev, gk, Some(&done), &us, &f.q, &mut v)?;
+        let mut ptp = dev.alloc_zeros(DType::F64, k * k)?;
+        Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &f.p, &f.p, &mut ptp)?;
+        unsafe {
+            kernels::head::solve::newton_check_f64(
+                dev,
+                LaunchConfig::new((1, 1, 1), (check_threads, 1, 1)),
+                &v,
+                &ptp,
+                &f.g,
+                d as i32,
+                k as i32,
+                grad_rel,
+                crate::core::constants::ORTH_TOL,
+                &mut done,
+                &mut f.newton,
+                &mut hist,
+            )
+        }?;
+        // The step (every product and the eigensolver behind the flag).
+        let x = super::backward::tangent_solve(dev, gk, &f, &v, d, k, status, Some(&done))?;
+        let mut z = dev.alloc_zeros(DType::F64, d * k)?;
+        // SAFETY (this and the launches below): every buffer was allocated above, or checked
+        // by `FactorDev`, at the `d x K` / `K x K` sizes the kernels are given.
+        unsafe {
+            elementwise::add_f64(
+                dev,
+                grid_stride(dev, d * k),
+                &f.p,
+                &x,
+                (d * k) as i64,
+                &mut z,
+            )
+        }?;
+        for _ in 0..NS_ITERS {
+            let mut ztz = dev.alloc_zeros(DType::F64, k * k)?;
+            Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &z, &z, &mut ztz)?;
+            let mut m = dev.alloc_zeros(DType::F64, k * k)?;
+            unsafe {
+                ksolve::newton_schulz_factor_f64(
+                    dev,
+                    grid_stride(dev, k * k),
+                    &ztz,
+                    k as i32,
+                    &mut m,
+                )
+            }?;
+            let mut zn = dev.alloc_zeros(DType::F64, d * k)?;
+            Gemm::new(false, false, d, k, k).run_gated(dev, gk, Some(&done), &z, &m, &mut zn)?;
+            z = zn;
+        }
+        // B = sym(P^T G), factored from the previous eigenvectors.
+        let mut ptg = dev.alloc_zeros(DType::F64, k * k)?;
+        Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &z, &f.g, &mut ptg)?;
+        let mut b = dev.alloc_zeros(DType::F64, k * k)?;
+        unsafe { ksolve::symmetrise_f64(dev, grid_stride(dev, k * k), &ptg, k as i32, &mut b) }?;
+        let mut a = congruence(dev, gk, Some(&done), &b, &f.q, k)?;
+        let mut q = dev.copy(&f.q)?;
+        let mut lam = dev.alloc_zeros(DType::F64, k)?;
+        sym_eig(
+            dev,
+            eig,
+            &mut a,
+            &mut q,
+            k,
+            max_sweeps,
+            &mut lam,
+            &mut f.sweeps,
+            status,
+            Some(&done),
+        )?;
+        unsafe {
+            kernels::head::solve::eigenvalues_inv_f64(
+                dev,
+                LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+                &lam,
+                k as i32,
+                &mut f.s,
+                &mut f.s_inv,
+                &mut status.buf,
+                Some(&done),
+            )
+        }?;
+        let mut u = dev.alloc_zeros(DType::F64, d * k)?;
+        Gemm::new(false, false, d, k, k).run_gated(dev, gk, Some(&done), &z, &q, &mut u)?;
+        // Commit the step unless the check stopped the polish.
+        for (dst, src, len) in [
+            (&mut f.p, &z, d * k),
+            (&mut f.u, &u, d * k),
+            (&mut f.q, &q, k * k),
+        ] {
+            unsafe {
+                ksolve::take_step_f64(
+                    dev,
+                    grid_stride(dev, len),
+                    dst,
+                    src,
+                    len as i64,
+                    Some(&done),
+                )
+            }?;
+        }
+    }
+    Ok(f)
+}

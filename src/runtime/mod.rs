@@ -1,0 +1,728 @@
+//! The device runtime: allocate, copy, launch a kernel, capture a graph, synchronise. It
+//! knows nothing of the implicit-ETF head: kernels come in as [`KernelSig`]s (the crate's
+//! table is [`crate::kernels`]), buffers as typed allocations.
+//!
+//! Two implementations behind one [`Device`]:
+//! - **CUDA** (cudarc, driver API): kernels come from the PTX / `sm_90` cubin that `build.rs`
+//!   compiled with `nvcc`, or, when the crate was built without `nvcc`, from the embedded
+//!   sources compiled at run time with NVRTC.
+//! - **CPU execution**: the same `kernels/*.cu` compiled by the host C++ compiler against
+//!   `kernels/cpu/cuda_cpu.h`; the threads of a block run as real host threads, so barriers,
+//!   shuffles and atomics have their CUDA semantics (see `kernels/README.md`).
+//!
+//! The head's stages are written once against [`Device`] (see [`crate::gpu`]), so CI runs
+//! the real orchestration on the CPU.
+//!
+//! A launch takes a [`KernelSig`] and a list of [`Arg`]s, checked against the kernel's C
+//! signature (parsed by `build.rs`): argument count, scalar types, pointer element types, and
+//! that every buffer belongs to this device. Sizes cannot be checked from a signature, so
+//! [`Device::launch`] is `unsafe`; the typed wrappers of [`crate::kernels`] are the usual way
+//! in.
+
+pub mod buffer;
+#[cfg_attr(not(feature = "cpu-exec"), path = "cpu_none.rs")]
+mod cpu;
+#[cfg_attr(not(feature = "cuda"), path = "cuda_none.rs")]
+mod cuda;
+pub mod graph;
+pub mod launch;
+pub mod memory;
+
+#[cfg(feature = "cuda")]
+/// The `cudarc` this crate is built against (for [`Device::cuda_on_stream`],
+/// [`Device::from_cuda_slice`] and [`Device::into_cuda_slice`]: their types must come from
+/// this version).
+pub use cudarc;
+
+pub use buffer::{Buffer, DType, DeviceScalar};
+pub use graph::Graph;
+pub use launch::{grid_stride, Arg, KernelFile, KernelSig, LaunchConfig, Param};
+pub use memory::MemoryStats;
+
+use crate::error::{Error, Result};
+use graph::{CpuOp, GraphKind, Recording};
+use memory::{BufInner, Counters, Mem, Workspaces};
+use std::sync::{Arc, Mutex};
+
+/// Which implementation a [`Device`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CUDA GPU through the driver API.
+    Cuda,
+    /// The CPU execution of the kernels.
+    Cpu,
+}
+
+/// A device: CUDA GPU or CPU execution of the kernels.
+#[derive(Debug)]
+pub struct Device {
+    inner: DevInner,
+    counters: Arc<Counters>,
+    workspaces: Mutex<Workspaces>,
+    capture: Mutex<Option<Recording>>,
+}
+
+#[derive(Debug)]
+enum DevInner {
+    #[cfg_attr(not(feature = "cpu-exec"), allow(dead_code))]
+    Cpu,
+    Cuda(Box<cuda::CudaDevice>),
+}
+
+/// Restores the previous workspace scope when dropped (see [`Device::workspace`]).
+#[derive(Debug)]
+pub(crate) struct WorkspaceScope<'a> {
+    dev: &'a Device,
+    prev: Option<usize>,
+}
+
+impl Drop for WorkspaceScope<'_> {
+    fn drop(&mut self) {
+        lock(&self.dev.workspaces).leave(self.prev);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Device {
+    fn wrap(inner: DevInner) -> Device {
+        Device {
+            inner,
+            counters: Arc::default(),
+            workspaces: Mutex::default(),
+            capture: Mutex::default(),
+        }
+    }
+
+    /// The CPU execution of the kernels (feature `cpu-exec`, on by default).
+    #[cfg(feature = "cpu-exec")]
+    pub fn cpu() -> Device {
+        Device::wrap(DevInner::Cpu)
+    }
+
+    /// CUDA device `ordinal`; [`Error::NoDevice`] when there is no driver or no GPU.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device::wrap(DevInner::Cuda(Box::new(
+            cuda::CudaDevice::new(ordinal)?,
+        ))))
+    }
+
+    /// The GPU of a caller's cudarc stream, with all of this crate's work queued on that
+    /// stream: use the stream of your trainer (candle, burn, your own), so that the head's
+    /// kernels are ordered with yours, and a non-default stream if you capture steps in a
+    /// CUDA graph ([`Device::cuda`] uses the legacy default stream, which cannot be captured
+    /// and is not ordered with non-blocking streams such as those of
+    /// `CudaContext::new_stream`). The stream must belong to this crate's `cudarc` version
+    /// (re-exported as [`cudarc`]).
+    ///
+    /// Cost to know about: once a context has several streams, cudarc records an event per
+    /// buffer per launch (its automatic cross-stream ordering). This crate queues everything
+    /// on one stream and does not need them; a trainer that orders its streams itself can
+    /// switch them off with `unsafe { ctx.disable_event_tracking() }` (cudarc's contract),
+    /// and must do so before [`Device::begin_capture`].
+    ///
+    /// ```no_run
+    /// use implicit_etf::runtime::{cudarc::driver::CudaContext, DType, Device};
+    ///
+    /// let ctx = CudaContext::new(0).unwrap();
+    /// let stream = ctx.new_stream().unwrap(); // the trainer's stream
+    /// let dev = Device::cuda_on_stream(stream.clone()).unwrap();
+    /// let feats = stream.clone_htod(&[0.5f32; 32]).unwrap(); // a trainer's tensor
+    /// let buf = dev.from_cuda_slice(feats).unwrap(); // moved in, no copy
+    /// assert_eq!((buf.dtype(), buf.len()), (DType::F32, 32));
+    /// let back = dev.into_cuda_slice::<f32>(buf).unwrap(); // moved out, no copy
+    /// assert_eq!(back.len(), 32);
+    /// ```
+    #[cfg(feature = "cuda")]
+    pub fn cuda_on_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Device> {
+        if !cuda::lib_present(cuda::DRIVER) {
+            return Err(Error::NoDevice {
+                reason: "the CUDA driver library (libcuda) is not installed".into(),
+            });
+        }
+        Ok(Device::wrap(DevInner::Cuda(Box::new(
+            cuda::CudaDevice::on_stream(stream)?,
+        ))))
+    }
+
+    /// The cudarc stream this device queues its work on (`None` on the CPU execution).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_stream(&self) -> Option<Arc<cudarc::driver::CudaStream>> {
+        match &self.inner {
+            DevInner::Cpu => None,
+            DevInner::Cuda(c) => Some(c.stream().clone()),
+        }
+    }
+
+    /// A caller's cudarc slice as a [`Buffer`] of this device, without a copy: the buffer
+    /// owns the allocation from now on (freed on this device's stream). When the slice's
+    /// stream is not this device's, this stream first waits for it, so pending writes to
+    /// the slice are seen. Errors: the CPU execution, a slice of another CUDA context, or a
+    /// capture in progress.
+    #[cfg(feature = "cuda")]
+    pub fn from_cuda_slice<T: DeviceScalar>(
+        &self,
+        slice: cudarc::driver::CudaSlice<T>,
+    ) -> Result<Buffer> {
+        self.refuse_in_capture("from_cuda_slice")?;
+        let len = slice.len();
+        match &self.inner {
+            DevInner::Cpu => Err(Error::Device {
+                op: "from_cuda_slice".into(),
+                message: "the CPU execution has no CUDA memory".into(),
+            }),
+            DevInner::Cuda(c) => {
+                let bytes = len * std::mem::size_of::<T>();
+                let buf = BufInner::Cuda(c.adopt(slice)?);
+                Ok(Buffer {
+                    dtype: T::DTYPE,
+                    len,
+                    mem: self.counters.track(buf, bytes),
+                })
+            }
+        }
+    }
+
+    /// A [`Buffer`] of this device as a cudarc slice of `T` on this device's stream, without a
+    /// copy (use it on another stream only after that stream waits for this one, e.g.
+    /// `CudaStream::join`). Errors: `T` is not the buffer's element type, the buffer is not
+    /// a CUDA buffer of this kind of device, or its memory is shared (a head's workspace, a
+    /// [`Graph`] that uses it).
+    #[cfg(feature = "cuda")]
+    pub fn into_cuda_slice<T: DeviceScalar>(
+        &self,
+        buf: Buffer,
+    ) -> Result<cudarc::driver::CudaSlice<T>> {
+        check_type::<T>(&buf, "into_cuda_slice")?;
+        self.own(&buf.mem, "into_cuda_slice")?;
+        let len = buf.len;
+        let (DevInner::Cuda(c), BufInner::Cuda(_)) = (&self.inner, &buf.mem.buf) else {
+            return Err(Error::Device {
+                op: "into_cuda_slice".into(),
+                message: "not a CUDA buffer of a CUDA device".into(),
+            });
+        };
+        let mut mem = Arc::try_unwrap(buf.mem).map_err(|_| Error::Device {
+            op: "into_cuda_slice".into(),
+            message: "the buffer's memory is shared (a workspace or a graph uses it)".into(),
+        })?;
+        match std::mem::replace(&mut mem.buf, BufInner::Moved) {
+            BufInner::Cuda(b) => Ok(c.release::<T>(b, len)),
+            _ => Err(foreign("into_cuda_slice")),
+        }
+    }
+
+    /// Chosen by `IMPLICIT_ETF_DEVICE`: `cpu`, `cuda` (error if unavailable), or `auto`
+    /// (the default: CUDA device 0 when available, else the CPU execution).
+    pub fn from_env() -> Result<Device> {
+        match std::env::var("IMPLICIT_ETF_DEVICE").as_deref() {
+            Ok("cpu") => Device::cpu_if_built(),
+            Ok("cuda") => Device::cuda(0),
+            Ok("auto") | Err(_) => Device::cuda(0).or_else(|_| Device::cpu_if_built()),
+            Ok(other) => Err(Error::InvalidParameter {
+                name: "IMPLICIT_ETF_DEVICE",
+                reason: format!("`{other}` is not one of cpu, cuda, auto"),
+            }),
+        }
+    }
+
+    /// The devices tests should run on: the CPU execution, plus CUDA device 0 when present
+    /// (`IMPLICIT_ETF_DEVICE=cpu` or `cuda` keeps only that one). The second value is the
+    /// reason the CUDA part is skipped, if it is.
+    pub fn all_available() -> (Vec<Device>, Option<String>) {
+        let want = std::env::var("IMPLICIT_ETF_DEVICE").unwrap_or_default();
+        let mut v = Vec::new();
+        if want != "cuda" {
+            v.extend(Device::cpu_if_built());
+        }
+        if want == "cpu" {
+            return (v, Some("IMPLICIT_ETF_DEVICE=cpu".into()));
+        }
+        match Device::cuda(0) {
+            Ok(d) => {
+                v.push(d);
+                (v, None)
+            }
+            Err(e) => (v, Some(e.to_string())),
+        }
+    }
+
+    /// [`Device::cpu`], or an error when the crate was built without `cpu-exec`.
+    fn cpu_if_built() -> Result<Device> {
+        #[cfg(feature = "cpu-exec")]
+        return Ok(Device::cpu());
+        #[cfg(not(feature = "cpu-exec"))]
+        Err(Error::NoDevice {
+            reason: "implicit-etf was built without its `cpu-exec` feature".into(),
+        })
+    }
+
+    /// Which implementation this is.
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            DevInner::Cpu => Backend::Cpu,
+            DevInner::Cuda(_) => Backend::Cuda,
+        }
+    }
+
+    /// A short description ("CPU execution", or the GPU's name).
+    pub fn name(&self) -> String {
+        match &self.inner {
+            DevInner::Cpu => {
+                if crate::kernels::cpu_asan() {
+                    "CPU execution (AddressSanitizer)".into()
+                } else {
+                    "CPU execution".into()
+                }
+            }
+            DevInner::Cuda(c) => c.name(),
+        }
+    }
+
+    /// Allocations this device has created and released so far (see [`MemoryStats`]).
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.counters.stats()
+    }
+
+    /// Bytes held by the workspaces of the heads on this device (kept between steps so that
+    /// a steady-state step allocates nothing; see [`memory`]).
+    pub fn workspace_bytes(&self) -> usize {
+        lock(&self.workspaces).bytes()
+    }
+
+    /// Enters workspace `id` until the returned scope drops: scratch requests
+    /// ([`alloc_zeros`](Self::alloc_zeros), [`copy`](Self::copy)) then reuse its slots in
+    /// order (see [`memory`]). Crate-internal: only the heads know which buffers outlive a
+    /// scope.
+    pub(crate) fn workspace(&self, id: usize) -> WorkspaceScope<'_> {
+        let prev = lock(&self.workspaces).enter(id);
+        WorkspaceScope { dev: self, prev }
+    }
+
+    /// Drops workspace `id`'s slots (freed once no buffer aliases them).
+    pub(crate) fn clear_workspace(&self, id: usize) {
+        lock(&self.workspaces).clear(id);
+    }
+
+    /// An error unless this device created `m` (a buffer of another device, even of the same
+    /// kind, addresses memory this one cannot use).
+    fn own(&self, m: &Mem, op: &str) -> Result<()> {
+        if m.owned_by(&self.counters) {
+            Ok(())
+        } else {
+            Err(foreign(op))
+        }
+    }
+
+    /// An error if a capture is in progress (`op` cannot be part of a graph).
+    fn refuse_in_capture(&self, op: &str) -> Result<()> {
+        if lock(&self.capture).is_some() {
+            return Err(Error::Device {
+                op: op.into(),
+                message: "not allowed while capturing a graph (allocation, host copies and \
+                          synchronisation cannot be replayed)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new zero-filled allocation (counted).
+    fn fresh(&self, bytes: usize) -> Result<Arc<Mem>> {
+        self.refuse_in_capture("allocate")?;
+        let buf = match &self.inner {
+            DevInner::Cpu => BufInner::Cpu(cpu::CpuBuf::zeroed(bytes)?),
+            DevInner::Cuda(c) => BufInner::Cuda(c.alloc_zeros(bytes)?),
+        };
+        Ok(self.counters.track(buf, bytes))
+    }
+
+    /// The next slot of the workspace in scope (`None` outside a scope).
+    fn slot(&self, bytes: usize) -> Result<Option<Arc<Mem>>> {
+        lock(&self.workspaces).take(bytes, || self.fresh(bytes))
+    }
+
+    /// Zero-fills `m` (recorded during a capture on the CPU execution).
+    fn zero(&self, m: &Arc<Mem>) -> Result<()> {
+        self.own(m, "zero fill")?;
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            rec.keep(m);
+            if let DevInner::Cpu = self.inner {
+                rec.ops.push(CpuOp::Zero(m.clone()));
+                return Ok(());
+            }
+        }
+        match (&self.inner, &m.buf) {
+            (DevInner::Cpu, BufInner::Cpu(_)) => {
+                cpu::zero(m);
+                Ok(())
+            }
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => c.zero(b),
+            _ => Err(foreign("zero fill")),
+        }
+    }
+
+    /// `dst <- src`, same size (recorded during a capture on the CPU execution).
+    fn copy_mem(&self, dst: &Arc<Mem>, src: &Arc<Mem>) -> Result<()> {
+        self.own(dst, "copy")?;
+        self.own(src, "copy")?;
+        if dst.bytes() != src.bytes() {
+            return Err(Error::ShapeMismatch {
+                what: "device copy (bytes)",
+                expected: dst.bytes(),
+                got: src.bytes(),
+            });
+        }
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            rec.keep(dst);
+            rec.keep(src);
+            if let DevInner::Cpu = self.inner {
+                rec.ops.push(CpuOp::Copy {
+                    dst: dst.clone(),
+                    src: src.clone(),
+                });
+                return Ok(());
+            }
+        }
+        match (&self.inner, &dst.buf, &src.buf) {
+            (DevInner::Cpu, BufInner::Cpu(_), BufInner::Cpu(_)) => {
+                cpu::copy(dst, src);
+                Ok(())
+            }
+            (DevInner::Cuda(c), BufInner::Cuda(d), BufInner::Cuda(s)) => c.copy_into(d, s),
+            _ => Err(foreign("copy")),
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements (a reused slot inside a head's workspace).
+    pub fn alloc_zeros(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let bytes = len.checked_mul(dtype.size()).ok_or(Error::SizeOverflow {
+            what: "buffer bytes",
+        })?;
+        let mem = match self.slot(bytes)? {
+            Some(m) => {
+                self.zero(&m)?;
+                m
+            }
+            None => self.fresh(bytes)?,
+        };
+        Ok(Buffer { dtype, len, mem })
+    }
+
+    /// A new buffer holding a copy of `data` (a reused slot inside a head's workspace). Not
+    /// allowed during a capture.
+    pub fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<Buffer> {
+        self.refuse_in_capture("upload")?;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if let Some(mem) = self.slot(bytes.len())? {
+            self.write_mem(&mem, bytes, "upload")?;
+            return Ok(Buffer {
+                dtype: T::DTYPE,
+                len: data.len(),
+                mem,
+            });
+        }
+        let buf = match &self.inner {
+            DevInner::Cpu => {
+                let b = cpu::CpuBuf::zeroed(bytes.len())?;
+                b.write(bytes);
+                BufInner::Cpu(b)
+            }
+            DevInner::Cuda(c) => BufInner::Cuda(c.upload(bytes)?),
+        };
+        Ok(Buffer {
+            dtype: T::DTYPE,
+            len: data.len(),
+            mem: self.counters.track(buf, bytes.len()),
+        })
+    }
+
+    /// Overwrites `buf` with `data` (same type and length): how a trainer refills the input
+    /// buffers of a captured step between [`Graph::launch`]es. Not allowed during a capture.
+    pub fn write<T: DeviceScalar>(&self, buf: &mut Buffer, data: &[T]) -> Result<()> {
+        check_type::<T>(buf, "write")?;
+        if data.len() != buf.len {
+            return Err(Error::ShapeMismatch {
+                what: "device write",
+                expected: buf.len,
+                got: data.len(),
+            });
+        }
+        self.refuse_in_capture("write")?;
+        self.write_mem(&buf.mem, bytemuck::cast_slice(data), "write")
+    }
+
+    /// Host bytes into an allocation of this device (of the same size).
+    fn write_mem(&self, m: &Mem, bytes: &[u8], op: &str) -> Result<()> {
+        self.own(m, op)?;
+        if m.bytes() != bytes.len() {
+            return Err(Error::ShapeMismatch {
+                what: "device write (bytes)",
+                expected: m.bytes(),
+                got: bytes.len(),
+            });
+        }
+        match (&self.inner, &m.buf) {
+            (DevInner::Cpu, BufInner::Cpu(b)) => {
+                b.write(bytes);
+                Ok(())
+            }
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => c.write(b, bytes),
+            _ => Err(foreign(op)),
+        }
+    }
+
+    /// Copies `buf` back to the host (waits for pending work). Not allowed during a capture.
+    pub fn download<T: DeviceScalar>(&self, buf: &Buffer) -> Result<Vec<T>> {
+        check_type::<T>(buf, "download")?;
+        self.own(&buf.mem, "download")?;
+        self.refuse_in_capture("download")?;
+        let mut out = vec![T::zeroed(); buf.len];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        match (&self.inner, &buf.mem.buf) {
+            (DevInner::Cpu, BufInner::Cpu(b)) => b.read(dst),
+            (DevInner::Cuda(c), BufInner::Cuda(b)) => c.read(b, dst)?,
+            _ => return Err(foreign("download")),
+        }
+        Ok(out)
+    }
+
+    /// A new buffer with a copy of `buf`'s contents, device to device (a reused slot inside a
+    /// head's workspace).
+    pub fn copy(&self, buf: &Buffer) -> Result<Buffer> {
+        self.own(&buf.mem, "copy")?;
+        let mem = match self.slot(buf.bytes())? {
+            Some(m) => {
+                self.copy_mem(&m, &buf.mem)?;
+                m
+            }
+            None => {
+                self.refuse_in_capture("copy to a new buffer")?;
+                let inner = match (&self.inner, &buf.mem.buf) {
+                    (DevInner::Cpu, BufInner::Cpu(b)) => BufInner::Cpu(b.clone_buf()?),
+                    (DevInner::Cuda(c), BufInner::Cuda(b)) => BufInner::Cuda(c.copy(b)?),
+                    _ => return Err(foreign("copy")),
+                };
+                self.counters.track(inner, buf.bytes())
+            }
+        };
+        Ok(Buffer {
+            dtype: buf.dtype,
+            len: buf.len,
+            mem,
+        })
+    }
+
+    /// `dst <- src`, device to device, into an existing buffer of the same type and length
+    /// (capturable: no allocation).
+    pub fn copy_into(&self, dst: &mut Buffer, src: &Buffer) -> Result<()> {
+        if dst.dtype != src.dtype {
+            return Err(Error::Device {
+                op: "copy_into".into(),
+                message: format!("{:?} buffer into a {:?} buffer", src.dtype, dst.dtype),
+            });
+        }
+        if dst.len != src.len {
+            return Err(Error::ShapeMismatch {
+                what: "copy_into",
+                expected: dst.len,
+                got: src.len,
+            });
+        }
+        self.copy_mem(&dst.mem, &src.mem)
+    }
+
+    /// Launches `kernel` (its signature comes from [`crate::kernels`]; the typed wrappers
+    /// there are the usual way in). The arguments are checked against its C signature:
+    /// their count, every scalar type, every pointer's element type, and that every buffer
+    /// belongs to this device (all typed errors). On CUDA the launch is asynchronous (errors of
+    /// the kernel itself surface at [`Device::synchronize`] or the next download); on the CPU
+    /// it runs to completion before returning. During a capture it is recorded instead (see
+    /// [`graph`]).
+    ///
+    /// # Safety
+    /// Sizes are not part of a C signature, so they cannot be checked here:
+    /// - every buffer must hold at least as many elements as the kernel reads or writes at the
+    ///   sizes passed as scalars and at this launch shape;
+    /// - a buffer the kernel writes must not be read or written by another argument unless
+    ///   the kernel allows that aliasing;
+    /// - the launch shape must be one the kernel supports (block size, shared memory).
+    pub unsafe fn launch(
+        &self,
+        kernel: &'static KernelSig,
+        cfg: LaunchConfig,
+        args: &[Arg<'_>],
+    ) -> Result<()> {
+        let sig = kernel;
+        let name = sig.name;
+        let bad = |message: String| Error::Device {
+            op: format!("launch {name}"),
+            message,
+        };
+        if args.len() != sig.params.len() {
+            return Err(bad(format!(
+                "takes {} arguments, got {}",
+                sig.params.len(),
+                args.len()
+            )));
+        }
+        for (i, (p, a)) in sig.params.iter().zip(args).enumerate() {
+            let ok = match (p, a) {
+                (Param::Ptr { dtype, .. }, Arg::Buf(b)) => {
+                    if b.dtype != *dtype {
+                        return Err(bad(format!(
+                            "argument {i}: kernel expects a {dtype:?} pointer, got a {:?} buffer",
+                            b.dtype
+                        )));
+                    }
+                    b.mem.owned_by(&self.counters)
+                }
+                (Param::Ptr { .. }, Arg::Null) => true,
+                (Param::Scalar(DType::I32), Arg::I32(_))
+                | (Param::Scalar(DType::U32), Arg::U32(_))
+                | (Param::Scalar(DType::I64), Arg::I64(_))
+                | (Param::Scalar(DType::U64), Arg::U64(_))
+                | (Param::Scalar(DType::F32), Arg::F32(_))
+                | (Param::Scalar(DType::F64), Arg::F64(_)) => true,
+                _ => false,
+            };
+            if !ok {
+                return Err(bad(format!(
+                    "argument {i}: kernel expects {p:?}, got {a:?} (or a buffer of another device)"
+                )));
+            }
+        }
+        if cfg.shared_bytes > 48 * 1024 {
+            return Err(bad(format!(
+                "dynamic shared memory {} bytes exceeds the 48 KiB limit",
+                cfg.shared_bytes
+            )));
+        }
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            for a in args {
+                if let Arg::Buf(b) = a {
+                    rec.keep(&b.mem);
+                }
+            }
+            match &self.inner {
+                DevInner::Cpu => {
+                    rec.ops.push(CpuOp::Launch {
+                        name: cpu::c_name(name)?,
+                        cfg,
+                        slots: cpu::slots(args),
+                    });
+                    return Ok(());
+                }
+                DevInner::Cuda(c) => rec.funcs.push(c.function(sig)?),
+            }
+        }
+        match &self.inner {
+            DevInner::Cpu => cpu::launch(name, cfg, args),
+            DevInner::Cuda(c) => c.launch(sig, cfg, args),
+        }
+    }
+
+    /// Starts capturing this device's work into a [`Graph`] (see [`graph`]): until
+    /// [`end_capture`](Self::end_capture), launches and device-side copies are recorded, not
+    /// run, and allocation, uploads, downloads and synchronisation are refused with a typed
+    /// error. Errors: a capture already in progress; on a GPU, the legacy default stream
+    /// ([`Device::cuda`]; use [`Device::cuda_on_stream`]) or cudarc's event tracking on.
+    ///
+    /// ```
+    /// use implicit_etf::runtime::{Device, LaunchConfig, Arg};
+    /// let dev = Device::cpu();
+    /// let mut x = dev.upload(&[1.0f32, 2.0]).unwrap();
+    /// let y = dev.upload(&[10.0f32, 20.0]).unwrap();
+    /// dev.begin_capture().unwrap();
+    /// let cfg = LaunchConfig::new((1, 1, 1), (32, 1, 1));
+    /// dev.launch("add_assign_f32", cfg, &[Arg::Buf(&x), Arg::Buf(&y), Arg::I64(2)]).unwrap();
+    /// let graph = dev.end_capture().unwrap();
+    /// assert_eq!(dev.download::<f32>(&x).unwrap(), [1.0, 2.0]); // recorded, not run
+    /// graph.launch().unwrap();
+    /// graph.launch().unwrap();
+    /// assert_eq!(dev.download::<f32>(&x).unwrap(), [21.0, 42.0]);
+    /// dev.write(&mut x, &[0.5f32, 0.5]).unwrap(); // new inputs, same graph
+    /// graph.launch().unwrap();
+    /// assert_eq!(dev.download::<f32>(&x).unwrap(), [10.5, 20.5]);
+    /// ```
+    pub fn begin_capture(&self) -> Result<()> {
+        let mut cap = lock(&self.capture);
+        if cap.is_some() {
+            return Err(Error::Device {
+                op: "begin_capture".into(),
+                message: "a capture is already in progress on this device".into(),
+            });
+        }
+        if let DevInner::Cuda(c) = &self.inner {
+            c.begin_capture()?;
+        }
+        *cap = Some(Recording::new(self.counters.stats()));
+        Ok(())
+    }
+
+    /// Whether a capture is in progress.
+    pub fn is_capturing(&self) -> bool {
+        lock(&self.capture).is_some()
+    }
+
+    /// Ends the capture and returns the [`Graph`]. Errors: no capture in progress; a buffer
+    /// was released during the capture (its memory could be reused while the graph still
+    /// addresses it); on a GPU, a capture the driver invalidated. Call it on the thread that
+    /// began the capture: on a GPU the stream otherwise stays in capture mode, though this
+    /// device no longer records.
+    pub fn end_capture(&self) -> Result<Graph> {
+        let rec = lock(&self.capture).take().ok_or_else(|| Error::Device {
+            op: "end_capture".into(),
+            message: "no capture in progress".into(),
+        })?;
+        let kind = match &self.inner {
+            DevInner::Cpu => GraphKind::Cpu(rec.ops),
+            DevInner::Cuda(c) => GraphKind::Cuda(c.end_capture()?),
+        };
+        let now = self.counters.stats();
+        if now != rec.start {
+            return Err(Error::Device {
+                op: "end_capture".into(),
+                message: format!(
+                    "{} allocations were released during the capture; a replayable step must \
+                     not free memory (DeviceHead::forward_into / backward_into keep theirs)",
+                    now.released - rec.start.released
+                ),
+            });
+        }
+        Ok(Graph {
+            kind,
+            keep: rec.keep,
+            funcs: rec.funcs,
+        })
+    }
+
+    /// Waits for all launched work; reports asynchronous kernel errors. Not allowed during a
+    /// capture.
+    pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("synchronize")?;
+        match &self.inner {
+            DevInner::Cpu => Ok(()),
+            DevInner::Cuda(c) => c.synchronize(),
+        }
+    }
+}
+
+fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
+    if buf.dtype != T::DTYPE {
+        return Err(Error::Device {
+            op: op.into(),
+            message: format!("buffer holds {:?}, asked for {:?}", buf.dtype, T::DTYPE),
+        });
+    }
+    Ok(())
+}
+
+fn foreign(op: &str) -> Error {
+    Error::Device {
+        op: op.into(),
+        message: "the buffer belongs to another device".into(),
+    }
+}

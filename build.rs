@@ -358,6 +358,9 @@ fn build_cpu_execution(
         .std("c++20")
         .include(kdir)
         .flag_if_supported("-pthread")
+        // Everything of the CPU execution is local to the binary that links it: only the
+        // Rust side calls into it, within the same link.
+        .flag_if_supported("-fvisibility=hidden")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unused-function")
         .opt_level(2)
@@ -373,7 +376,12 @@ fn build_cpu_execution(
         let stem = key.replace('/', "_");
         let mut cpp = String::new();
         writeln!(cpp, "#line 1 \"kernels/{key}.cu\"").unwrap();
-        cpp.push_str(&rewrite_dynamic_shared(&sources[fi]));
+        // Kernels get internal linkage on the host (only this file's trampolines call them),
+        // so no kernel name becomes a symbol of a user's binary.
+        cpp.push_str(
+            &rewrite_dynamic_shared(&sources[fi])
+                .replace("extern \"C\" __global__", "static __global__"),
+        );
         cpp.push_str("\n// ---- generated trampolines ----\n#include <functional>\n#include <string>\nnamespace etf_cpu { std::string run_grid(dim3, dim3, size_t, const std::function<void()>&); }\n");
         for k in kernels.iter().filter(|k| k.file_index == fi) {
             writeln!(

@@ -52,7 +52,7 @@ for exe in "$BIN"/*; do
     cpu-*) continue ;;  # the CPU-backend criterion bench is not part of the GPU check
     *)
       t0=$(date +%s)
-      IMPLICIT_ETF_DEVICE=cuda RUST_BACKTRACE=1 timeout 150 "$exe" --test-threads=1 > "$OUTDIR/$name.log" 2>&1
+      IMPLICIT_ETF_DEVICE=cuda RUST_BACKTRACE=1 timeout 150 "$exe" --include-ignored --test-threads=1 > "$OUTDIR/$name.log" 2>&1
       rc=$?
       res=$(grep -E "^test result:" "$OUTDIR/$name.log" | tail -n1 | sed 's/test result: //; s/; finished.*//')
       rows+=("$name|test|rc=$rc ${res}|$(( $(date +%s) - t0 ))s")

@@ -144,6 +144,23 @@ fn steady_state_steps_allocate_and_free_nothing() {
                 "{name}: steps 4-6 created or released device allocations"
             );
             assert!(head.device().workspace_bytes() > 0, "{name}: no workspace");
+            // The scratch plan: every slot with its size and requesting line. Both forward
+            // workspaces run the same code, so they hold the same plan; and it is the one a
+            // later step uses (nothing was reallocated above).
+            let plan = head.device().workspace_plan();
+            let of = |w: usize| -> Vec<(usize, &str, u32)> {
+                plan.iter()
+                    .filter(|e| e.workspace == w)
+                    .map(|e| (e.bytes, e.site.file(), e.site.line()))
+                    .collect()
+            };
+            assert!(of(0).len() > 20, "{name}: forward plan {:?}", of(0));
+            assert_eq!(of(0), of(1), "{name}: the two forward workspaces differ");
+            assert!(!of(2).is_empty(), "{name}: no backward plan");
+            assert!(
+                plan.iter().all(|e| e.site.file().starts_with("src/gpu/")),
+                "{name}: a slot requested outside the GPU head's stages"
+            );
             // The allocating calls create exactly their outputs.
             let s0 = head.device().memory_stats();
             let logits = head.forward(&x, &y).unwrap();

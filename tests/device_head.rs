@@ -287,11 +287,12 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
 }
 
 /// K = 1000 (d = K + 1): the first step on the host, then a device step with the
-/// eigensolver warm-started from the first step's eigenvectors (~8 min on the 2-core CPU
+/// eigensolver warm-started from the first step's eigenvectors (~100 s on the 2-core CPU
 /// execution, measured; 11 sweeps). Under AddressSanitizer (`scripts/ci-cuda.sh`, which
 /// reruns every test instrumented) the CPU execution is 2-3x slower, so there it runs at
 /// K = 200 instead and says so; the plain `cargo test` run covers K = 1000.
 #[test]
+#[ignore = "slow: ~100 s on the 2-core CPU execution; CI runs it (cargo test -- --ignored)"]
 fn matches_cpu_head_at_k1000() {
     for dev in devices() {
         let name = dev.name();

@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use implicit_etf::runtime::{Buffer, Device};
+use implicit_etf::runtime::{Buffer, DType, Device};
 use implicit_etf::MovingMeans;
 use implicit_etf::*;
 
@@ -441,5 +441,72 @@ fn head_goldens_stepwise_on_device() {
                 assert!(ed < tol, "{ctx}: d_raw rel {ed:.2e}");
             }
         }
+    }
+}
+
+/// The runtime's own guards, through the public API: a buffer of another device (even of the
+/// same kind) is a typed error everywhere it could be dereferenced, and leaves the head
+/// unchanged; copies and writes of another size, and allocation sizes that overflow, are typed
+/// errors, not out-of-bounds accesses or panics.
+#[test]
+fn runtime_misuse_is_a_typed_error() {
+    for dev in devices() {
+        let name = dev.name();
+        let mut h = DeviceHead::new(fresh(&dev), HeadConfig::new(D, K)).unwrap();
+        step(&mut h, 1);
+        let before = state(&h);
+        // Inputs on another device of the same kind.
+        let other = fresh(&dev);
+        let (x, y) = batch(2);
+        let (xo, yo) = (other.upload(&x).unwrap(), other.upload(&y).unwrap());
+        let foreign = |r: Result<Buffer, Error>, what: &str| match r {
+            Err(Error::Device { message, .. }) => {
+                assert!(
+                    message.contains("another device"),
+                    "{name} {what}: {message}"
+                )
+            }
+            other => panic!("{name} {what}: expected a foreign-buffer error, got {other:?}"),
+        };
+        foreign(h.forward(&xo, &yo), "forward, both inputs foreign");
+        let yb = h.device().upload(&y).unwrap();
+        foreign(h.forward(&xo, &yb), "forward, features foreign");
+        assert_eq!(
+            state(&h),
+            before,
+            "{name}: a refused step changed the state"
+        );
+        // Host copies and device copies through another device.
+        let mine = h.device().upload(&x).unwrap();
+        assert!(other.download::<f32>(&mine).is_err(), "{name}: download");
+        assert!(other.copy(&mine).is_err(), "{name}: copy");
+        let mut dst = other.alloc_zeros(DType::F32, x.len()).unwrap();
+        assert!(
+            other.copy_into(&mut dst, &mine).is_err(),
+            "{name}: copy_into"
+        );
+        // Sizes.
+        let mut short = h.device().alloc_zeros(DType::F32, 3).unwrap();
+        assert!(matches!(
+            h.device().copy_into(&mut short, &mine),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            h.device().write(&mut short, &[1.0f32; 4]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        for (dtype, len) in [(DType::F32, 1usize << 62), (DType::I32, usize::MAX)] {
+            assert_eq!(
+                h.device().alloc_zeros(dtype, len).map(|b| b.len()),
+                Err(Error::SizeOverflow {
+                    what: "buffer bytes"
+                }),
+                "{name}: {dtype:?} x {len}"
+            );
+        }
+        // The head goes on exactly like a twin that never saw the bad calls.
+        let mut twin = DeviceHead::new(fresh(&dev), HeadConfig::new(D, K)).unwrap();
+        step(&mut twin, 1);
+        assert_eq!(step(&mut h, 3), step(&mut twin, 3), "{name}");
     }
 }

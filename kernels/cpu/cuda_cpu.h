@@ -37,10 +37,18 @@ struct dim3 {
     unsigned int x, y, z;
     dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+// The indices live in the runtime's namespace (C++-mangled and, with the library's hidden
+// visibility, local to the binary that links it), and are brought into the kernels' scope.
+namespace etf_cpu {
 extern thread_local uint3 threadIdx;
 extern uint3 blockIdx;
 extern dim3 blockDim;
 extern dim3 gridDim;
+}  // namespace etf_cpu
+using etf_cpu::blockDim;
+using etf_cpu::blockIdx;
+using etf_cpu::gridDim;
+using etf_cpu::threadIdx;
 static const int warpSize = 32;
 
 namespace etf_cpu {

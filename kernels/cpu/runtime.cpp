@@ -21,10 +21,12 @@
 #include <string>
 #include <vector>
 
+namespace etf_cpu {
 thread_local uint3 threadIdx;
 uint3 blockIdx;
 dim3 blockDim;
 dim3 gridDim;
+}  // namespace etf_cpu
 
 namespace etf_cpu {
 namespace {

@@ -416,11 +416,6 @@ pub fn congruence(
 pub fn identity(dev: &Device, v: &mut Buffer, k: usize) -> Result<()> {
     need(v, "identity", k * k, DType::F64)?;
     unsafe {
-        kernels::elementwise::ops::identity_f64(
-            dev,
-            grid_stride(dev, k * k),
-            v,
-            fits_i32(k, "K")?,
-        )
+        kernels::elementwise::ops::identity_f64(dev, grid_stride(dev, k * k), v, fits_i32(k, "K")?)
     }
 }

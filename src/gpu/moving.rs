@@ -2,7 +2,7 @@
 //! and their Frobenius normalisation `Y = E / ||E||_F`, with their backward; the mirror of
 //! [`crate::cpu::moving`]. See `docs/head.md` for the definitions.
 
-use super::stats::{ClassStatsDev, BLOCK};
+use super::stats::{block, single_block, ClassStatsDev};
 use super::status::Status;
 use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::validate::{check_len, fits_i32};
@@ -52,7 +52,7 @@ impl MovingStateDev {
         unsafe {
             kernels::head::moving::moving_commit_f32(
                 dev,
-                LaunchConfig::linear((d * k).max(k).max(1), BLOCK),
+                LaunchConfig::linear((d * k).max(k).max(1), block(dev)),
                 &mut self.e,
                 &mut self.seen,
                 &mut self.scal,
@@ -120,7 +120,7 @@ pub fn moving_update(
     unsafe {
         kernels::head::moving::moving_plan_i32(
             dev,
-            LaunchConfig::new((1, 1, 1), (BLOCK, 1, 1)),
+            LaunchConfig::new((1, 1, 1), (block(dev), 1, 1)),
             &s.counts,
             fits_i32(k, "K")?,
             &w,
@@ -135,7 +135,7 @@ pub fn moving_update(
         unsafe {
             kernels::head::moving::moving_update_f32(
                 dev,
-                LaunchConfig::linear(d * k, BLOCK),
+                LaunchConfig::linear(d * k, block(dev)),
                 &state.e,
                 &s.centred,
                 &s.mu,
@@ -179,7 +179,7 @@ pub fn moving_update_backward(
         unsafe {
             kernels::head::moving::moving_update_backward_f32(
                 dev,
-                LaunchConfig::linear(d, BLOCK),
+                LaunchConfig::linear(d, block(dev)),
                 d_e_new,
                 &u.source,
                 fits_i32(d, "d")?,
@@ -218,7 +218,7 @@ pub fn frobenius_normalise_deferred(
     unsafe {
         kernels::head::normalise::dot_single_block_f32(
             dev,
-            LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
+            LaunchConfig::new((1, 1, 1), (single_block(dev), 1, 1)),
             e,
             e,
             li,
@@ -238,7 +238,7 @@ pub fn frobenius_normalise_deferred(
     unsafe {
         kernels::head::normalise::frobenius_scale_f32(
             dev,
-            LaunchConfig::linear(len, BLOCK),
+            LaunchConfig::linear(len, block(dev)),
             e,
             &norm,
             li,
@@ -262,7 +262,7 @@ pub fn frobenius_normalise_backward(
     unsafe {
         kernels::head::normalise::dot_single_block_f32(
             dev,
-            LaunchConfig::new((1, 1, 1), (1024, 1, 1)),
+            LaunchConfig::new((1, 1, 1), (single_block(dev), 1, 1)),
             y,
             dy,
             li,
@@ -274,7 +274,7 @@ pub fn frobenius_normalise_backward(
     unsafe {
         kernels::head::normalise::frobenius_normalise_backward_f32(
             dev,
-            LaunchConfig::linear(len, BLOCK),
+            LaunchConfig::linear(len, block(dev)),
             y,
             dy,
             norm,

@@ -13,10 +13,26 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::head::normalise as kstats_norm;
 use crate::kernels::head::stats as kstats;
-use crate::runtime::{Buffer, DType, Device, LaunchConfig};
+use crate::runtime::{Backend, Buffer, DType, Device, LaunchConfig};
 
-/// Threads per block of the element-wise and per-feature kernels.
-pub const BLOCK: u32 = 256;
+/// Threads per block of the element-wise, per-row and per-feature kernels: 256 on a GPU, 32
+/// on the CPU execution, whose block threads are real host threads (a 256-thread block there
+/// costs 256 thread wake-ups per launch, and its barriers far more, for no gain). Every such
+/// kernel takes any multiple of 32.
+pub(crate) fn block(dev: &Device) -> u32 {
+    match dev.backend() {
+        Backend::Cpu => 32,
+        Backend::Cuda => 256,
+    }
+}
+
+/// Threads of the single-block reductions: 1024 on a GPU, 32 on the CPU execution.
+pub(crate) fn single_block(dev: &Device) -> u32 {
+    match dev.backend() {
+        Backend::Cpu => 32,
+        Backend::Cuda => 1024,
+    }
+}
 
 /// The element type of a feature buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +55,8 @@ pub(crate) fn feat_suffix(b: &Buffer, what: &'static str) -> Result<Feat> {
     }
 }
 
-fn cols(d: usize) -> u32 {
-    (d.div_ceil(BLOCK as usize)).max(1) as u32
+fn cols(dev: &Device, d: usize) -> u32 {
+    (d.div_ceil(block(dev) as usize)).max(1) as u32
 }
 
 #[cfg(test)]
@@ -67,7 +83,7 @@ pub fn labels_to_i32_deferred(
     let (ni, ki) = (fits_i32(n, "N")?, fits_i32(k, "K")?);
     let mut out = dev.alloc_zeros(DType::I32, n)?;
     let (cfg, one) = (
-        LaunchConfig::linear(n, BLOCK),
+        LaunchConfig::linear(n, block(dev)),
         LaunchConfig::new((1, 1, 1), (32, 1, 1)),
     );
     let st = &mut status.buf;
@@ -106,7 +122,7 @@ pub fn tau_normalise(dev: &Device, raw: &Buffer, n: usize, d: usize, tau: f64) -
         return Ok(x);
     }
     let (cfg, di, t) = (
-        LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (BLOCK, 1, 1)),
+        LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (block(dev), 1, 1)),
         fits_i32(d, "d")?,
         tau as f32,
     );
@@ -155,7 +171,7 @@ pub fn tau_normalise_backward_into(
         return Ok(());
     }
     let (cfg, di, t) = (
-        LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (BLOCK, 1, 1)),
+        LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (block(dev), 1, 1)),
         fits_i32(d, "d")?,
         tau as f32,
     );
@@ -213,7 +229,7 @@ pub fn class_stats(
     let mut sums = dev.alloc_zeros(DType::F32, k * d)?;
     let mut mu = dev.alloc_zeros(DType::F32, d)?;
     let mut centred = dev.alloc_zeros(DType::F32, d * k)?;
-    let per_class = LaunchConfig::linear(k, BLOCK);
+    let per_class = LaunchConfig::linear(k, block(dev));
     unsafe {
         kernels::head::stats::class_counts_i32(dev, per_class, &labels, ni, ki, &mut counts)
     }?;
@@ -238,7 +254,7 @@ pub fn class_stats(
         )
     }?;
     if d > 0 {
-        let cfg = LaunchConfig::new((cols(d), fits_u32(k, "K")?, 1), (BLOCK, 1, 1));
+        let cfg = LaunchConfig::new((cols(dev, d), fits_u32(k, "K")?, 1), (block(dev), 1, 1));
         // SAFETY: `x` holds `n d` elements (checked above), `offsets` `k + 1`, `members` `n`
         // and `sums` `k d` (allocated here).
         unsafe {
@@ -253,7 +269,7 @@ pub fn class_stats(
         unsafe {
             kernels::head::stats::class_means_f32(
                 dev,
-                LaunchConfig::linear(d, BLOCK),
+                LaunchConfig::linear(d, block(dev)),
                 &sums,
                 &counts,
                 ni,
@@ -311,7 +327,7 @@ pub fn class_stats_backward_into(
     unsafe {
         kernels::head::stats::class_stats_backward_prep_f32(
             dev,
-            LaunchConfig::linear(d, BLOCK),
+            LaunchConfig::linear(d, block(dev)),
             d_centred,
             d_mu,
             &s.counts,
@@ -324,7 +340,7 @@ pub fn class_stats_backward_into(
     unsafe {
         kernels::head::stats::class_stats_backward_scatter_f32(
             dev,
-            LaunchConfig::new((cols(d), n as u32, 1), (BLOCK, 1, 1)),
+            LaunchConfig::new((cols(dev, d), n as u32, 1), (block(dev), 1, 1)),
             &s.labels,
             &s.counts,
             d_centred,

@@ -13,6 +13,12 @@
 //! depends only on `N`, `d`, `K` and the options). Reuse means no allocation and no free;
 //! a slot whose size no longer matches (a new batch size) is replaced.
 //!
+//! A slot also remembers the source line of its request (`#[track_caller]` on the
+//! allocating calls): a later step reuses slot `n` only for a request of the same size from
+//! the same line, so a step whose requests differ gets fresh memory rather than a buffer meant
+//! for another request (and, during a capture, the typed error that allocation is). The
+//! resulting plan, every slot with its size and line, is [`Device::workspace_plan`](super::Device::workspace_plan).
+//!
 //! A buffer handed out from a slot *aliases* the slot: the next scope of the same workspace
 //! overwrites it. The head therefore alternates two forward workspaces (the previous step's
 //! saved tensors stay intact while a new step runs, and while a failed step is rejected) and
@@ -21,6 +27,7 @@
 //! replays of a captured step, overwrite).
 
 use super::{cpu, cuda};
+use std::panic::Location;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -105,11 +112,29 @@ impl MemoryStats {
     }
 }
 
-/// A workspace: reusable slots, handed out in request order.
+/// A workspace: reusable slots, handed out in request order. Each slot remembers the source
+/// line that requested it: a later step reuses slot `i` only for a request of the same size
+/// from the same line, so a stage whose requests change (an edited stage, a branch taken on
+/// one step and not the next) gets fresh memory instead of another request's buffer, and the
+/// plan of a workspace can be read back ([`super::Device::workspace_plan`]).
 #[derive(Debug, Default)]
 struct Arena {
-    slots: Vec<Arc<Mem>>,
+    slots: Vec<(Arc<Mem>, &'static Location<'static>)>,
     next: usize,
+}
+
+/// One slot of a head's workspace: which line of the crate requests it, and its size. The
+/// slots of one workspace, in order, are a step's scratch plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanEntry {
+    /// The workspace (a head numbers its own: forward A and B, backward, first step).
+    pub workspace: usize,
+    /// Position of the request in the scope.
+    pub slot: usize,
+    /// Bytes.
+    pub bytes: usize,
+    /// The source line of the request.
+    pub site: &'static Location<'static>,
 }
 
 /// The workspaces of one device and the one in scope.
@@ -139,6 +164,7 @@ impl Workspaces {
     pub(super) fn take<E>(
         &mut self,
         bytes: usize,
+        site: &'static Location<'static>,
         fresh: impl FnOnce() -> Result<Arc<Mem>, E>,
     ) -> Result<Option<Arc<Mem>>, E> {
         let Some(id) = self.active else {
@@ -147,12 +173,28 @@ impl Workspaces {
         let arena = &mut self.arenas[id];
         let i = arena.next;
         match arena.slots.get(i) {
-            Some(m) if m.bytes() == bytes => {}
-            Some(_) => arena.slots[i] = fresh()?,
-            None => arena.slots.push(fresh()?),
+            Some((m, s)) if m.bytes() == bytes && *s == site => {}
+            Some(_) => arena.slots[i] = (fresh()?, site),
+            None => arena.slots.push((fresh()?, site)),
         }
         arena.next += 1;
-        Ok(Some(arena.slots[i].clone()))
+        Ok(Some(arena.slots[i].0.clone()))
+    }
+
+    /// Every slot of every workspace, in order.
+    pub(super) fn plan(&self) -> Vec<PlanEntry> {
+        let mut v = Vec::new();
+        for (workspace, a) in self.arenas.iter().enumerate() {
+            for (slot, (m, site)) in a.slots.iter().enumerate() {
+                v.push(PlanEntry {
+                    workspace,
+                    slot,
+                    bytes: m.bytes(),
+                    site,
+                });
+            }
+        }
+        v
     }
 
     /// Drops workspace `id`'s slots (their memory is freed once no buffer aliases them).
@@ -168,7 +210,7 @@ impl Workspaces {
         self.arenas
             .iter()
             .flat_map(|a| a.slots.iter())
-            .map(|m| m.bytes())
+            .map(|(m, _)| m.bytes())
             .sum()
     }
 }

@@ -37,11 +37,12 @@ pub use cudarc;
 pub use buffer::{Buffer, DType, DeviceScalar};
 pub use graph::Graph;
 pub use launch::{grid_stride, Arg, KernelFile, KernelSig, LaunchConfig, Param};
-pub use memory::MemoryStats;
+pub use memory::{MemoryStats, PlanEntry};
 
 use crate::error::{Error, Result};
 use graph::{CpuOp, GraphKind, Recording};
 use memory::{BufInner, Counters, Mem, Workspaces};
+use std::panic::Location;
 use std::sync::{Arc, Mutex};
 
 /// Which implementation a [`Device`] is.
@@ -292,6 +293,13 @@ impl Device {
         lock(&self.workspaces).bytes()
     }
 
+    /// The scratch plan of the heads on this device: every workspace slot with its size and
+    /// the source line that requests it, in request order (see [`memory`]). After a head's
+    /// fourth step it is the complete, fixed list of the intermediate buffers of a step.
+    pub fn workspace_plan(&self) -> Vec<PlanEntry> {
+        lock(&self.workspaces).plan()
+    }
+
     /// Enters workspace `id` until the returned scope drops: scratch requests
     /// ([`alloc_zeros`](Self::alloc_zeros), [`copy`](Self::copy)) then reuse its slots in
     /// order (see [`memory`]). Crate-internal: only the heads know which buffers outlive a
@@ -340,8 +348,8 @@ impl Device {
     }
 
     /// The next slot of the workspace in scope (`None` outside a scope).
-    fn slot(&self, bytes: usize) -> Result<Option<Arc<Mem>>> {
-        lock(&self.workspaces).take(bytes, || self.fresh(bytes))
+    fn slot(&self, bytes: usize, site: &'static Location<'static>) -> Result<Option<Arc<Mem>>> {
+        lock(&self.workspaces).take(bytes, site, || self.fresh(bytes))
     }
 
     /// Zero-fills `m` (recorded during a capture on the CPU execution).
@@ -397,11 +405,13 @@ impl Device {
     }
 
     /// A zero-filled buffer of `len` elements (a reused slot inside a head's workspace).
+    #[track_caller]
     pub fn alloc_zeros(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let site = Location::caller();
         let bytes = len.checked_mul(dtype.size()).ok_or(Error::SizeOverflow {
             what: "buffer bytes",
         })?;
-        let mem = match self.slot(bytes)? {
+        let mem = match self.slot(bytes, site)? {
             Some(m) => {
                 self.zero(&m)?;
                 m
@@ -413,10 +423,12 @@ impl Device {
 
     /// A new buffer holding a copy of `data` (a reused slot inside a head's workspace). Not
     /// allowed during a capture.
+    #[track_caller]
     pub fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<Buffer> {
+        let site = Location::caller();
         self.refuse_in_capture("upload")?;
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        if let Some(mem) = self.slot(bytes.len())? {
+        if let Some(mem) = self.slot(bytes.len(), site)? {
             self.write_mem(&mem, bytes, "upload")?;
             return Ok(Buffer {
                 dtype: T::DTYPE,
@@ -491,9 +503,11 @@ impl Device {
 
     /// A new buffer with a copy of `buf`'s contents, device to device (a reused slot inside a
     /// head's workspace).
+    #[track_caller]
     pub fn copy(&self, buf: &Buffer) -> Result<Buffer> {
+        let site = Location::caller();
         self.own(&buf.mem, "copy")?;
-        let mem = match self.slot(buf.bytes())? {
+        let mem = match self.slot(buf.bytes(), site)? {
             Some(m) => {
                 self.copy_mem(&m, &buf.mem)?;
                 m
@@ -631,13 +645,15 @@ impl Device {
     /// ([`Device::cuda`]; use [`Device::cuda_on_stream`]) or cudarc's event tracking on.
     ///
     /// ```
-    /// use implicit_etf::runtime::{Device, LaunchConfig, Arg};
+    /// use implicit_etf::kernels::elementwise::ops::add_assign_f32;
+    /// use implicit_etf::runtime::{Device, LaunchConfig};
     /// let dev = Device::cpu();
     /// let mut x = dev.upload(&[1.0f32, 2.0]).unwrap();
     /// let y = dev.upload(&[10.0f32, 20.0]).unwrap();
     /// dev.begin_capture().unwrap();
     /// let cfg = LaunchConfig::new((1, 1, 1), (32, 1, 1));
-    /// dev.launch("add_assign_f32", cfg, &[Arg::Buf(&x), Arg::Buf(&y), Arg::I64(2)]).unwrap();
+    /// // SAFETY: `x` and `y` hold the 2 elements the kernel adds.
+    /// unsafe { add_assign_f32(&dev, cfg, &mut x, &y, 2) }.unwrap();
     /// let graph = dev.end_capture().unwrap();
     /// assert_eq!(dev.download::<f32>(&x).unwrap(), [1.0, 2.0]); // recorded, not run
     /// graph.launch().unwrap();

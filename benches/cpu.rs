@@ -43,8 +43,8 @@ fn configure(c: &mut Criterion) -> criterion::BenchmarkGroup<'_, criterion::meas
 fn warm_head<T: Real>(d: usize, k: usize, raw: &[T], labels: &[u32]) -> CpuHead<T> {
     let mut head = CpuHead::<T>::new(HeadConfig::new(d, k)).unwrap();
     for _ in 0..2 {
-        let out = head.forward(raw, labels).unwrap();
-        let (_, dz) = cross_entropy(&out.logits, labels, k).unwrap();
+        let logits = head.forward(raw, labels).unwrap();
+        let (_, dz) = cross_entropy(&logits, labels, k).unwrap();
         head.backward(&dz).unwrap();
     }
     head
@@ -58,16 +58,18 @@ fn bench_type<T: Real>(c: &mut Criterion, ty: &str) {
         let raw: Vec<T> = data(N * d, 1).into_iter().map(T::from_f64).collect();
         let labels: Vec<u32> = (0..N as u32).map(|i| i % k as u32).collect();
         let mut head = warm_head::<T>(d, k, &raw, &labels);
-        let out = head.forward(&raw, &labels).unwrap();
+        head.forward(&raw, &labels).unwrap();
+        let last = head.last_solution().unwrap();
+        let (y, p) = (last.y.to_vec(), last.p.to_vec());
         let v: Vec<T> = data(d * k, 2).into_iter().map(T::from_f64).collect();
         g.bench_function(BenchmarkId::new("solve+backward", &id), |b| {
             b.iter(|| {
-                let sol = solve_etf(black_box(&out.y), Some(&out.p), d, k, 1e-3).unwrap();
+                let sol = solve_etf(black_box(&y), Some(&p), d, k, 1e-3).unwrap();
                 black_box(sol.vjp(&v).unwrap());
             })
         });
         // Whole head, forward + backward (state restored each iteration).
-        let state = head.export_state();
+        let state = head.export_state().unwrap();
         let dz: Vec<T> = data(N * k, 3)
             .into_iter()
             .map(|x| T::from_f64(x / N as f64))

@@ -57,10 +57,7 @@ fn bench(c: &mut Criterion) {
         let id = format!("N{N}_d{d}_K{k}");
         // The implicit-ETF head.
         let dev = Device::cuda(0).unwrap();
-        let opt = DeviceOptions {
-            validation: Validation::Deferred,
-            ..DeviceOptions::default()
-        };
+        let opt = DeviceOptions::default().with_validation(Validation::Deferred);
         let mut head = DeviceHead::with_options(dev, HeadConfig::new(d, k), opt).unwrap();
         let (raw, y) = inputs(head.device(), d, k);
         let xb = head.device().upload(&raw).unwrap();

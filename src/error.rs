@@ -85,13 +85,47 @@ pub enum Error {
         reason: String,
     },
     /// A CUDA driver, NVRTC or kernel-launch error, or a failure of the CPU execution of a
-    /// kernel (bad launch shape, barrier misuse, ...).
+    /// kernel (bad launch shape, barrier misuse, ...), or a buffer of another device.
     Device {
         /// The operation that failed.
         op: String,
         /// The message of the underlying layer.
         message: String,
+        /// The underlying error (cudarc's), when there is one; also [`std::error::Error::source`].
+        source: Option<DeviceSource>,
     },
+    /// What a graph capture cannot hold (an allocation, a host copy, a synchronisation, a step
+    /// that is not capturable yet), or a capture API used out of order.
+    Capture {
+        /// The operation refused.
+        op: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The error of the layer below (cudarc's driver or NVRTC error), shared so that [`Error`]
+/// stays `Clone`. Two sources compare equal when their messages do.
+#[derive(Clone)]
+pub struct DeviceSource(pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl DeviceSource {
+    /// Wraps an error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        DeviceSource(std::sync::Arc::new(e))
+    }
+}
+
+impl fmt::Debug for DeviceSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl PartialEq for DeviceSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
 }
 
 impl fmt::Display for Error {
@@ -134,12 +168,22 @@ impl fmt::Display for Error {
             Error::SizeOverflow { what } => write!(f, "`{what}` overflows the address space"),
             Error::OutOfMemory { bytes } => write!(f, "out of memory allocating {bytes} bytes"),
             Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
-            Error::Device { op, message } => write!(f, "device error in {op}: {message}"),
+            Error::Device { op, message, .. } => write!(f, "device error in {op}: {message}"),
+            Error::Capture { op, reason } => write!(f, "`{op}` during a graph capture: {reason}"),
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Device {
+                source: Some(s), ..
+            } => Some(&*s.0),
+            _ => None,
+        }
+    }
+}
 
 /// `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

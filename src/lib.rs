@@ -26,8 +26,8 @@
 //! let raw: Vec<f32> = (0..n * d).map(|i| ((i * 29 % 13) as f32) - 6.0).collect();
 //! let labels: Vec<u32> = (0..n as u32).map(|i| i % k as u32).collect();
 //! for _step in 0..3 {
-//!     let out = head.forward(&raw, &labels)?;           // logits, W, b, solve report
-//!     let (loss, d_logits) = cross_entropy(&out.logits, &labels, k)?;
+//!     let logits = head.forward(&raw, &labels)?;        // N x K
+//!     let (loss, d_logits) = cross_entropy(&logits, &labels, k)?;
 //!     let d_raw = head.backward(&d_logits)?;            // dL/d(raw features), all paths
 //!     assert!(loss.is_finite() && d_raw.len() == n * d);
 //! }
@@ -82,6 +82,7 @@ pub mod error;
 pub mod etf;
 #[cfg(device)]
 pub mod gpu;
+pub mod head;
 #[cfg(device)]
 pub mod kernels;
 pub mod metrics;
@@ -91,14 +92,15 @@ pub mod stiefel;
 
 pub use crate::core::config::{AbsentClassPolicy, HeadConfig, MovingAverage, SolveMethod};
 pub use crate::core::real::Real;
-pub use crate::core::report::SolveReport;
+pub use crate::core::report::{Solution, SolveReport};
 pub use crate::core::state::{HeadState, MovingMeans};
 pub use crate::core::validate::Label;
-pub use cpu::head::{CpuHead, HeadOutput};
-pub use error::{Error, Result};
+pub use cpu::head::CpuHead;
+pub use error::{DeviceSource, Error, Result};
 pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution};
 #[cfg(device)]
-pub use gpu::head::{DeviceHead, DeviceOptions, DeviceSolveReport, Validation};
+pub use gpu::head::{DeviceHead, DeviceOptions, Validation};
+pub use head::Head;
 pub use metrics::{nc_metrics, MetricsAccumulator, NcMetrics, SecondPass};
 
 /// The README's code blocks, compiled and run as doctests so the README stays true.

@@ -113,7 +113,8 @@
 //! assert!((m.cosine_margin - 1.5).abs() < 1e-12);
 //! ```
 
-use crate::{Error, Real, Result};
+use crate::core::validate::{self, check_finite};
+use crate::{Error, Label, Real, Result};
 use faer::Mat;
 
 /// The neural-collapse metrics of a data set and a classifier (see the [module
@@ -152,9 +153,9 @@ pub struct NcMetrics {
 /// length; [`Error::EmptyBatch`] if `n = 0`; [`Error::LabelOutOfRange`] for a label `>= k`;
 /// [`Error::NonFinite`] for NaN or an infinity in `features`, `w` or `b`;
 /// [`Error::Numerical`] if the SVD of `H` fails.
-pub fn nc_metrics<T: Real>(
+pub fn nc_metrics<T: Real, L: Label>(
     features: &[T],
-    labels: &[usize],
+    labels: &[L],
     n: usize,
     d: usize,
     k: usize,
@@ -162,13 +163,7 @@ pub fn nc_metrics<T: Real>(
     b: &[T],
 ) -> Result<NcMetrics> {
     check_dims(d, k)?;
-    if labels.len() != n {
-        return Err(Error::ShapeMismatch {
-            what: "labels",
-            expected: n,
-            got: labels.len(),
-        });
-    }
+    validate::check_len("labels", n, labels.len())?;
     check_len("features", features.len(), n, d)?;
     check_classifier(w, b, d, k)?;
     if n == 0 {
@@ -258,10 +253,10 @@ impl MetricsAccumulator {
     /// # Errors
     /// [`Error::ShapeMismatch`], [`Error::LabelOutOfRange`], [`Error::NonFinite`]; the
     /// accumulator is then unchanged.
-    pub fn add_batch<T: Real>(&mut self, features: &[T], labels: &[usize]) -> Result<()> {
-        check_batch(features, labels, self.d, self.k)?;
+    pub fn add_batch<T: Real, L: Label>(&mut self, features: &[T], labels: &[L]) -> Result<()> {
+        let labels = check_batch(features, labels, self.d, self.k)?;
         let d = self.d;
-        for (x, &y) in features.chunks_exact(d).zip(labels) {
+        for (x, &y) in features.chunks_exact(d).zip(&labels) {
             let s = &mut self.sums[y * d..(y + 1) * d];
             for (si, &xi) in s.iter_mut().zip(x) {
                 *si += xi.to_f64();
@@ -461,11 +456,11 @@ impl SecondPass {
     /// [`Error::ShapeMismatch`], [`Error::LabelOutOfRange`], [`Error::NonFinite`], and
     /// [`Error::ShapeMismatch`] (`what = "second-pass class count"`) if the batch would give a
     /// class more samples than the first pass saw; the pass is then unchanged.
-    pub fn add_batch<T: Real>(&mut self, features: &[T], labels: &[usize]) -> Result<()> {
+    pub fn add_batch<T: Real, L: Label>(&mut self, features: &[T], labels: &[L]) -> Result<()> {
         let (d, k) = (self.d, self.k);
-        check_batch(features, labels, d, k)?;
+        let labels = check_batch(features, labels, d, k)?;
         let mut batch_counts = vec![0usize; k];
-        for &y in labels {
+        for &y in &labels {
             batch_counts[y] += 1;
         }
         for (&bc, (&have, &expected)) in batch_counts
@@ -480,7 +475,7 @@ impl SecondPass {
                 });
             }
         }
-        for (x, &y) in features.chunks_exact(d).zip(labels) {
+        for (x, &y) in features.chunks_exact(d).zip(&labels) {
             self.add_sample(x, y);
         }
         for (c, bc) in self.counts.iter_mut().zip(batch_counts) {
@@ -603,27 +598,9 @@ fn check_dims(d: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// `got == rows * cols` (a product that overflows is [`Error::SizeOverflow`]).
 fn check_len(what: &'static str, got: usize, rows: usize, cols: usize) -> Result<()> {
-    let expected = rows.checked_mul(cols).ok_or(Error::ShapeMismatch {
-        what,
-        expected: usize::MAX,
-        got,
-    })?;
-    if got != expected {
-        return Err(Error::ShapeMismatch {
-            what,
-            expected,
-            got,
-        });
-    }
-    Ok(())
-}
-
-fn check_finite<T: Real>(what: &'static str, v: &[T]) -> Result<()> {
-    match v.iter().position(|x| !x.is_finite_val()) {
-        Some(index) => Err(Error::NonFinite { what, index }),
-        None => Ok(()),
-    }
+    validate::check_len(what, validate::size2(what, rows, cols)?, got)
 }
 
 fn check_classifier<T: Real>(w: &[T], b: &[T], d: usize, k: usize) -> Result<()> {
@@ -633,16 +610,17 @@ fn check_classifier<T: Real>(w: &[T], b: &[T], d: usize, k: usize) -> Result<()>
     check_finite("b", b)
 }
 
-fn check_batch<T: Real>(features: &[T], labels: &[usize], d: usize, k: usize) -> Result<()> {
+/// Validates a batch; returns its labels as class indices.
+fn check_batch<T: Real, L: Label>(
+    features: &[T],
+    labels: &[L],
+    d: usize,
+    k: usize,
+) -> Result<Vec<usize>> {
     check_len("features", features.len(), labels.len(), d)?;
-    if let Some(index) = labels.iter().position(|&y| y >= k) {
-        return Err(Error::LabelOutOfRange {
-            index,
-            label: i64::try_from(labels[index]).unwrap_or(i64::MAX),
-            classes: k,
-        });
-    }
-    check_finite("features", features)
+    let idx = validate::validate_labels(labels, k)?;
+    check_finite("features", features)?;
+    Ok(idx)
 }
 
 /// `|| G / ||G|| - M_m / sqrt(m-1) ||` for an `m x m` row-major `G` (zero `G` normalises to 0).

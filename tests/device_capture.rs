@@ -48,10 +48,7 @@ fn batches(count: usize, n: usize, seed: u64) -> Vec<Batch> {
 }
 
 fn deferred() -> DeviceOptions {
-    DeviceOptions {
-        validation: Validation::Deferred,
-        ..DeviceOptions::default()
-    }
+    DeviceOptions::default().with_validation(Validation::Deferred)
 }
 
 /// Pairs of devices sharing one queue, from [`Device::all_available`]: the CPU execution,
@@ -111,11 +108,9 @@ fn steady_state_steps_allocate_and_free_nothing() {
         }
         for dev in devs {
             let name = format!("{} {validation:?}", dev.name());
-            let opt = DeviceOptions {
-                validation,
-                max_newton_steps: 1,
-                ..DeviceOptions::default()
-            };
+            let opt = DeviceOptions::default()
+                .with_validation(validation)
+                .with_max_newton_steps(1);
             let mut head = DeviceHead::with_options(dev, HeadConfig::new(D, K), opt).unwrap();
             let bs = batches(6, N, 5);
             let d = head.device();
@@ -182,10 +177,7 @@ fn captured_step_replays_like_eager_steps() {
         let name = dev_a.name();
         let bs = batches(7, N, 11);
         let cfg = HeadConfig::new(D, K);
-        let opt = DeviceOptions {
-            max_newton_steps: 2,
-            ..deferred()
-        };
+        let opt = deferred().with_max_newton_steps(2);
         let mut a = DeviceHead::with_options(dev_a, cfg.clone(), opt).unwrap();
         let reference = run_steps(&mut a, &bs);
 
@@ -273,11 +265,11 @@ fn dev_state(h: &DeviceHead) -> (Vec<f32>, u64, f64, Vec<bool>, Option<Vec<f64>>
     )
 }
 
-fn expect_device_error<T: std::fmt::Debug>(r: Result<T, Error>, want_op: &str) {
+fn expect_capture_error<T: std::fmt::Debug>(r: Result<T, Error>, want_op: &str) {
     match r {
-        Err(Error::Device { op, message }) => {
-            assert_eq!(op, want_op, "{message}");
-            assert!(message.contains("captur"), "{message}");
+        Err(Error::Capture { op, reason }) => {
+            assert_eq!(op, want_op, "{reason}");
+            assert!(reason.contains("captur"), "{reason}");
         }
         other => panic!("expected a capture error from {want_op}, got {other:?}"),
     }
@@ -298,23 +290,23 @@ fn capture_refuses_what_cannot_be_replayed() {
     let buf = dev.upload(&[1.0f32; 4]).unwrap();
     let mut buf2 = dev.upload(&[1.0f32; 4]).unwrap();
     let spare = dev.upload(&[1.0f32; 4]).unwrap();
-    assert!(matches!(dev.end_capture(), Err(Error::Device { .. })));
+    assert!(matches!(dev.end_capture(), Err(Error::Capture { .. })));
     dev.begin_capture().unwrap();
     assert!(dev.is_capturing());
-    assert!(matches!(dev.begin_capture(), Err(Error::Device { .. })));
-    expect_device_error(dev.alloc_zeros(DType::F32, 4), "allocate");
-    expect_device_error(dev.upload(&[1.0f32]), "upload");
-    expect_device_error(dev.download::<f32>(&buf), "download");
-    expect_device_error(dev.write(&mut buf2, &[2.0f32; 4]), "write");
-    expect_device_error(dev.synchronize(), "synchronize");
-    expect_device_error(dev.copy(&buf), "copy to a new buffer");
+    assert!(matches!(dev.begin_capture(), Err(Error::Capture { .. })));
+    expect_capture_error(dev.alloc_zeros(DType::F32, 4), "allocate");
+    expect_capture_error(dev.upload(&[1.0f32]), "upload");
+    expect_capture_error(dev.download::<f32>(&buf), "download");
+    expect_capture_error(dev.write(&mut buf2, &[2.0f32; 4]), "write");
+    expect_capture_error(dev.synchronize(), "synchronize");
+    expect_capture_error(dev.copy(&buf), "copy to a new buffer");
     dev.copy_into(&mut buf2, &buf).unwrap(); // capturable
     drop(buf); // kept alive by the recording: no release
     drop(spare); // released during the capture
     match dev.end_capture() {
-        Err(Error::Device { op, message }) => {
+        Err(Error::Capture { op, reason }) => {
             assert_eq!(op, "end_capture");
-            assert!(message.contains("released"), "{message}");
+            assert!(reason.contains("released"), "{reason}");
         }
         other => panic!("a release during capture must fail end_capture, got {other:?}"),
     }
@@ -351,9 +343,9 @@ fn capture_refuses_what_cannot_be_replayed() {
         // any work, so the uncaptured step that follows matches the twin's.
         let (x, y, _) = up(head.device(), b);
         head.device().begin_capture().unwrap();
-        expect_device_error(head.forward(&x, &y), "allocate");
+        expect_capture_error(head.forward(&x, &y), "allocate");
         match head.forward_into(&x, &y, &mut z) {
-            Err(Error::InvalidParameter { name, .. }) => assert_eq!(name, "capture"),
+            Err(Error::Capture { op, .. }) => assert_eq!(op, "forward_into"),
             other => panic!("step {} cannot be captured, got {other:?}", t + 1),
         }
         let graph = head.device().end_capture().unwrap();
@@ -367,9 +359,9 @@ fn capture_refuses_what_cannot_be_replayed() {
     // Step 4 can, through the `_into` calls only.
     let (x, y, dz) = up(head.device(), &bs[3]);
     head.device().begin_capture().unwrap();
-    expect_device_error(head.forward(&x, &y), "allocate");
+    expect_capture_error(head.forward(&x, &y), "allocate");
     head.forward_into(&x, &y, &mut z).unwrap();
-    expect_device_error(head.backward(&dz), "allocate");
+    expect_capture_error(head.backward(&dz), "allocate");
     let graph = head.device().end_capture().unwrap();
     assert!(graph.recorded_ops().unwrap() > 20);
     drop(graph); // never launched: the step did not run, though the host saw it
@@ -387,7 +379,10 @@ fn capture_refuses_what_cannot_be_replayed() {
     let before = dev_state(&eager);
     eager.device().begin_capture().unwrap();
     match eager.forward_into(&x, &y, &mut z) {
-        Err(Error::InvalidParameter { name, .. }) => assert_eq!(name, "validation"),
+        Err(Error::Capture { op, reason }) => {
+            assert_eq!(op, "forward_into");
+            assert!(reason.contains("Deferred"), "{reason}");
+        }
         other => panic!("an Eager step cannot be captured, got {other:?}"),
     }
     let graph = eager.device().end_capture().unwrap();

@@ -291,10 +291,7 @@ fn no_convergence_and_gate() {
 fn invalid_eigensolver_choices_are_errors() {
     let dev = Device::cpu();
     let k = 1100;
-    let opt = |eigensolver| DeviceOptions {
-        eigensolver,
-        ..DeviceOptions::default()
-    };
+    let opt = |eigensolver| DeviceOptions::default().with_eigensolver(eigensolver);
     let cfg = HeadConfig::new(k + 1, k);
     for bad in [
         EigenSolver::OneBlock,

@@ -125,12 +125,12 @@ fn compare(
         } else {
             gpu.device().upload(&y).unwrap()
         };
-        let out = cpu.forward(&x64, &y).unwrap();
+        let out = fwd(&mut cpu, &x64, &y).unwrap();
         let logits_b = gpu.forward(&xb, &yb).unwrap();
         let logits: Vec<f32> = gpu.device().download(&logits_b).unwrap();
-        let (p_b, w_b, _, _) = gpu.last_solution().unwrap();
-        let p: Vec<f64> = gpu.device().download(p_b).unwrap();
-        let w: Vec<f32> = gpu.device().download(w_b).unwrap();
+        let sol = gpu.last_solution().unwrap();
+        let p: Vec<f64> = gpu.device().download(sol.p).unwrap();
+        let w: Vec<f32> = gpu.device().download(sol.w).unwrap();
         let (ep, ew) = (rel(&p, &out.p), rel(&f64s(&w), &out.w));
         let eo = orth_err(&to_mat(&p, d, k));
         let el = rel(&f64s(&logits), &out.logits);
@@ -148,7 +148,7 @@ fn compare(
         let eg = rel(&f64s(&d_raw), &d_raw_cpu);
         assert!(eg <= TOL_GRAD, "{ctx}: feature gradient rel {eg:.2e}");
         let rep = gpu.solve_report().unwrap().unwrap();
-        assert_eq!(rep.solve.first_step, s == 0, "{ctx}: first_step flag");
+        assert_eq!(rep.first_step, s == 0, "{ctx}: first_step flag");
         worst.p = worst.p.max(ep);
         worst.w = worst.w.max(ew);
         worst.orth = worst.orth.max(eo);
@@ -157,7 +157,7 @@ fn compare(
         worst.sweeps = worst.sweeps.max(rep.sweeps);
     }
     // The carried state agrees too.
-    let sc = cpu.export_state();
+    let sc = cpu.export_state().unwrap();
     let sg = gpu.export_state().unwrap();
     assert_eq!(sc.moving.step, sg.moving.step);
     assert_eq!(sc.moving.seen, sg.moving.seen);
@@ -246,12 +246,10 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
             );
             println!("{} {feat:?}: {w:?}", dev.name());
         }
-        let opt = DeviceOptions {
-            gemm: implicit_etf::gpu::linalg::GemmKernel::Tiled,
-            warm_start: false,
-            max_newton_steps: 1,
-            ..DeviceOptions::default()
-        };
+        let opt = DeviceOptions::default()
+            .with_gemm(implicit_etf::gpu::linalg::GemmKernel::Tiled)
+            .with_warm_start(false)
+            .with_max_newton_steps(1);
         let w = compare(
             fresh(),
             HeadConfig::new(66, 9),
@@ -266,11 +264,9 @@ fn matches_cpu_head_with_half_features_and_gpu_kernels() {
         println!("{} tiled, cold: {w:?}", dev.name());
         // The block eigensolver (what a GPU runs for K > 96), in the solve and in the
         // Newton polish's re-factorisation.
-        let opt = DeviceOptions {
-            eigensolver: implicit_etf::gpu::linalg::EigenSolver::Blocked { width: 4 },
-            max_newton_steps: 2,
-            ..DeviceOptions::default()
-        };
+        let opt = DeviceOptions::default()
+            .with_eigensolver(implicit_etf::gpu::linalg::EigenSolver::Blocked { width: 4 })
+            .with_max_newton_steps(2);
         let w = compare(
             fresh(),
             HeadConfig::new(30, 11),
@@ -341,10 +337,7 @@ fn newton_polish_reaches_rounding_level_and_stops() {
                 implicit_etf::runtime::Backend::Cpu => Device::cpu(),
                 implicit_etf::runtime::Backend::Cuda => Device::cuda(0).unwrap(),
             };
-            let opt = DeviceOptions {
-                max_newton_steps: max_steps,
-                ..DeviceOptions::default()
-            };
+            let opt = DeviceOptions::default().with_max_newton_steps(max_steps);
             let cfg = HeadConfig::new(40, 8).with_delta(1e-5);
             let mut h = DeviceHead::with_options(d2, cfg, opt).unwrap();
             let mut rng = Rng(5);
@@ -358,8 +351,8 @@ fn newton_polish_reaches_rounding_level_and_stops() {
                 h.forward(&xb, &yb).unwrap();
                 rep = h.solve_report().unwrap();
             }
-            let p: Vec<f64> = h.device().download(h.last_solution().unwrap().0).unwrap();
-            let r = rep.unwrap().solve;
+            let p: Vec<f64> = h.device().download(h.last_solution().unwrap().p).unwrap();
+            let r = rep.unwrap();
             println!("{} max_newton_steps={max_steps}: {r:?}", dev.name());
             assert!(r.grad_norm <= 1e-10, "grad {:.2e}", r.grad_norm);
             (r, p)

@@ -59,10 +59,7 @@ fn state(h: &DeviceHead) -> HeadState<f32> {
 fn bad_input_is_a_typed_error_and_changes_nothing() {
     for dev in devices() {
         for validation in [Validation::Eager, Validation::Deferred] {
-            let opt = DeviceOptions {
-                validation,
-                ..DeviceOptions::default()
-            };
+            let opt = DeviceOptions::default().with_validation(validation);
             let mut h = DeviceHead::with_options(fresh(&dev), HeadConfig::new(D, K), opt).unwrap();
             let mut twin =
                 DeviceHead::with_options(fresh(&dev), HeadConfig::new(D, K), opt).unwrap();
@@ -276,10 +273,8 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
             Err(Error::InvalidParameter { name: "solve", .. })
         ));
         // K > 1024: the one-block eigensolver refuses it; Auto takes the block solver.
-        let one_block = DeviceOptions {
-            eigensolver: implicit_etf::gpu::linalg::EigenSolver::OneBlock,
-            ..DeviceOptions::default()
-        };
+        let one_block = DeviceOptions::default()
+            .with_eigensolver(implicit_etf::gpu::linalg::EigenSolver::OneBlock);
         assert!(matches!(
             DeviceHead::with_options(fresh(&dev), HeadConfig::new(1100, 1025), one_block),
             Err(Error::InvalidParameter {
@@ -318,7 +313,7 @@ fn state_round_trips_and_inference() {
         h2.import_state(s.clone()).unwrap();
         assert_eq!(state(&h2), s);
         let (x, y) = batch(5);
-        let out = cpu.forward(&x, &y).unwrap();
+        let out = fwd(&mut cpu, &x, &y).unwrap();
         let lb = h2
             .forward(
                 &h2.device().upload(&x).unwrap(),
@@ -349,7 +344,7 @@ fn state_round_trips_and_inference() {
             .device()
             .download(&h2.classifier().unwrap().unwrap())
             .unwrap();
-        assert!(rel(&to64(&wd), &to64(&cpu.classifier().unwrap())) < 1e-5);
+        assert!(rel(&to64(&wd), &to64(&cpu.classifier().unwrap().unwrap())) < 1e-5);
         // Invalid states are refused and change nothing.
         let mut badp = s.clone();
         badp.prox.as_mut().unwrap()[0] += 0.1;
@@ -401,7 +396,8 @@ fn head_goldens_stepwise_on_device() {
                     .iter()
                     .map(|&v| v as f64)
                     .collect();
-                let (_, wb, bb, _) = h.last_solution().unwrap();
+                let s = h.last_solution().unwrap();
+                let (wb, bb) = (s.w, s.b);
                 let w: Vec<f64> = h
                     .device()
                     .download::<f32>(wb)

@@ -21,7 +21,7 @@ fn cpu_execution_has_no_cuda_slices() {
     let buf = dev.upload(&[1.0f32, 2.0]).unwrap();
     // Wrong element type first, then the backend.
     match dev.into_cuda_slice::<f64>(buf) {
-        Err(Error::Device { op, message }) => {
+        Err(Error::Device { op, message, .. }) => {
             assert_eq!(op, "into_cuda_slice");
             assert!(message.contains("F32"), "{message}");
         }

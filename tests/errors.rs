@@ -8,8 +8,7 @@ use common::*;
 use implicit_etf::etf::solve_etf_with;
 use implicit_etf::MovingMeans;
 use implicit_etf::{
-    cross_entropy, solve_etf, AbsentClassPolicy, CpuHead, Error, HeadConfig, HeadOutput, HeadState,
-    SolveMethod,
+    cross_entropy, solve_etf, AbsentClassPolicy, CpuHead, Error, HeadConfig, HeadState, SolveMethod,
 };
 
 const D: usize = 6;
@@ -19,7 +18,7 @@ fn bits(v: &[f64]) -> Vec<u64> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-fn same_output(a: &HeadOutput<f64>, b: &HeadOutput<f64>) {
+fn same_output(a: &Fwd<f64>, b: &Fwd<f64>) {
     assert_eq!(bits(&a.logits), bits(&b.logits));
     assert_eq!(bits(&a.w), bits(&b.w));
     assert_eq!(bits(&a.b), bits(&b.b));
@@ -316,16 +315,16 @@ fn run_dirty_vs_clean(policy: AbsentClassPolicy) {
     );
     let probe = rng.normals(4 * D);
     assert_eq!(dirty.infer(&probe).unwrap_err(), Error::Untrained);
-    assert_eq!(dirty.classifier(), None);
+    assert_eq!(dirty.classifier(), Ok(None));
     // A batch whose only class is the global mean: under Hold, E_new = 0 on a fresh head.
     if policy == AbsentClassPolicy::Hold {
         let raw = rng.normals(5 * D);
-        let before = dirty.export_state();
+        let before = dirty.export_state().unwrap();
         assert_eq!(
-            dirty.forward(&raw, &[1i64; 5]).unwrap_err(),
+            fwd(&mut dirty, &raw, &[1i64; 5]).unwrap_err(),
             Error::DegenerateMeans
         );
-        same_state(&dirty.export_state(), &before);
+        same_state(&dirty.export_state().unwrap(), &before);
     }
 
     for step in 0..4 {
@@ -334,57 +333,57 @@ fn run_dirty_vs_clean(policy: AbsentClassPolicy) {
         // Bad forwards (no pending backward on the first step, a pending one afterwards is
         // dropped only by a *successful* forward).
         for (what, r, l, want) in bad_forwards(&raw, &labels) {
-            let before = dirty.export_state();
-            let got = dirty.forward(&r, &l).unwrap_err();
+            let before = dirty.export_state().unwrap();
+            let got = fwd(&mut dirty, &r, &l).unwrap_err();
             assert!(same_error(&got, &want), "{what}: {got:?} vs {want:?}");
-            same_state(&dirty.export_state(), &before);
+            same_state(&dirty.export_state().unwrap(), &before);
         }
         // Labels of other integer types: u64 beyond i64 saturates in the message.
         let mut l_u64: Vec<u64> = labels.iter().map(|&l| l as u64).collect();
         l_u64[0] = u64::MAX;
-        let before = dirty.export_state();
+        let before = dirty.export_state().unwrap();
         assert_eq!(
-            dirty.forward(&raw, &l_u64).unwrap_err(),
+            fwd(&mut dirty, &raw, &l_u64).unwrap_err(),
             Error::LabelOutOfRange {
                 index: 0,
                 label: i64::MAX,
                 classes: K
             }
         );
-        same_state(&dirty.export_state(), &before);
+        same_state(&dirty.export_state().unwrap(), &before);
         // Bad imports.
-        for (what, s, want) in bad_states(&dirty.export_state()) {
-            let before = dirty.export_state();
+        for (what, s, want) in bad_states(&dirty.export_state().unwrap()) {
+            let before = dirty.export_state().unwrap();
             let got = dirty.import_state(s).unwrap_err();
             assert!(same_error(&got, &want), "{what}: {got:?} vs {want:?}");
-            same_state(&dirty.export_state(), &before);
+            same_state(&dirty.export_state().unwrap(), &before);
         }
 
-        let oc = clean.forward(&raw, &labels).unwrap();
-        let od = dirty.forward(&raw, &labels).unwrap();
+        let oc = fwd(&mut clean, &raw, &labels).unwrap();
+        let od = fwd(&mut dirty, &raw, &labels).unwrap();
         same_output(&oc, &od);
 
         // With a backward pending: bad forwards, bad imports and bad backwards keep it.
         for (what, r, l, want) in bad_forwards(&raw, &labels) {
-            let before = dirty.export_state();
-            let got = dirty.forward(&r, &l).unwrap_err();
+            let before = dirty.export_state().unwrap();
+            let got = fwd(&mut dirty, &r, &l).unwrap_err();
             assert!(same_error(&got, &want), "pending, {what}: {got:?}");
-            same_state(&dirty.export_state(), &before);
+            same_state(&dirty.export_state().unwrap(), &before);
         }
-        for (what, s, want) in bad_states(&dirty.export_state()) {
-            let before = dirty.export_state();
+        for (what, s, want) in bad_states(&dirty.export_state().unwrap()) {
+            let before = dirty.export_state().unwrap();
             let got = dirty.import_state(s).unwrap_err();
             assert!(same_error(&got, &want), "pending, {what}: {got:?}");
-            same_state(&dirty.export_state(), &before);
+            same_state(&dirty.export_state().unwrap(), &before);
         }
         for (what, g, want) in bad_backwards(n) {
-            let before = dirty.export_state();
+            let before = dirty.export_state().unwrap();
             let got = dirty.backward(&g).unwrap_err();
             assert!(same_error(&got, &want), "{what}: {got:?} vs {want:?}");
-            same_state(&dirty.export_state(), &before);
+            same_state(&dirty.export_state().unwrap(), &before);
         }
         // Bad inference calls (state untouched).
-        let before = dirty.export_state();
+        let before = dirty.export_state().unwrap();
         assert_eq!(dirty.infer(&[]).unwrap_err(), Error::EmptyBatch);
         assert!(matches!(
             dirty.infer(&probe[..D + 1]).unwrap_err(),
@@ -399,20 +398,23 @@ fn run_dirty_vs_clean(policy: AbsentClassPolicy) {
                 index: D
             }
         );
-        same_state(&dirty.export_state(), &before);
+        same_state(&dirty.export_state().unwrap(), &before);
 
         let (_, dz) = cross_entropy(&oc.logits, &labels, K).unwrap();
         let gc = clean.backward(&dz).unwrap();
         let gd = dirty.backward(&dz).unwrap();
         assert_eq!(bits(&gc), bits(&gd), "step {step}: d_raw differs");
         // A second backward for the same forward is refused, state untouched.
-        let before = dirty.export_state();
+        let before = dirty.export_state().unwrap();
         assert_eq!(
             dirty.backward(&dz).unwrap_err(),
             Error::BackwardWithoutForward
         );
-        same_state(&dirty.export_state(), &before);
-        same_state(&clean.export_state(), &dirty.export_state());
+        same_state(&dirty.export_state().unwrap(), &before);
+        same_state(
+            &clean.export_state().unwrap(),
+            &dirty.export_state().unwrap(),
+        );
         assert_eq!(
             bits(&clean.infer(&probe).unwrap()),
             bits(&dirty.infer(&probe).unwrap())
@@ -420,8 +422,8 @@ fn run_dirty_vs_clean(policy: AbsentClassPolicy) {
     }
     // A successful import drops the pending backward.
     let (raw, labels) = batch(&mut rng, n, None);
-    dirty.forward(&raw, &labels).unwrap();
-    dirty.import_state(clean.export_state()).unwrap();
+    fwd(&mut dirty, &raw, &labels).unwrap();
+    dirty.import_state(clean.export_state().unwrap()).unwrap();
     assert_eq!(
         dirty.backward(&vec![0.0; n * K]).unwrap_err(),
         Error::BackwardWithoutForward
@@ -450,7 +452,7 @@ fn f32_head_refuses_non_finite_input() {
             index: 2
         }
     );
-    assert_eq!(h.export_state().moving, MovingMeans::new(D, K));
+    assert_eq!(h.export_state().unwrap().moving, MovingMeans::new(D, K));
 }
 
 #[test]
@@ -573,13 +575,13 @@ fn importing_a_valid_state_resumes_bit_exactly() {
     let mut rng = Rng(0xe772);
     for _ in 0..2 {
         let (raw, labels) = batch(&mut rng, 7, Some(1));
-        a.forward(&raw, &labels).unwrap();
+        fwd(&mut a, &raw, &labels).unwrap();
     }
     let mut b = CpuHead::<f64>::new(cfg).unwrap();
-    b.import_state(a.export_state()).unwrap();
+    b.import_state(a.export_state().unwrap()).unwrap();
     let (raw, labels) = batch(&mut rng, 7, None);
-    let oa = a.forward(&raw, &labels).unwrap();
-    let ob = b.forward(&raw, &labels).unwrap();
+    let oa = fwd(&mut a, &raw, &labels).unwrap();
+    let ob = fwd(&mut b, &raw, &labels).unwrap();
     same_output(&oa, &ob);
     let (_, dz) = cross_entropy(&oa.logits, &labels, K).unwrap();
     assert_eq!(

@@ -49,7 +49,7 @@ const H_REL: f64 = 1e-6;
 fn loss_of(cfg: &HeadConfig, state: &HeadState<f64>, raw: &[f64], labels: &[u32]) -> f64 {
     let mut h = CpuHead::<f64>::new(cfg.clone()).unwrap();
     h.import_state(state.clone()).unwrap();
-    let out = h.forward(raw, labels).unwrap();
+    let out = fwd(&mut h, raw, labels).unwrap();
     cross_entropy(&out.logits, labels, cfg.classes).unwrap().0
 }
 
@@ -118,8 +118,8 @@ fn run_case(cfg: HeadConfig, n: usize, seed: u64) -> f64 {
     for (t, absent) in absent_sets(k).iter().enumerate() {
         let labels = labels_for(&mut rng, n, k, absent);
         let raw = rng.normals(n * d);
-        let before = head.export_state();
-        let out = head.forward(&raw, &labels).unwrap();
+        let before = head.export_state().unwrap();
+        let out = fwd(&mut head, &raw, &labels).unwrap();
         let (loss, dz) = cross_entropy(&out.logits, &labels, k).unwrap();
         let g = head.backward(&dz).unwrap();
         let tag = format!(
@@ -143,7 +143,7 @@ fn run_case(cfg: HeadConfig, n: usize, seed: u64) -> f64 {
         // The oracle's step at the unperturbed point is the head's step.
         let mut o = CpuHead::<f64>::new(cfg.clone()).unwrap();
         o.import_state(oracle_state.clone()).unwrap();
-        let oo = o.forward(&raw, &labels).unwrap();
+        let oo = fwd(&mut o, &raw, &labels).unwrap();
         let (oloss, odz) = cross_entropy(&oo.logits, &labels, k).unwrap();
         let og = o.backward(&odz).unwrap();
         // Same computation (t > 0: bit-identical state; t = 0: Prox = P_1 given instead of

@@ -120,7 +120,7 @@ fn head_goldens_stepwise() {
             let ctx = format!("{name} step {si}");
             let mut head = CpuHead::<f64>::new(cfg.clone()).unwrap();
             head.import_state(step.state.clone()).unwrap();
-            let out = head.forward(&step.raw, &step.labels).unwrap();
+            let out = fwd(&mut head, &step.raw, &step.labels).unwrap();
             let (loss, dz) = cross_entropy(&out.logits, &step.labels, k).unwrap();
             let d_raw = head.backward(&dz).unwrap();
             // Statistics and moving means: exact formulas on float32 data, observed <= 1.4e-7.
@@ -128,7 +128,7 @@ fn head_goldens_stepwise() {
             assert!(rel(&out.y, &mat(&st["Y"]).2) < 1e-6, "{ctx}: Y");
             // The state after the step is the reference's state before the next one.
             if let Some(next) = steps.get(si + 1) {
-                let s = head.export_state();
+                let s = head.export_state().unwrap();
                 assert_eq!(s.moving.step, next.state.moving.step, "{ctx}: count");
                 assert_eq!(s.moving.alpha, next.state.moving.alpha, "{ctx}: alpha");
                 assert_eq!(s.moving.seen, next.state.moving.seen, "{ctx}: seen flags");
@@ -195,7 +195,7 @@ fn head_goldens_carried() {
             .zip(g["steps"].as_array().unwrap())
             .enumerate()
         {
-            let out = head.forward(&step.raw, &step.labels).unwrap();
+            let out = fwd(&mut head, &step.raw, &step.labels).unwrap();
             let (_, dz) = cross_entropy(&out.logits, &step.labels, cfg.classes).unwrap();
             let d_raw = head.backward(&dz).unwrap();
             let ew = rel(&out.w, &mat(&st["W"]).2);

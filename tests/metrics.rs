@@ -507,10 +507,10 @@ fn streaming_equals_one_shot() {
     }
     // empty batches are no-ops
     let mut acc = MetricsAccumulator::new(d, k).unwrap();
-    acc.add_batch::<f64>(&[], &[]).unwrap();
+    acc.add_batch::<f64, usize>(&[], &[]).unwrap();
     acc.add_batch(&x, &y).unwrap();
     let mut second = acc.begin_second_pass(&w, &b).unwrap();
-    second.add_batch::<f64>(&[], &[]).unwrap();
+    second.add_batch::<f64, usize>(&[], &[]).unwrap();
     second.add_batch(&x, &y).unwrap();
     assert_eq!(second.finish().unwrap(), one);
 }
@@ -616,7 +616,7 @@ fn errors_have_their_variants() {
         Err(Error::TooFewClasses { classes: 1 })
     );
     assert!(matches!(
-        nc_metrics::<f64>(&[], &[], 0, 0, k, &[], &b),
+        nc_metrics::<f64, usize>(&[], &[], 0, 0, k, &[], &b),
         Err(Error::InvalidParameter { name: "d", .. })
     ));
     assert_eq!(
@@ -685,7 +685,7 @@ fn errors_have_their_variants() {
         })
     );
     assert_eq!(
-        nc_metrics::<f64>(&[], &[], 0, d, k, &w, &b),
+        nc_metrics::<f64, usize>(&[], &[], 0, d, k, &w, &b),
         Err(Error::EmptyBatch)
     );
     // a single class present

@@ -259,7 +259,7 @@ fn first_step_matches_polar_with_tiny_eta() {
                     let labels: Vec<u32> = (0..n).map(|i| (i % (k - 1)) as u32).collect();
                     let raw = rng.normals(n * d);
                     let mut head = CpuHead::<f64>::new(HeadConfig::new(d, k)).unwrap();
-                    let out = head.forward(&raw, &labels).unwrap();
+                    let out = fwd(&mut head, &raw, &labels).unwrap();
                     let p1 = to_mat(&out.p, d, k);
                     assert!(orth_err(&p1) <= 1e-13, "head P_1 not orthonormal");
                     (to_mat(&out.y, d, k), out.w, k - 2)

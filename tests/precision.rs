@@ -66,8 +66,8 @@ fn run(n: usize, d: usize, k: usize, steps: usize, policy: AbsentClassPolicy, se
             .collect();
         let raw32: Vec<f32> = raw64.iter().map(|&v| v as f32).collect();
         let raw_w: Vec<f64> = raw32.iter().map(|&v| v as f64).collect();
-        let o32 = h32.forward(&raw32, &labels).unwrap();
-        let o64 = h64.forward(&raw_w, &labels).unwrap();
+        let o32 = fwd(&mut h32, &raw32, &labels).unwrap();
+        let o64 = fwd(&mut h64, &raw_w, &labels).unwrap();
         let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
         let e_logits = rel(&widen(&o32.logits), &o64.logits);
         let e_w = rel(&widen(&o32.w), &o64.w);

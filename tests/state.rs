@@ -3,7 +3,7 @@
 //! the same operations run on the same numbers in the same order.
 
 mod common;
-use common::Rng;
+use common::{fwd, Rng};
 use implicit_etf::{cross_entropy, AbsentClassPolicy, CpuHead, HeadConfig, MovingAverage};
 
 fn batches(n: usize, d: usize, k: usize, steps: usize, seed: u64) -> Vec<(Vec<f64>, Vec<u32>)> {
@@ -19,7 +19,7 @@ fn batches(n: usize, d: usize, k: usize, steps: usize, seed: u64) -> Vec<(Vec<f6
 }
 
 fn step(head: &mut CpuHead<f64>, raw: &[f64], labels: &[u32], k: usize) -> (Vec<f64>, Vec<f64>) {
-    let out = head.forward(raw, labels).unwrap();
+    let out = fwd(head, raw, labels).unwrap();
     let (_, dz) = cross_entropy(&out.logits, labels, k).unwrap();
     (out.logits, head.backward(&dz).unwrap())
 }
@@ -42,7 +42,7 @@ fn export_import_resumes_bit_exactly() {
             for (raw, labels) in &data[..3] {
                 step(&mut b, raw, labels, k);
             }
-            let saved = b.export_state();
+            let saved = b.export_state().unwrap();
             let mut c = CpuHead::<f64>::new(cfg.clone()).unwrap();
             c.import_state(saved).unwrap();
             for (i, (raw, labels)) in data[3..].iter().enumerate() {
@@ -53,7 +53,7 @@ fn export_import_resumes_bit_exactly() {
                     3 + i
                 );
             }
-            assert_eq!(c.export_state(), a.export_state());
+            assert_eq!(c.export_state().unwrap(), a.export_state().unwrap());
         }
     }
 }
@@ -64,11 +64,11 @@ fn inference_changes_no_state() {
     let mut head = CpuHead::<f64>::new(HeadConfig::new(d, k)).unwrap();
     let data = batches(n, d, k, 2, 5);
     step(&mut head, &data[0].0, &data[0].1, k);
-    let before = head.export_state();
+    let before = head.export_state().unwrap();
     let logits = head.infer(&data[1].0).unwrap();
-    assert_eq!(head.export_state(), before);
+    assert_eq!(head.export_state().unwrap(), before);
     // Inference logits equal X W^T - W mu computed here from the exported classifier.
-    let w = head.classifier().unwrap();
+    let w = head.classifier().unwrap().unwrap();
     let x: Vec<f64> = data[1]
         .0
         .chunks(d)

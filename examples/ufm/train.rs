@@ -561,11 +561,11 @@ impl Head {
                 Ok((loss, dr.iter().map(|&v| v as f64).collect()))
             }
             Head::Implicit(head) => {
-                let out = head
+                let logits = head
                     .forward(raw, labels)
                     .map_err(lib_err("implicit forward"))?;
                 let (loss, dl) =
-                    cross_entropy(&out.logits, labels, k).map_err(lib_err("cross-entropy"))?;
+                    cross_entropy(&logits, labels, k).map_err(lib_err("cross-entropy"))?;
                 let dr = head.backward(&dl).map_err(lib_err("implicit backward"))?;
                 Ok((loss, dr))
             }
@@ -610,6 +610,7 @@ impl Head {
             Head::Implicit(head) => {
                 let w = head
                     .classifier()
+                    .map_err(lib_err("implicit head"))?
                     .ok_or("implicit head: no classifier before the first step")?;
                 let b = bias_of(&w, &column_mean(x, n, d), k, d);
                 Ok((w, b))

@@ -65,6 +65,7 @@ pub enum SolveMethod {
 /// assert!(HeadConfig::new(4, 10).validate().is_err()); // d < K
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HeadConfig {
     /// Feature dimension `d` (must be `>= classes`).
     pub dim: usize,
@@ -122,6 +123,11 @@ impl HeadConfig {
     /// Sets the solve method.
     pub fn with_solve(mut self, s: SolveMethod) -> Self {
         self.solve = s;
+        self
+    }
+    /// Sets the floor of the EMA weight.
+    pub fn with_alpha_floor(mut self, alpha_floor: f64) -> Self {
+        self.alpha_floor = alpha_floor;
         self
     }
 

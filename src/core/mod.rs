@@ -3,7 +3,7 @@
 //! both build on it.
 
 pub mod config;
-pub mod constants;
+pub(crate) mod constants;
 pub mod real;
 pub mod report;
 pub mod state;

@@ -92,3 +92,27 @@ pub(crate) fn fits_u32(v: usize, what: &'static str) -> crate::Result<u32> {
         reason: format!("{v} exceeds the u32 range of a launch dimension"),
     })
 }
+
+/// `rows * cols` for a buffer named `what`; [`Error::SizeOverflow`](crate::Error::SizeOverflow)
+/// when it does not fit a `usize`.
+pub(crate) fn size2(what: &'static str, rows: usize, cols: usize) -> crate::Result<usize> {
+    rows.checked_mul(cols)
+        .ok_or(crate::Error::SizeOverflow { what })
+}
+
+/// The number of rows of a non-empty row-major batch of `len` values with `cols` columns:
+/// [`Error::EmptyBatch`](crate::Error::EmptyBatch) when empty, [`Error::ShapeMismatch`](crate::Error::ShapeMismatch)
+/// when `len` is not a multiple of `cols`.
+pub(crate) fn rows_of(what: &'static str, len: usize, cols: usize) -> crate::Result<usize> {
+    if len == 0 {
+        return Err(crate::Error::EmptyBatch);
+    }
+    if cols == 0 || len % cols != 0 {
+        return Err(crate::Error::ShapeMismatch {
+            what,
+            expected: (len / cols.max(1) + 1) * cols,
+            got: len,
+        });
+    }
+    Ok(len / cols)
+}

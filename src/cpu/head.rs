@@ -3,9 +3,9 @@
 use faer::Mat;
 
 use crate::core::config::HeadConfig;
-use crate::core::report::SolveReport;
+use crate::core::report::{Solution, SolveReport};
 use crate::core::state::{check_state, HeadState, MovingMeans};
-use crate::core::validate::{check_finite, check_len, validate_labels, Label};
+use crate::core::validate::{check_finite, check_len, rows_of, validate_labels, Label};
 use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::moving::{self, MovingUpdate};
 use crate::cpu::solve;
@@ -14,23 +14,15 @@ use crate::error::{Error, Result};
 use crate::stiefel::Factor;
 use crate::Real;
 
-/// What a forward returns.
+/// The last forward's solution and report, kept until the next forward or import.
 #[derive(Debug, Clone)]
-pub struct HeadOutput<T> {
-    /// Logits `X W^T + b` (`N x K`, row-major).
-    pub logits: Vec<T>,
-    /// Classifier `W` (`K x d`, row-major).
-    pub w: Vec<T>,
-    /// Bias `b = -W mu` (`K`).
-    pub b: Vec<T>,
-    /// The normalised moving means `Y = E_new / ||E_new||` (`d x K`).
-    pub y: Vec<T>,
-    /// The batch mean `mu` of the (normalised) features (`d`).
-    pub mu: Vec<T>,
-    /// The ETF solution `P` (`d x K`).
-    pub p: Vec<T>,
-    /// The ETF solve's report.
-    pub report: SolveReport,
+struct Last<T> {
+    p: Vec<T>,
+    w: Vec<T>,
+    b: Vec<T>,
+    y: Vec<T>,
+    mu: Vec<T>,
+    report: SolveReport,
 }
 
 /// Everything a backward needs from its forward.
@@ -59,8 +51,8 @@ struct Cache<T> {
 /// let mut head = CpuHead::<f64>::new(HeadConfig::new(d, k)).unwrap();
 /// let raw: Vec<f64> = (0..n * d).map(|i| ((i * 37 % 11) as f64) - 5.0).collect();
 /// let labels: Vec<u32> = vec![0, 1, 2, 0, 1, 2];
-/// let out = head.forward(&raw, &labels).unwrap();
-/// let (loss, d_logits) = cross_entropy(&out.logits, &labels, k).unwrap();
+/// let logits = head.forward(&raw, &labels).unwrap();
+/// let (loss, d_logits) = cross_entropy(&logits, &labels, k).unwrap();
 /// let d_raw = head.backward(&d_logits).unwrap();
 /// assert!(loss.is_finite() && d_raw.len() == n * d);
 /// ```
@@ -69,6 +61,7 @@ pub struct CpuHead<T: Real> {
     cfg: HeadConfig,
     state: HeadState<T>,
     cache: Option<Cache<T>>,
+    last: Option<Last<T>>,
 }
 
 impl<T: Real> CpuHead<T> {
@@ -83,6 +76,7 @@ impl<T: Real> CpuHead<T> {
             cfg,
             state,
             cache: None,
+            last: None,
         })
     }
 
@@ -91,9 +85,10 @@ impl<T: Real> CpuHead<T> {
         &self.cfg
     }
 
-    /// A copy of the full state.
-    pub fn export_state(&self) -> HeadState<T> {
-        self.state.clone()
+    /// A copy of the full state (fallible only for the device head's sake: the two heads
+    /// read the same).
+    pub fn export_state(&self) -> Result<HeadState<T>> {
+        Ok(self.state.clone())
     }
 
     /// Replaces the state (validated first: shapes, finiteness, `alpha` in `(0, 1]`, `Prox`
@@ -102,6 +97,7 @@ impl<T: Real> CpuHead<T> {
         check_state(&self.cfg, &state)?;
         self.state = state;
         self.cache = None;
+        self.last = None;
         Ok(())
     }
 
@@ -117,9 +113,11 @@ impl<T: Real> CpuHead<T> {
         Ok((n, idx))
     }
 
-    /// One training forward: statistics, moving means, nearest ETF, classifier, logits.
-    /// Advances the state and keeps what `backward` needs.
-    pub fn forward<L: Label>(&mut self, raw: &[T], labels: &[L]) -> Result<HeadOutput<T>> {
+    /// One training forward: statistics, moving means, nearest ETF, classifier; returns the
+    /// logits (`N x K`). Advances the state and keeps what `backward` needs; the solution is
+    /// then [`last_solution`](Self::last_solution) and its report
+    /// [`solve_report`](Self::solve_report).
+    pub fn forward<L: Label>(&mut self, raw: &[T], labels: &[L]) -> Result<Vec<T>> {
         let (n, labels) = self.validate_batch(raw, labels)?;
         let (d, k) = (self.cfg.dim, self.cfg.classes);
         let x = match self.cfg.tau {
@@ -150,15 +148,14 @@ impl<T: Real> CpuHead<T> {
         // Everything succeeded: commit.
         self.state.moving = update.next.clone();
         self.state.prox = Some(to_row_major::<f64>(sol.factor.p.as_ref()));
-        let out = HeadOutput {
-            logits,
+        self.last = Some(Last {
+            p: to_row_major(sol.factor.p.as_ref()),
             w: to_row_major(w.as_ref()),
             b,
             y: y.clone(),
             mu: st.mu.clone(),
-            p: to_row_major(sol.factor.p.as_ref()),
             report: sol.report,
-        };
+        });
         self.cache = Some(Cache {
             raw: raw.to_vec(),
             x,
@@ -171,7 +168,24 @@ impl<T: Real> CpuHead<T> {
             factor: sol.factor,
             w,
         });
-        Ok(out)
+        Ok(logits)
+    }
+
+    /// The last forward's `P`, `W`, `b`, `Y` and `mu` (row-major host slices), if a forward
+    /// was taken since the head was made or its state imported.
+    pub fn last_solution(&self) -> Option<Solution<&[T]>> {
+        self.last.as_ref().map(|l| Solution {
+            p: &l.p[..],
+            w: &l.w[..],
+            b: &l.b[..],
+            y: &l.y[..],
+            mu: &l.mu[..],
+        })
+    }
+
+    /// The last forward's solve report (`None` before a forward).
+    pub fn solve_report(&self) -> Result<Option<SolveReport>> {
+        Ok(self.last.as_ref().map(|l| l.report))
     }
 
     /// Backward of the last forward: from `dL/dlogits` (`N x K`) to `dL/draw` (`N x d`),
@@ -211,19 +225,9 @@ impl<T: Real> CpuHead<T> {
     /// Errors with [`Error::Untrained`] before the first training step.
     pub fn infer(&self, raw: &[T]) -> Result<Vec<T>> {
         let d = self.cfg.dim;
-        if raw.is_empty() {
-            return Err(Error::EmptyBatch);
-        }
-        if raw.len() % d != 0 {
-            return Err(Error::ShapeMismatch {
-                what: "raw",
-                expected: (raw.len() / d + 1) * d,
-                got: raw.len(),
-            });
-        }
+        let n = rows_of("raw", raw.len(), d)?;
         check_finite("raw", raw)?;
         let p = self.state.prox.as_ref().ok_or(Error::Untrained)?;
-        let n = raw.len() / d;
         let x = match self.cfg.tau {
             Some(tau) => stats::tau_normalise(raw, n, d, tau),
             None => raw.to_vec(),
@@ -240,9 +244,10 @@ impl<T: Real> CpuHead<T> {
     }
 
     /// The current classifier `W` (`K x d`) from the stored `P`, if a step was taken.
-    pub fn classifier(&self) -> Option<Vec<T>> {
-        let p = self.state.prox.as_ref()?;
-        let w = classifier::weights(from_row_major(p, self.cfg.dim, self.cfg.classes).as_ref());
-        Some(to_row_major(w.as_ref()))
+    pub fn classifier(&self) -> Result<Option<Vec<T>>> {
+        Ok(self.state.prox.as_ref().map(|p| {
+            let w = classifier::weights(from_row_major(p, self.cfg.dim, self.cfg.classes).as_ref());
+            to_row_major(w.as_ref())
+        }))
     }
 }

@@ -12,8 +12,8 @@
 //! `delta` (because `G 1 = delta Prox 1`), so `cond(G^T G) ~ (s_max/delta)^2`; in float64 that
 //! leaves `P` orthonormal to ~`eps (s_max/s_min)^2` (`1e-16..1e-10`). The Riemannian gradient
 //! `G - P sym(P^T G)` and `P^T P - I` are then checked directly; when either is above
-//! rounding level ([`grad_tol`], `ORTH_TOL`), a Newton–Schulz retraction and Riemannian
-//! Newton steps (the tangent-space solve of §4) polish `P`, normally in one step (at most
+//! rounding level (`grad_tol`, `ORTH_TOL`: `docs/solve.md#the-optimality-certificate`), a Newton–Schulz retraction and Riemannian
+//! Newton steps (the tangent-space solve of `docs/backward.md`) polish `P`, normally in one step (at most
 //! `MAX_POLISH`). The factor handed to the backward is always the eigendecomposition of
 //! `sym(P^T G)` at the returned `P` (to rounding).
 //!
@@ -139,6 +139,7 @@ pub fn solve(
             objective,
             orthogonality,
             first_step,
+            sweeps: 0,
         },
     })
 }

@@ -62,10 +62,10 @@ use super::solve::{self, FactorDev};
 use super::stats;
 use super::status::{Part, Status};
 use crate::core::config::{HeadConfig, SolveMethod};
-use crate::core::report::SolveReport;
+use crate::core::report::{Solution, SolveReport};
 use crate::core::state::MovingMeans;
 use crate::core::state::{check_state, HeadState};
-use crate::core::validate::check_len;
+use crate::core::validate::{check_len, rows_of, size2};
 use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::solve::{objective, riemannian_gradient_norm};
 use crate::error::{Error, Result};
@@ -85,8 +85,17 @@ pub enum Validation {
     Deferred,
 }
 
-/// Options of the device head beyond [`HeadConfig`].
+/// Options of the device head beyond [`HeadConfig`], set with the `with_*` builders.
+///
+/// ```
+/// use implicit_etf::{DeviceOptions, Validation};
+/// let opt = DeviceOptions::default()
+///     .with_validation(Validation::Deferred)
+///     .with_max_newton_steps(1);
+/// assert_eq!(opt.validation, Validation::Deferred);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceOptions {
     /// Product kernel (tiled on a GPU, direct on the CPU execution by default).
     pub gemm: GemmKernel,
@@ -111,6 +120,39 @@ pub struct DeviceOptions {
     pub max_newton_steps: usize,
 }
 
+impl DeviceOptions {
+    /// Sets the product kernel.
+    pub fn with_gemm(mut self, gemm: GemmKernel) -> Self {
+        self.gemm = gemm;
+        self
+    }
+    /// Sets the eigensolver.
+    pub fn with_eigensolver(mut self, eigensolver: EigenSolver) -> Self {
+        self.eigensolver = eigensolver;
+        self
+    }
+    /// Sets the Jacobi sweep cap.
+    pub fn with_max_sweeps(mut self, max_sweeps: usize) -> Self {
+        self.max_sweeps = max_sweeps;
+        self
+    }
+    /// Turns the eigensolver's warm start on or off.
+    pub fn with_warm_start(mut self, warm_start: bool) -> Self {
+        self.warm_start = warm_start;
+        self
+    }
+    /// Sets when errors reach the host.
+    pub fn with_validation(mut self, validation: Validation) -> Self {
+        self.validation = validation;
+        self
+    }
+    /// Sets the Newton step cap.
+    pub fn with_max_newton_steps(mut self, max_newton_steps: usize) -> Self {
+        self.max_newton_steps = max_newton_steps;
+        self
+    }
+}
+
 impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
@@ -124,22 +166,12 @@ impl Default for DeviceOptions {
     }
 }
 
-/// What the device head reports about its last solve (read from the device on request).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DeviceSolveReport {
-    /// Riemannian gradient, orthogonality and objective at the returned `P`, computed on the
-    /// host in float64 from `P`, `G`, `Y` and `Prox` (`steps`: the Newton steps the device
-    /// polish took, at most [`DeviceOptions::max_newton_steps`]; 0 on the first step).
-    pub solve: SolveReport,
-    /// Jacobi sweeps the eigensolver used (0 on the first step, solved on the host).
-    pub sweeps: usize,
-}
-
 /// The last forward's solve, kept for the backward and for [`DeviceHead::solve_report`].
 #[derive(Debug)]
 struct LastSolve {
     factor: FactorDev,
     y: Buffer,
+    mu: Buffer,
     prox_used: Buffer,
     first_step: bool,
     w: Buffer,
@@ -287,13 +319,7 @@ impl DeviceHead {
                 reason: format!("features must be f32, f16 or bf16, got {:?}", raw.dtype()),
             });
         }
-        if raw.len() != n * self.cfg.dim {
-            return Err(Error::ShapeMismatch {
-                what: "raw",
-                expected: n * self.cfg.dim,
-                got: raw.len(),
-            });
-        }
+        check_len("raw", size2("raw", n, self.cfg.dim)?, raw.len())?;
         if i32::try_from(raw.len()).is_err() {
             return Err(Error::InvalidParameter {
                 name: "raw",
@@ -427,6 +453,7 @@ impl DeviceHead {
         // `Y` is only read from here on: the last solve shares the pending backward's. The
         // caller's features are needed again only by the `tau` normalisation's backward.
         let y_kept = sf.y.share();
+        let mu_kept = sf.stats.mu.share();
         let raw_kept = match self.cfg.tau {
             Some(_) => Some(dev.copy(raw)?),
             None => None,
@@ -457,6 +484,7 @@ impl DeviceHead {
         self.last = Some(LastSolve {
             factor,
             y: y_kept,
+            mu: mu_kept,
             prox_used,
             first_step,
             w,
@@ -481,8 +509,8 @@ impl DeviceHead {
     /// recorded (call only while capturing).
     fn check_capturable(&self) -> Result<()> {
         if self.opt.validation == Validation::Eager {
-            return Err(Error::InvalidParameter {
-                name: "validation",
+            return Err(Error::Capture {
+                op: "forward_into".into(),
                 reason: "a captured step needs Validation::Deferred (Eager reads the status \
                          word back after every call)"
                     .into(),
@@ -569,18 +597,8 @@ impl DeviceHead {
     /// first step; a non-finite feature gives [`Error::NonFinite`] (a synchronisation).
     pub fn infer(&self, raw: &Buffer) -> Result<Buffer> {
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        if raw.is_empty() {
-            return Err(Error::EmptyBatch);
-        }
-        if raw.len() % d != 0 {
-            return Err(Error::ShapeMismatch {
-                what: "raw",
-                expected: (raw.len() / d + 1) * d,
-                got: raw.len(),
-            });
-        }
+        let n = rows_of("raw", raw.len(), d)?;
         let prox = self.prox.as_ref().ok_or(Error::Untrained)?;
-        let n = raw.len() / d;
         let dev = &self.dev;
         let mut st = Status::new(dev)?;
         super::status::check_finite(dev, raw, &mut st, 1)?;
@@ -608,14 +626,21 @@ impl DeviceHead {
         }
     }
 
-    /// The last forward's `P` (d x K f64), `W` (K x d f32), `b` (K f32) and `Y` (d x K f32).
-    pub fn last_solution(&self) -> Option<(&Buffer, &Buffer, &Buffer, &Buffer)> {
-        self.last.as_ref().map(|l| (&l.factor.p, &l.w, &l.b, &l.y))
+    /// The last forward's `P` (d x K f64), `W` (K x d f32), `b` (K f32), `Y` (d x K f32) and
+    /// `mu` (d f32), on the device (workspace buffers: the next steps overwrite them).
+    pub fn last_solution(&self) -> Option<Solution<&Buffer>> {
+        self.last.as_ref().map(|l| Solution {
+            p: &l.factor.p,
+            w: &l.w,
+            b: &l.b,
+            y: &l.y,
+            mu: &l.mu,
+        })
     }
 
     /// The last forward's solve report, computed on the host in float64 (downloads `P`, `G`,
     /// `Y` and `Prox`: a synchronisation; meant for diagnostics, not for every step).
-    pub fn solve_report(&self) -> Result<Option<DeviceSolveReport>> {
+    pub fn solve_report(&self) -> Result<Option<SolveReport>> {
         let Some(l) = &self.last else {
             return Ok(None);
         };
@@ -627,14 +652,12 @@ impl DeviceHead {
         let prox = from_row_major(&dev.download::<f64>(&l.prox_used)?, d, k);
         let sweeps = dev.download::<i32>(&l.factor.sweeps)?[0].max(0) as usize;
         let newton = dev.download::<i32>(&l.factor.newton)?[0].max(0) as usize;
-        Ok(Some(DeviceSolveReport {
-            solve: SolveReport {
-                steps: newton,
-                grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref()),
-                objective: objective(y.as_ref(), p.as_ref(), prox.as_ref(), self.cfg.delta),
-                orthogonality: orthogonality_error(p.as_ref()),
-                first_step: l.first_step,
-            },
+        Ok(Some(SolveReport {
+            steps: newton,
+            grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref()),
+            objective: objective(y.as_ref(), p.as_ref(), prox.as_ref(), self.cfg.delta),
+            orthogonality: orthogonality_error(p.as_ref()),
+            first_step: l.first_step,
             sweeps,
         }))
     }
@@ -670,8 +693,8 @@ impl DeviceHead {
     pub fn import_state(&mut self, state: HeadState<f32>) -> Result<()> {
         check_state(&self.cfg, &state)?;
         if self.dev.is_capturing() {
-            return Err(Error::InvalidParameter {
-                name: "capture",
+            return Err(Error::Capture {
+                op: "import_state".into(),
                 reason: "import_state writes the state from the host; not during a capture".into(),
             });
         }
@@ -701,13 +724,7 @@ impl DeviceHead {
 
 /// Checks that a caller's buffer holds `len` f32 values.
 fn f32_of_len(b: &Buffer, what: &'static str, len: usize) -> Result<()> {
-    if b.len() != len {
-        return Err(Error::ShapeMismatch {
-            what,
-            expected: len,
-            got: b.len(),
-        });
-    }
+    check_len(what, len, b.len())?;
     if b.dtype() != DType::F32 {
         return Err(Error::InvalidParameter {
             name: what,
@@ -719,8 +736,8 @@ fn f32_of_len(b: &Buffer, what: &'static str, len: usize) -> Result<()> {
 
 /// The error of a step captured before its workspace was filled.
 fn not_filled() -> Error {
-    Error::InvalidParameter {
-        name: "capture",
+    Error::Capture {
+        op: "forward_into".into(),
         reason: "this step's workspace has not been filled by an uncaptured step of the same \
                  batch size yet: the first step solves on the host and the next two fill the \
                  two forward workspaces, so capture from the fourth step on (and again only \

@@ -136,6 +136,7 @@ pub(super) fn c_name(name: &str) -> Result<CString> {
     CString::new(name).map_err(|_| Error::Device {
         op: format!("launch {name}"),
         message: "kernel name holds a NUL byte".into(),
+        source: None,
     })
 }
 
@@ -179,6 +180,7 @@ pub(super) fn launch_slots(cname: &CStr, cfg: LaunchConfig, slots: &mut [u64]) -
     Err(Error::Device {
         op: format!("launch {} (CPU execution)", cname.to_string_lossy()),
         message: String::from_utf8_lossy(&err[..end]).into_owned(),
+        source: None,
     })
 }
 

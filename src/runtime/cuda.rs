@@ -65,10 +65,11 @@ pub(super) fn launch_graph(g: &Graph) -> Result<()> {
     g.launch().map_err(|e| dev_err("graph launch", e))
 }
 
-fn dev_err(op: impl Into<String>, e: impl std::fmt::Debug) -> Error {
+fn dev_err(op: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Device {
         op: op.into(),
-        message: format!("{e:?}"),
+        message: e.to_string(),
+        source: Some(crate::error::DeviceSource::new(e)),
     }
 }
 
@@ -266,6 +267,7 @@ impl CudaDevice {
             .ok_or_else(|| Error::Device {
                 op: "end capture".into(),
                 message: "the driver returned no graph (the capture was invalidated)".into(),
+                source: None,
             })
     }
 

@@ -173,6 +173,7 @@ impl Device {
             DevInner::Cpu => Err(Error::Device {
                 op: "from_cuda_slice".into(),
                 message: "the CPU execution has no CUDA memory".into(),
+                source: None,
             }),
             DevInner::Cuda(c) => {
                 let bytes = len * std::mem::size_of::<T>();
@@ -203,11 +204,13 @@ impl Device {
             return Err(Error::Device {
                 op: "into_cuda_slice".into(),
                 message: "not a CUDA buffer of a CUDA device".into(),
+                source: None,
             });
         };
         let mut mem = Arc::try_unwrap(buf.mem).map_err(|_| Error::Device {
             op: "into_cuda_slice".into(),
             message: "the buffer's memory is shared (a workspace or a graph uses it)".into(),
+            source: None,
         })?;
         match std::mem::replace(&mut mem.buf, BufInner::Moved) {
             BufInner::Cuda(b) => Ok(c.release::<T>(b, len)),
@@ -327,10 +330,10 @@ impl Device {
     /// An error if a capture is in progress (`op` cannot be part of a graph).
     fn refuse_in_capture(&self, op: &str) -> Result<()> {
         if lock(&self.capture).is_some() {
-            return Err(Error::Device {
+            return Err(Error::Capture {
                 op: op.into(),
-                message: "not allowed while capturing a graph (allocation, host copies and \
-                          synchronisation cannot be replayed)"
+                reason: "not allowed while capturing a graph (allocation, host copies and \
+                         synchronisation cannot be replayed)"
                     .into(),
             });
         }
@@ -536,6 +539,7 @@ impl Device {
             return Err(Error::Device {
                 op: "copy_into".into(),
                 message: format!("{:?} buffer into a {:?} buffer", src.dtype, dst.dtype),
+                source: None,
             });
         }
         if dst.len != src.len {
@@ -574,6 +578,7 @@ impl Device {
         let bad = |message: String| Error::Device {
             op: format!("launch {name}"),
             message,
+            source: None,
         };
         if args.len() != sig.params.len() {
             return Err(bad(format!(
@@ -666,9 +671,9 @@ impl Device {
     pub fn begin_capture(&self) -> Result<()> {
         let mut cap = lock(&self.capture);
         if cap.is_some() {
-            return Err(Error::Device {
+            return Err(Error::Capture {
                 op: "begin_capture".into(),
-                message: "a capture is already in progress on this device".into(),
+                reason: "a capture is already in progress on this device".into(),
             });
         }
         if let DevInner::Cuda(c) = &self.inner {
@@ -689,9 +694,9 @@ impl Device {
     /// began the capture: on a GPU the stream otherwise stays in capture mode, though this
     /// device no longer records.
     pub fn end_capture(&self) -> Result<Graph> {
-        let rec = lock(&self.capture).take().ok_or_else(|| Error::Device {
+        let rec = lock(&self.capture).take().ok_or_else(|| Error::Capture {
             op: "end_capture".into(),
-            message: "no capture in progress".into(),
+            reason: "no capture in progress".into(),
         })?;
         let kind = match &self.inner {
             DevInner::Cpu => GraphKind::Cpu(rec.ops),
@@ -699,9 +704,9 @@ impl Device {
         };
         let now = self.counters.stats();
         if now != rec.start {
-            return Err(Error::Device {
+            return Err(Error::Capture {
                 op: "end_capture".into(),
-                message: format!(
+                reason: format!(
                     "{} allocations were released during the capture; a replayable step must \
                      not free memory (DeviceHead::forward_into / backward_into keep theirs)",
                     now.released - rec.start.released
@@ -731,6 +736,7 @@ fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
         return Err(Error::Device {
             op: op.into(),
             message: format!("buffer holds {:?}, asked for {:?}", buf.dtype, T::DTYPE),
+            source: None,
         });
     }
     Ok(())
@@ -740,5 +746,6 @@ fn foreign(op: &str) -> Error {
     Error::Device {
         op: op.into(),
         message: "the buffer belongs to another device".into(),
+        source: None,
     }
 }

@@ -259,3 +259,38 @@ pub fn state_f32(s: &HeadState<f64>) -> HeadState<f32> {
         prox: s.prox.clone(),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// A CPU forward with everything it reports, for the tests that check more than the logits.
+// ---------------------------------------------------------------------------------------
+
+/// The logits and the solution of one `CpuHead` forward.
+#[derive(Debug, Clone)]
+pub struct Fwd<T> {
+    pub logits: Vec<T>,
+    pub w: Vec<T>,
+    pub b: Vec<T>,
+    pub y: Vec<T>,
+    pub mu: Vec<T>,
+    pub p: Vec<T>,
+    pub report: implicit_etf::SolveReport,
+}
+
+/// `head.forward(raw, labels)`, then `last_solution()` and `solve_report()`.
+pub fn fwd<T: implicit_etf::Real, L: implicit_etf::Label>(
+    head: &mut implicit_etf::CpuHead<T>,
+    raw: &[T],
+    labels: &[L],
+) -> implicit_etf::Result<Fwd<T>> {
+    let logits = head.forward(raw, labels)?;
+    let s = head.last_solution().expect("a forward was taken");
+    Ok(Fwd {
+        logits,
+        w: s.w.to_vec(),
+        b: s.b.to_vec(),
+        y: s.y.to_vec(),
+        mu: s.mu.to_vec(),
+        p: s.p.to_vec(),
+        report: head.solve_report()?.expect("a forward was taken"),
+    })
+}

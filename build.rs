@@ -38,6 +38,7 @@ struct Kernel {
 fn main() {
     // The device layer exists with either backend; without both the crate is the CPU head only.
     println!("cargo::rustc-check-cfg=cfg(device)");
+    println!("cargo::rustc-check-cfg=cfg(cpu_asan)");
     let device = env::var_os("CARGO_FEATURE_CUDA").is_some()
         || env::var_os("CARGO_FEATURE_CPU_EXEC").is_some();
     if !device {
@@ -111,6 +112,9 @@ fn main() {
 
     // ---- CPU execution ---------------------------------------------------------------------
     let asan = env::var("IMPLICIT_ETF_ASAN").is_ok_and(|v| v == "1");
+    if asan {
+        println!("cargo:rustc-cfg=cpu_asan");
+    }
     #[cfg(feature = "cpu-exec")]
     build_cpu_execution(&out, &kdir, &keys, &sources, &kernels, asan);
 
@@ -270,7 +274,6 @@ fn main() {
         "pub(crate) const NVCC_USED: Option<&str> = {nvcc_used:?};"
     )
     .unwrap();
-    writeln!(rs, "pub(crate) const CPU_ASAN: bool = {asan};").unwrap();
     write_if_changed(&out.join("kernels_gen.rs"), &rs);
 }
 

@@ -63,5 +63,5 @@ pub fn nvcc_used() -> Option<&'static str> {
 
 /// Whether the CPU execution was built with AddressSanitizer (`IMPLICIT_ETF_ASAN=1`).
 pub fn cpu_asan() -> bool {
-    CPU_ASAN
+    cfg!(cpu_asan)
 }

@@ -22,9 +22,11 @@ pub mod head;
 pub mod linalg;
 pub(crate) mod moving;
 pub(crate) mod pipeline;
+pub(crate) mod shape;
 pub(crate) mod solve;
 pub(crate) mod stats;
 pub mod status;
+pub(crate) mod stiefel;
 
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,8 @@
 //! and their Frobenius normalisation `Y = E / ||E||_F`, with their backward; the mirror of
 //! [`crate::cpu::moving`]. See `docs/head.md` for the definitions.
 
-use super::stats::{block, single_block, ClassStatsDev};
+use super::shape::{block, single_block};
+use super::stats::ClassStatsDev;
 use super::status::Status;
 use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::validate::{check_len, fits_i32};

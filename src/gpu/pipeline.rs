@@ -6,9 +6,10 @@ use super::moving::{
     frobenius_normalise_backward, frobenius_normalise_deferred, moving_update,
     moving_update_backward, MovingStateDev, MovingUpdateDev,
 };
+use super::shape::feat_suffix;
 use super::stats::{
-    class_stats, class_stats_backward, class_stats_backward_into, feat_suffix,
-    labels_to_i32_deferred, tau_normalise, tau_normalise_backward_into, ClassStatsDev,
+    class_stats, class_stats_backward, class_stats_backward_into, labels_to_i32_deferred,
+    tau_normalise, tau_normalise_backward_into, ClassStatsDev,
 };
 use super::status::Status;
 use crate::core::config::{AbsentClassPolicy, MovingAverage};

@@ -18,54 +18,13 @@
 use crate::kernels;
 use crate::kernels::elementwise::ops as elementwise;
 use crate::kernels::head::solve as ksolve;
-use faer::MatRef;
 
 use super::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
 use super::status::Status;
+use super::stiefel::{tangent_solve, FactorDev};
 use crate::core::validate::check_len;
-use crate::cpu::linalg::to_row_major;
 use crate::error::Result;
 use crate::runtime::{grid_stride, Buffer, DType, Device, LaunchConfig};
-use crate::stiefel::Factor;
-
-/// `P`, its factorisation `B = sym(P^T G) = Q diag(s) Q^T` with `U = P Q`, and `G`, on the
-/// device (all f64, row-major: `p`, `u`, `g` d x K; `q` K x K; `s`, `s_inv` K).
-#[derive(Debug)]
-pub struct FactorDev {
-    /// `P`.
-    pub p: Buffer,
-    /// `U = P Q`.
-    pub u: Buffer,
-    /// Eigenvectors of `B` (columns).
-    pub q: Buffer,
-    /// Eigenvalues of `B` (the singular values of `G`), unsorted.
-    pub s: Buffer,
-    /// `1 / s`.
-    pub s_inv: Buffer,
-    /// `G = c Y M + delta Prox`.
-    pub g: Buffer,
-    /// Jacobi sweeps used by the last eigensolve (i32, 1).
-    pub sweeps: Buffer,
-    /// Newton polish counters (i32, 2): steps taken, stopping checks made.
-    pub newton: Buffer,
-}
-
-impl FactorDev {
-    /// Uploads a CPU factor (the first step's, solved on the host) with its `G`.
-    pub fn upload(dev: &Device, f: &Factor, g: MatRef<'_, f64>) -> Result<FactorDev> {
-        let inv: Vec<f64> = f.s.iter().map(|v| 1.0 / v).collect();
-        Ok(FactorDev {
-            p: dev.upload(&to_row_major::<f64>(f.p.as_ref()))?,
-            u: dev.upload(&to_row_major::<f64>(f.u.as_ref()))?,
-            q: dev.upload(&to_row_major::<f64>(f.q.as_ref()))?,
-            s: dev.upload(&f.s)?,
-            s_inv: dev.upload(&inv)?,
-            g: dev.upload(&to_row_major::<f64>(g))?,
-            sweeps: dev.upload(&[0i32])?,
-            newton: dev.upload(&[0i32; 2])?,
-        })
-    }
-}
 
 /// `c = 2 / sqrt(K - 1)`.
 fn c_of(k: usize) -> f64 {
@@ -254,7 +213,7 @@ pub fn newton_polish(
             )
         }?;
         // The step (every product and the eigensolver behind the flag).
-        let x = super::backward::tangent_solve(dev, gk, &f, &v, d, k, status, Some(&done))?;
+        let x = tangent_solve(dev, gk, &f, &v, d, k, status, Some(&done))?;
         let mut z = dev.alloc_zeros(DType::F64, d * k)?;
         // SAFETY (this and the launches below): every buffer was allocated above, or checked
         // by `FactorDev`, at the `d x K` / `K x K` sizes the kernels are given.

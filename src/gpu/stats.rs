@@ -7,53 +7,14 @@
 //! gradients are `f32`. Every reduction runs in a fixed order (no float atomics), so results
 //! are bitwise reproducible from run to run.
 
+use super::shape::{block, feat_suffix, Feat};
 use super::status::Status;
 use crate::core::validate::{check_len, fits_i32, fits_u32};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::head::normalise as kstats_norm;
 use crate::kernels::head::stats as kstats;
-use crate::runtime::{Backend, Buffer, DType, Device, LaunchConfig};
-
-/// Threads per block of the element-wise, per-row and per-feature kernels: 256 on a GPU, 32
-/// on the CPU execution, whose block threads are real host threads (a 256-thread block there
-/// costs 256 thread wake-ups per launch, and its barriers far more, for no gain). Every such
-/// kernel takes any multiple of 32.
-pub(crate) fn block(dev: &Device) -> u32 {
-    match dev.backend() {
-        Backend::Cpu => 32,
-        Backend::Cuda => 256,
-    }
-}
-
-/// Threads of the single-block reductions: 1024 on a GPU, 32 on the CPU execution.
-pub(crate) fn single_block(dev: &Device) -> u32 {
-    match dev.backend() {
-        Backend::Cpu => 32,
-        Backend::Cuda => 1024,
-    }
-}
-
-/// The element type of a feature buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Feat {
-    F32,
-    F16,
-    BF16,
-}
-
-/// The features' element type; anything but f32, f16 or bf16 is an error.
-pub(crate) fn feat_suffix(b: &Buffer, what: &'static str) -> Result<Feat> {
-    match b.dtype() {
-        DType::F32 => Ok(Feat::F32),
-        DType::F16 => Ok(Feat::F16),
-        DType::BF16 => Ok(Feat::BF16),
-        other => Err(Error::InvalidParameter {
-            name: what,
-            reason: format!("features must be f32, f16 or bf16, got {other:?}"),
-        }),
-    }
-}
+use crate::runtime::{Buffer, DType, Device, LaunchConfig};
 
 fn cols(dev: &Device, d: usize) -> u32 {
     (d.div_ceil(block(dev) as usize)).max(1) as u32

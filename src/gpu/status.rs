@@ -7,7 +7,7 @@
 //! the state exactly as it was, with or without the host looking. [`Status::read`] (one
 //! 32-byte download) turns the word into the typed [`Error`] a checked call returns.
 
-use super::stats::Feat;
+use super::shape::{feat_suffix, Feat};
 use crate::core::validate::fits_i32;
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -127,7 +127,7 @@ fn numerical(code: i32) -> Result<()> {
 
 /// Records in entry `entry` of `status` the first non-finite element of `x` (f32/f16/bf16).
 pub fn check_finite(dev: &Device, x: &Buffer, status: &mut Status, entry: usize) -> Result<()> {
-    let feat = super::stats::feat_suffix(x, "features")?;
+    let feat = feat_suffix(x, "features")?;
     if x.is_empty() {
         return Ok(());
     }

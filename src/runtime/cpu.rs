@@ -1,8 +1,7 @@
 //! CPU execution backend: buffers in host memory, launches through the C++ runtime of
 //! `kernels/cpu/` (compiled by `build.rs`).
 
-use super::memory::{BufInner, Mem};
-use super::{Arg, LaunchConfig};
+use super::types::{BackendArg, LaunchConfig};
 use crate::error::{Error, Result};
 use std::alloc::Layout;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -119,14 +118,11 @@ impl Drop for CpuBuf {
 /// The 8-byte parameter slots of a launch, like the parameter buffer of cuLaunchKernel:
 /// buffers as their host addresses, scalars little-endian (a 4-byte scalar read from the
 /// start of its slot is the value).
-pub(super) fn slots(args: &[Arg<'_>]) -> Vec<u64> {
+pub(super) fn slots(args: &[BackendArg<'_, CpuBuf>]) -> Vec<u64> {
     args.iter()
         .map(|a| match a {
-            Arg::Buf(b) => match &b.mem.buf {
-                BufInner::Cpu(c) => c.as_ptr() as usize as u64,
-                _ => 0,
-            },
-            scalar => scalar.scalar_slot().unwrap_or(0),
+            BackendArg::Buf(c) => c.as_ptr() as usize as u64,
+            BackendArg::Slot(s) => *s,
         })
         .collect()
 }
@@ -141,7 +137,7 @@ pub(super) fn c_name(name: &str) -> Result<CString> {
 }
 
 /// Runs kernel `name` on the CPU execution (arguments already checked by the caller).
-pub(super) fn launch(name: &str, cfg: LaunchConfig, args: &[Arg<'_>]) -> Result<()> {
+pub(super) fn launch(name: &str, cfg: LaunchConfig, args: &[BackendArg<'_, CpuBuf>]) -> Result<()> {
     launch_slots(&c_name(name)?, cfg, &mut slots(args))
 }
 
@@ -182,18 +178,4 @@ pub(super) fn launch_slots(cname: &CStr, cfg: LaunchConfig, slots: &mut [u64]) -
         message: String::from_utf8_lossy(&err[..end]).into_owned(),
         source: None,
     })
-}
-
-/// Fills a CPU allocation with zero bytes (no-op for other kinds).
-pub(super) fn zero(m: &Mem) {
-    if let BufInner::Cpu(c) = &m.buf {
-        c.fill_zero();
-    }
-}
-
-/// `dst <- src` for CPU allocations of the same size (no-op for other kinds).
-pub(super) fn copy(dst: &Mem, src: &Mem) {
-    if let (BufInner::Cpu(d), BufInner::Cpu(s)) = (&dst.buf, &src.buf) {
-        d.copy_from(s);
-    }
 }

@@ -3,8 +3,7 @@
 //! [`Device::cpu`](super::Device) does not exist then, so nothing here is ever reached; the
 //! functions that do not take a buffer report that the CPU execution is not compiled in.
 
-use super::memory::Mem;
-use super::{Arg, LaunchConfig};
+use super::types::{BackendArg, LaunchConfig};
 use crate::error::{Error, Result};
 use std::ffi::{CStr, CString};
 
@@ -31,9 +30,15 @@ impl CpuBuf {
     pub(super) fn clone_buf(&self) -> Result<CpuBuf> {
         match *self {}
     }
+    pub(super) fn fill_zero(&self) {
+        match *self {}
+    }
+    pub(super) fn copy_from(&self, _src: &CpuBuf) {
+        match *self {}
+    }
 }
 
-pub(super) fn slots(_args: &[Arg<'_>]) -> Vec<u64> {
+pub(super) fn slots(_args: &[BackendArg<'_, CpuBuf>]) -> Vec<u64> {
     Vec::new()
 }
 
@@ -41,14 +46,14 @@ pub(super) fn c_name(name: &str) -> Result<CString> {
     CString::new(name).map_err(|_| missing("launch"))
 }
 
-pub(super) fn launch(name: &str, _cfg: LaunchConfig, _args: &[Arg<'_>]) -> Result<()> {
+pub(super) fn launch(
+    name: &str,
+    _cfg: LaunchConfig,
+    _args: &[BackendArg<'_, CpuBuf>],
+) -> Result<()> {
     Err(missing(name))
 }
 
 pub(super) fn launch_slots(cname: &CStr, _cfg: LaunchConfig, _slots: &mut [u64]) -> Result<()> {
     Err(missing(&cname.to_string_lossy()))
 }
-
-pub(super) fn zero(_m: &Mem) {}
-
-pub(super) fn copy(_dst: &Mem, _src: &Mem) {}

@@ -5,8 +5,7 @@
 //! crate selecting cudarc's `dynamic-linking` (candle with `cuda`) links the library instead,
 //! and the probe then simply finds it loaded.
 
-use super::memory::BufInner;
-use super::{Arg, KernelFile, KernelSig, LaunchConfig};
+use super::types::{BackendArg, KernelFile, KernelSig, LaunchConfig};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
@@ -357,22 +356,19 @@ impl CudaDevice {
         &self,
         sig: &KernelSig,
         cfg: LaunchConfig,
-        args: &[Arg<'_>],
+        args: &[BackendArg<'_, CudaBuf>],
     ) -> Result<()> {
         let f = self.function(sig)?;
         let mut guards = Vec::new();
         let mut slots: Vec<u64> = Vec::with_capacity(args.len());
         for a in args {
             slots.push(match a {
-                Arg::Buf(b) => match &b.mem.buf {
-                    BufInner::Cuda(c) => {
-                        let (p, g) = c.slice.device_ptr(&self.stream);
-                        guards.push(g);
-                        p
-                    }
-                    _ => 0,
-                },
-                scalar => scalar.scalar_slot().unwrap_or(0),
+                BackendArg::Buf(c) => {
+                    let (p, g) = c.slice.device_ptr(&self.stream);
+                    guards.push(g);
+                    p
+                }
+                BackendArg::Slot(s) => *s,
             });
         }
         let mut params: Vec<*mut c_void> = slots

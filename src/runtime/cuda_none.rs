@@ -3,7 +3,7 @@
 //! not compiled in, so no other method can ever be reached (each matches on its uninhabited
 //! receiver).
 
-use super::{Arg, KernelSig, LaunchConfig};
+use super::types::{BackendArg, KernelSig, LaunchConfig};
 use crate::error::{Error, Result};
 
 /// No device allocation can exist.
@@ -69,7 +69,7 @@ impl CudaDevice {
         &self,
         _sig: &KernelSig,
         _cfg: LaunchConfig,
-        _args: &[Arg<'_>],
+        _args: &[BackendArg<'_, CudaBuf>],
     ) -> Result<()> {
         match *self {}
     }

@@ -18,7 +18,7 @@
 //! event tracking off (a capture must not wait on events recorded outside it); begin and end
 //! it on the same thread.
 
-use super::memory::Mem;
+use super::memory::{BufInner, Mem};
 use super::{cpu, cuda, LaunchConfig};
 use crate::error::Result;
 use std::ffi::CString;
@@ -111,8 +111,16 @@ impl Graph {
                         CpuOp::Launch { name, cfg, slots } => {
                             cpu::launch_slots(name, *cfg, &mut slots.clone())?
                         }
-                        CpuOp::Zero(m) => cpu::zero(m),
-                        CpuOp::Copy { dst, src } => cpu::copy(dst, src),
+                        CpuOp::Zero(m) => {
+                            if let BufInner::Cpu(b) = &m.buf {
+                                b.fill_zero();
+                            }
+                        }
+                        CpuOp::Copy { dst, src } => {
+                            if let (BufInner::Cpu(d), BufInner::Cpu(s)) = (&dst.buf, &src.buf) {
+                                d.copy_from(s);
+                            }
+                        }
                     }
                 }
                 Ok(())

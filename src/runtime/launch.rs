@@ -1,76 +1,9 @@
 //! Kernel launches: signatures (parsed from the CUDA sources by `build.rs`), launch shapes and
 //! arguments.
 
-use super::buffer::{Buffer, DType};
+use super::buffer::Buffer;
+use super::types::LaunchConfig;
 use super::{Backend, Device};
-
-/// A kernel parameter kind, as parsed from the C signature by `build.rs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Param {
-    /// A pointer to `dtype` elements (`writable`: not `const`).
-    Ptr {
-        /// Element type.
-        dtype: DType,
-        /// `false` for `const T*`.
-        writable: bool,
-    },
-    /// A scalar passed by value.
-    Scalar(DType),
-}
-
-/// Signature of one kernel of `kernels/*.cu`.
-#[derive(Debug, Clone, Copy)]
-pub struct KernelSig {
-    /// The `extern "C"` name.
-    pub name: &'static str,
-    /// The source file it is compiled from.
-    pub file: &'static KernelFile,
-    /// Parameters in order.
-    pub params: &'static [Param],
-}
-
-/// One CUDA source file as embedded by `build.rs`: a module the runtime loads once per device.
-#[derive(Debug, Clone, Copy)]
-pub struct KernelFile {
-    /// Its path under `kernels/`, without `.cu` (unique; the module's key).
-    pub name: &'static str,
-    /// Self-contained source (local includes inlined), for NVRTC.
-    pub source: &'static str,
-    /// PTX for `compute_75`, if `nvcc` was available.
-    pub ptx: Option<&'static str>,
-    /// `sm_90` cubin, if `nvcc` was available.
-    pub cubin_sm90: Option<&'static [u8]>,
-}
-
-/// Launch shape: like `cuLaunchKernel`'s grid, block and dynamic shared memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaunchConfig {
-    /// Blocks per grid (x, y, z).
-    pub grid: (u32, u32, u32),
-    /// Threads per block (x, y, z).
-    pub block: (u32, u32, u32),
-    /// Dynamic shared memory per block, in bytes (at most 48 KiB).
-    pub shared_bytes: u32,
-}
-
-impl LaunchConfig {
-    /// A 1-D launch of `ceil(n / block)` blocks of `block` threads.
-    pub fn linear(n: usize, block: u32) -> Self {
-        LaunchConfig {
-            grid: ((n.div_ceil(block as usize)).max(1) as u32, 1, 1),
-            block: (block, 1, 1),
-            shared_bytes: 0,
-        }
-    }
-    /// `grid` x `block` with no dynamic shared memory.
-    pub fn new(grid: (u32, u32, u32), block: (u32, u32, u32)) -> Self {
-        LaunchConfig {
-            grid,
-            block,
-            shared_bytes: 0,
-        }
-    }
-}
 
 /// A kernel argument.
 #[derive(Debug, Clone, Copy)]

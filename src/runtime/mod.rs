@@ -27,6 +27,7 @@ mod cuda;
 pub mod graph;
 pub mod launch;
 pub mod memory;
+pub mod types;
 
 #[cfg(feature = "cuda")]
 /// The `cudarc` this crate is built against (for [`Device::cuda_on_stream`],
@@ -34,10 +35,11 @@ pub mod memory;
 /// this version).
 pub use cudarc;
 
-pub use buffer::{Buffer, DType, DeviceScalar};
+pub use buffer::Buffer;
 pub use graph::Graph;
-pub use launch::{grid_stride, Arg, KernelFile, KernelSig, LaunchConfig, Param};
+pub use launch::{grid_stride, Arg};
 pub use memory::{MemoryStats, PlanEntry};
+pub use types::{DType, DeviceScalar, KernelFile, KernelSig, LaunchConfig, Param};
 
 use crate::error::{Error, Result};
 use graph::{CpuOp, GraphKind, Recording};
@@ -275,7 +277,7 @@ impl Device {
     pub fn name(&self) -> String {
         match &self.inner {
             DevInner::Cpu => {
-                if crate::kernels::cpu_asan() {
+                if cfg!(cpu_asan) {
                     "CPU execution (AddressSanitizer)".into()
                 } else {
                     "CPU execution".into()
@@ -366,8 +368,8 @@ impl Device {
             }
         }
         match (&self.inner, &m.buf) {
-            (DevInner::Cpu, BufInner::Cpu(_)) => {
-                cpu::zero(m);
+            (DevInner::Cpu, BufInner::Cpu(b)) => {
+                b.fill_zero();
                 Ok(())
             }
             (DevInner::Cuda(c), BufInner::Cuda(b)) => c.zero(b),
@@ -398,8 +400,8 @@ impl Device {
             }
         }
         match (&self.inner, &dst.buf, &src.buf) {
-            (DevInner::Cpu, BufInner::Cpu(_), BufInner::Cpu(_)) => {
-                cpu::copy(dst, src);
+            (DevInner::Cpu, BufInner::Cpu(d), BufInner::Cpu(s)) => {
+                d.copy_from(s);
                 Ok(())
             }
             (DevInner::Cuda(c), BufInner::Cuda(d), BufInner::Cuda(s)) => c.copy_into(d, s),
@@ -627,10 +629,14 @@ impl Device {
             }
             match &self.inner {
                 DevInner::Cpu => {
+                    let resolved = resolve(args, name, |m| match m {
+                        BufInner::Cpu(b) => Some(b),
+                        _ => None,
+                    })?;
                     rec.ops.push(CpuOp::Launch {
                         name: cpu::c_name(name)?,
                         cfg,
-                        slots: cpu::slots(args),
+                        slots: cpu::slots(&resolved),
                     });
                     return Ok(());
                 }
@@ -638,8 +644,20 @@ impl Device {
             }
         }
         match &self.inner {
-            DevInner::Cpu => cpu::launch(name, cfg, args),
-            DevInner::Cuda(c) => c.launch(sig, cfg, args),
+            DevInner::Cpu => {
+                let resolved = resolve(args, name, |m| match m {
+                    BufInner::Cpu(b) => Some(b),
+                    _ => None,
+                })?;
+                cpu::launch(name, cfg, &resolved)
+            }
+            DevInner::Cuda(c) => {
+                let resolved = resolve(args, name, |m| match m {
+                    BufInner::Cuda(b) => Some(b),
+                    _ => None,
+                })?;
+                c.launch(sig, cfg, &resolved)
+            }
         }
     }
 
@@ -740,6 +758,23 @@ fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The arguments of a launch with every buffer as the backend's own type (`pick`), scalars and
+/// null pointers as their parameter slots.
+fn resolve<'a, B>(
+    args: &[Arg<'a>],
+    kernel: &str,
+    pick: impl Fn(&'a BufInner) -> Option<&'a B>,
+) -> Result<Vec<types::BackendArg<'a, B>>> {
+    args.iter()
+        .map(|a| match a {
+            Arg::Buf(b) => pick(&b.mem.buf)
+                .map(types::BackendArg::Buf)
+                .ok_or_else(|| foreign(&format!("launch {kernel}"))),
+            scalar => Ok(types::BackendArg::Slot(scalar.scalar_slot().unwrap_or(0))),
+        })
+        .collect()
 }
 
 fn foreign(op: &str) -> Error {

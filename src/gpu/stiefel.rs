@@ -1,0 +1,106 @@
+//! The Stiefel-manifold pieces on the device, shared by the solve (its Newton polish) and the
+//! backward, the mirror of [`crate::stiefel`]: the factor a solve leaves, and the
+//! tangent-space solve `u = D^{-1}(V)` in the eigenbasis of `B = sym(P^T G)`
+//! (`docs/backward.md#the-tangent-space-solve`), float64.
+//!
+//! ```text
+//! Z = U^T (V Q)                                   gemm, gemm
+//! T_ij = (Z_ij s_i + Z_ji s_j) / (s_i + s_j)      tangent_t_f64
+//! u = (U T - V Q) diag(1/s) Q^T                   gemm, sub_scale_cols_f64, gemm
+//! ```
+
+use super::linalg::{Gemm, GemmKernel};
+use super::status::Status;
+use crate::cpu::linalg::to_row_major;
+use crate::error::Result;
+use crate::kernels;
+use crate::runtime::{grid_stride, Buffer, DType, Device};
+use crate::stiefel::Factor;
+use faer::MatRef;
+
+/// `P`, its factorisation `B = sym(P^T G) = Q diag(s) Q^T` with `U = P Q`, and `G`, on the
+/// device (all f64, row-major: `p`, `u`, `g` d x K; `q` K x K; `s`, `s_inv` K).
+#[derive(Debug)]
+pub struct FactorDev {
+    /// `P`.
+    pub p: Buffer,
+    /// `U = P Q`.
+    pub u: Buffer,
+    /// Eigenvectors of `B` (columns).
+    pub q: Buffer,
+    /// Eigenvalues of `B` (the singular values of `G`), unsorted.
+    pub s: Buffer,
+    /// `1 / s`.
+    pub s_inv: Buffer,
+    /// `G = c Y M + delta Prox`.
+    pub g: Buffer,
+    /// Jacobi sweeps used by the last eigensolve (i32, 1).
+    pub sweeps: Buffer,
+    /// Newton polish counters (i32, 2): steps taken, stopping checks made.
+    pub newton: Buffer,
+}
+
+impl FactorDev {
+    /// Uploads a CPU factor (the first step's, solved on the host) with its `G`.
+    pub fn upload(dev: &Device, f: &Factor, g: MatRef<'_, f64>) -> Result<FactorDev> {
+        let inv: Vec<f64> = f.s.iter().map(|v| 1.0 / v).collect();
+        Ok(FactorDev {
+            p: dev.upload(&to_row_major::<f64>(f.p.as_ref()))?,
+            u: dev.upload(&to_row_major::<f64>(f.u.as_ref()))?,
+            q: dev.upload(&to_row_major::<f64>(f.q.as_ref()))?,
+            s: dev.upload(&f.s)?,
+            s_inv: dev.upload(&inv)?,
+            g: dev.upload(&to_row_major::<f64>(g))?,
+            sweeps: dev.upload(&[0i32])?,
+            newton: dev.upload(&[0i32; 2])?,
+        })
+    }
+}
+
+/// `u = D^{-1}(V)` of `docs/backward.md#the-tangent-space-solve` for `V = dL/dP` (d x K f64). A singular Lagrangian
+/// Hessian is recorded in entry 5 of `status`. `gate`: a device flag that skips the products
+/// when nonzero (the Newton polish's stop; the result is then not meaningful and not used).
+#[allow(clippy::too_many_arguments)]
+pub fn tangent_solve(
+    dev: &Device,
+    gk: GemmKernel,
+    f: &FactorDev,
+    v: &Buffer,
+    d: usize,
+    k: usize,
+    status: &mut Status,
+    gate: Option<&Buffer>,
+) -> Result<Buffer> {
+    let mut vq = dev.alloc_zeros(DType::F64, d * k)?;
+    Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, v, &f.q, &mut vq)?;
+    let mut z = dev.alloc_zeros(DType::F64, k * k)?;
+    Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &f.u, &vq, &mut z)?;
+    let mut t = dev.alloc_zeros(DType::F64, k * k)?;
+    unsafe {
+        kernels::head::backward::tangent_t_f64(
+            dev,
+            grid_stride(dev, k * k),
+            &z,
+            &f.s,
+            k as i32,
+            &mut t,
+            &mut status.buf,
+        )
+    }?;
+    let mut w = dev.alloc_zeros(DType::F64, d * k)?;
+    Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, &f.u, &t, &mut w)?;
+    unsafe {
+        kernels::head::backward::sub_scale_cols_f64(
+            dev,
+            grid_stride(dev, d * k),
+            &mut w,
+            &vq,
+            &f.s_inv,
+            d as i32,
+            k as i32,
+        )
+    }?;
+    let mut u = dev.alloc_zeros(DType::F64, d * k)?;
+    Gemm::new(false, true, d, k, k).run_gated(dev, gk, gate, &w, &f.q, &mut u)?;
+    Ok(u)
+}

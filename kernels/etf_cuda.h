@@ -68,6 +68,40 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
     return block_reduce(v, scratch, T(0), Add());
 }
 
+
+// Sum of squares of v_i = to_f32(x[i]), i = threadIdx.x, threadIdx.x + blockDim.x, ... < len,
+// over the block, as `ss` and a scale `m` with ||v|| = m sqrt(ss): m = 1 (the plain sum) unless
+// that sum overflows or underflows f32, when it is redone on v / max|v|. So a finite vector never
+// gets an infinite or a zero norm unless it is zero (docs/head.md#feature-normalisation). The
+// branch is taken by the whole block (it tests the reduced value), so its barriers are safe.
+struct ScaledSumSq {
+    float ss, m;
+};
+template <typename F>
+__device__ __forceinline__ ScaledSumSq block_sumsq_scaled(const F* x, long long len, float* scratch) {
+    Kahan acc;
+    for (long long i = threadIdx.x; i < len; i += blockDim.x) {
+        float v = to_f32(x[i]);
+        acc.add(v * v);
+    }
+    ScaledSumSq r{block_sum(acc.s, scratch), 1.0f};
+    if (!(r.ss <= 3.402823466e38f) || r.ss < 1.175494351e-38f) {
+        float mx = 0.0f;
+        for (long long i = threadIdx.x; i < len; i += blockDim.x) mx = fmaxf(mx, fabsf(to_f32(x[i])));
+        mx = block_reduce(mx, scratch, 0.0f, Max());
+        if (mx > 0.0f && mx <= 3.402823466e38f) {
+            Kahan a2;
+            for (long long i = threadIdx.x; i < len; i += blockDim.x) {
+                float v = to_f32(x[i]) / mx;
+                a2.add(v * v);
+            }
+            r.ss = block_sum(a2.s, scratch);
+            r.m = mx;
+        }
+    }
+    return r;
+}
+
 }  // namespace etf
 
 namespace etf {

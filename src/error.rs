@@ -40,7 +40,9 @@ pub enum Error {
         /// Number of classes `K`.
         classes: usize,
     },
-    /// An input holds NaN or an infinity.
+    /// An input holds NaN or an infinity (for features and `dL/dlogits`: or a magnitude above
+    /// [`MAX_MAGNITUDE`](crate::core::validate::MAX_MAGNITUDE), where `f32` arithmetic could
+    /// overflow).
     NonFinite {
         /// Which argument.
         what: &'static str,
@@ -150,7 +152,10 @@ impl fmt::Display for Error {
                 "label {label} at position {index} is outside 0..{classes}"
             ),
             Error::NonFinite { what, index } => {
-                write!(f, "`{what}` holds a non-finite value at index {index}")
+                write!(
+                    f,
+                    "`{what}` holds a non-finite value (or one above 1e30 in magnitude) at index {index}"
+                )
             }
             Error::EmptyBatch => write!(f, "the batch is empty"),
             Error::BackwardWithoutForward => {

@@ -3,8 +3,7 @@
 
 use crate::core::config::SolveMethod;
 pub use crate::core::report::SolveReport;
-use crate::core::validate::check_sizes;
-use crate::core::validate::{check_finite, check_len, validate_labels, Label};
+use crate::core::validate::{check_finite, check_len, check_sizes, size2, validate_labels, Label};
 use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::solve;
 use crate::cpu::{backward, classifier};
@@ -71,6 +70,7 @@ pub fn solve_etf_with<T: Real>(
     method: SolveMethod,
 ) -> Result<EtfSolution<T>> {
     check_sizes(d, k)?;
+    size2("d * K", d, k).and_then(|dk| size2("d * K * 8 bytes", dk, 8))?;
     if !(delta.is_finite() && delta > 0.0) {
         return Err(Error::InvalidParameter {
             name: "delta",
@@ -142,7 +142,7 @@ pub fn cross_entropy<T: Real, L: Label>(
     if labels.is_empty() {
         return Err(Error::EmptyBatch);
     }
-    check_len("logits", labels.len() * k, logits.len())?;
+    check_len("logits", size2("N * K", labels.len(), k)?, logits.len())?;
     check_finite("logits", logits)?;
     let idx = validate_labels(labels, k)?;
     Ok(classifier::cross_entropy(logits, &idx, k))

@@ -87,7 +87,7 @@ extern "C" __global__ void moving_commit_f32(float* e, int* seen, double* scal, 
     for (long long i = first; i < (long long)d * k; i += stride) e[i] = e_new[i];
     for (long long c = first; c < k; c += stride) seen[c] = seen_new[c];
     if (first == 0) {
-        scal[0] = w[3] + 1.0;
+        scal[0] = fmin(w[3] + 1.0, 9007199254740992.0);  // saturates at 2^53 (MAX_STEP)
         scal[1] = w[2];
     }
 }

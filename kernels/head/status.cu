@@ -5,7 +5,8 @@
 // commit kernels read it and leave the state untouched when it records an error.
 //   [0] first out-of-range label index        (INT_MAX: none)
 //   [1] first non-finite feature index         (INT_MAX: none)
-//   [2] moving means degenerate (||E|| = 0)    (0/1)
+//   [2] moving means degenerate (||E|| = 0)    (0/1; 2: a replayed step of a head imported
+//                                               without a Prox, see require_prox_i32)
 //   [3] numerical failure in the ETF solve     (0 none, 1 G rank deficient, 2 eigensolver did
 //                                               not converge, 3 singular Lagrangian Hessian)
 //   [4] first non-finite d_logits index        (INT_MAX: none; written by the backward)
@@ -30,14 +31,23 @@ extern "C" __global__ void status_reset_i32(int* status, int which) {
     }
 }
 
+// status[2] <- 2 when armed[0] == 0: the head's state was imported without a Prox after this
+// step was captured, so its next step is a first step (solved on the host), which a replayed
+// graph cannot run; the step then fails and commits nothing. One thread.
+extern "C" __global__ void require_prox_i32(const int* armed, int* status) {
+    if (threadIdx.x == 0 && blockIdx.x == 0 && armed[0] == 0) status[2] = 2;
+}
+
 // status[entry] <- min(status[entry], first index of a NaN/Inf in x[0..len)). Grid-stride.
+// "Non-finite" includes a magnitude above 1e30 (MAX_MAGNITUDE of src/core/validate.rs), past
+// which the head's f32 arithmetic could overflow.
 template <typename T>
 __device__ __forceinline__ void check_finite(const T* x, long long len, int* status, int entry) {
     int* slot = status + entry;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
         float v = etf::to_f32(x[i]);
-        if (!isfinite(v)) {
+        if (!(fabsf(v) <= 1e30f)) {
             atomicMin(slot, (int)i);
             return;
         }

@@ -1,7 +1,7 @@
 //! Configuration of the head: sizes, proximal weight, feature normalisation, moving-average
 //! kind, absent-class policy and solve method.
 
-use crate::core::validate::check_sizes;
+use crate::core::validate::{check_sizes, size2};
 use crate::error::{Error, Result};
 
 /// What happens to the moving mean of a class that is absent from a batch.
@@ -134,6 +134,8 @@ impl HeadConfig {
     /// Checks every field; the head constructors call this.
     pub fn validate(&self) -> Result<()> {
         check_sizes(self.dim, self.classes)?;
+        // Every `d x K` matrix of the head must be addressable (in bytes, as f64).
+        size2("d * K", self.dim, self.classes).and_then(|dk| size2("d * K * 8 bytes", dk, 8))?;
         if !(self.delta.is_finite() && self.delta > 0.0) {
             return Err(Error::InvalidParameter {
                 name: "delta",

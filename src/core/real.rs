@@ -27,6 +27,10 @@ pub trait Real:
 {
     /// Machine epsilon of the type.
     const EPSILON: f64;
+    /// The largest feature or `dL/dlogits` magnitude a head with this storage accepts: below
+    /// it no quantity of a step overflows (`1e30` for `f32`, `1e300` for `f64`; see
+    /// [`MAX_MAGNITUDE`](crate::core::validate::MAX_MAGNITUDE)).
+    const MAX_MAGNITUDE: f64;
     /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
     /// Rounds an `f64` to this type.
@@ -37,6 +41,7 @@ pub trait Real:
 
 impl Real for f32 {
     const EPSILON: f64 = f32::EPSILON as f64;
+    const MAX_MAGNITUDE: f64 = 1e30;
     #[inline]
     fn to_f64(self) -> f64 {
         self as f64
@@ -53,6 +58,7 @@ impl Real for f32 {
 
 impl Real for f64 {
     const EPSILON: f64 = f64::EPSILON;
+    const MAX_MAGNITUDE: f64 = 1e300;
     #[inline]
     fn to_f64(self) -> f64 {
         self

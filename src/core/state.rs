@@ -30,7 +30,34 @@ impl<T: Real> MovingMeans<T> {
             seen: vec![false; k],
         }
     }
+
+    /// [`new`](Self::new), with sizes that overflow as [`Error::SizeOverflow`] and memory
+    /// that is not there as [`Error::OutOfMemory`] (not an abort).
+    pub fn try_new(d: usize, k: usize) -> Result<Self> {
+        let len = crate::core::validate::size2("d * K", d, k)?;
+        let mut e = Vec::new();
+        e.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+        e.resize(len, T::from_f64(0.0));
+        let mut seen = Vec::new();
+        seen.try_reserve_exact(k)
+            .map_err(|_| Error::OutOfMemory { bytes: k })?;
+        seen.resize(k, false);
+        Ok(MovingMeans {
+            e,
+            step: 0,
+            alpha: 1.0,
+            seen,
+        })
+    }
 }
+
+/// The step counter's ceiling, `2^53`: the largest count a `f64` (the device head's counter)
+/// holds exactly. Counting saturates there on both heads, and an imported state may not
+/// exceed it, so the count round-trips exactly. (At a step a microsecond, it is reached
+/// after 285 years; the EMA weight sits at its floor long before.)
+pub const MAX_STEP: u64 = 1 << 53;
 
 /// The complete state of a head: enough to resume training bit-exactly.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +74,15 @@ pub(crate) fn check_state<T: Real>(cfg: &HeadConfig, state: &HeadState<T>) -> Re
     check_len("state.moving.e", d * k, state.moving.e.len())?;
     check_len("state.moving.seen", k, state.moving.seen.len())?;
     check_finite("state.moving.e", &state.moving.e)?;
+    if state.moving.step > MAX_STEP {
+        return Err(Error::InvalidParameter {
+            name: "state.moving.step",
+            reason: format!(
+                "must be at most 2^53 = {MAX_STEP}, got {}",
+                state.moving.step
+            ),
+        });
+    }
     if !(state.moving.alpha > 0.0 && state.moving.alpha <= 1.0) {
         return Err(Error::InvalidParameter {
             name: "state.moving.alpha",

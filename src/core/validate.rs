@@ -44,6 +44,26 @@ pub(crate) fn validate_labels<L: Label>(labels: &[L], classes: usize) -> crate::
         .collect()
 }
 
+/// The largest feature or `dL/dlogits` magnitude the `f32` heads (`CpuHead<f32>`,
+/// `DeviceHead`) accept, `1e30`: below it no `f32` quantity of a step (class sums of up to
+/// `3e8` rows, logits, gradients) can overflow, so a finite input never gives a non-finite
+/// output. Larger values are reported like NaN and infinities, as
+/// [`Error::NonFinite`](crate::Error::NonFinite). `CpuHead<f64>` accepts up to `1e300`
+/// ([`Real::MAX_MAGNITUDE`](crate::Real::MAX_MAGNITUDE)).
+pub const MAX_MAGNITUDE: f64 = 1e30;
+
+/// The first entry of `xs` that is non-finite or above `T::MAX_MAGNITUDE` in magnitude, as an
+/// error.
+pub(crate) fn check_magnitude<T: crate::Real>(what: &'static str, xs: &[T]) -> crate::Result<()> {
+    match xs
+        .iter()
+        .position(|v| !(v.to_f64().abs() <= T::MAX_MAGNITUDE))
+    {
+        Some(index) => Err(crate::Error::NonFinite { what, index }),
+        None => Ok(()),
+    }
+}
+
 /// Returns the first non-finite entry of `xs` as an error.
 pub(crate) fn check_finite<T: crate::Real>(what: &'static str, xs: &[T]) -> crate::Result<()> {
     match xs.iter().position(|v| !v.is_finite_val()) {

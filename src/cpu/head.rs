@@ -5,7 +5,7 @@ use faer::Mat;
 use crate::core::config::HeadConfig;
 use crate::core::report::{Solution, SolveReport};
 use crate::core::state::{check_state, HeadState, MovingMeans};
-use crate::core::validate::{check_finite, check_len, rows_of, validate_labels, Label};
+use crate::core::validate::{check_len, check_magnitude, rows_of, size2, validate_labels, Label};
 use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::moving::{self, MovingUpdate};
 use crate::cpu::solve;
@@ -69,7 +69,7 @@ impl<T: Real> CpuHead<T> {
     pub fn new(cfg: HeadConfig) -> Result<Self> {
         cfg.validate()?;
         let state = HeadState {
-            moving: MovingMeans::new(cfg.dim, cfg.classes),
+            moving: MovingMeans::try_new(cfg.dim, cfg.classes)?,
             prox: None,
         };
         Ok(CpuHead {
@@ -107,9 +107,9 @@ impl<T: Real> CpuHead<T> {
         if n == 0 {
             return Err(Error::EmptyBatch);
         }
-        check_len("raw", n * self.cfg.dim, raw.len())?;
+        check_len("raw", size2("N * d", n, self.cfg.dim)?, raw.len())?;
         let idx = validate_labels(labels, self.cfg.classes)?;
-        check_finite("raw", raw)?;
+        check_magnitude("raw", raw)?;
         Ok((n, idx))
     }
 
@@ -196,7 +196,7 @@ impl<T: Real> CpuHead<T> {
         let (d, k) = (self.cfg.dim, self.cfg.classes);
         let n = c.labels.len();
         check_len("d_logits", n * k, d_logits.len())?;
-        check_finite("d_logits", d_logits)?;
+        check_magnitude("d_logits", d_logits)?;
         let cg = classifier::logits_backward(&c.x, d_logits, n, d, c.w.as_ref(), &c.mu);
         let v = classifier::weights_backward(cg.dw.as_ref());
         let sg = backward::solve_backward(&c.factor, v.as_ref(), self.cfg.delta)?;
@@ -226,7 +226,7 @@ impl<T: Real> CpuHead<T> {
     pub fn infer(&self, raw: &[T]) -> Result<Vec<T>> {
         let d = self.cfg.dim;
         let n = rows_of("raw", raw.len(), d)?;
-        check_finite("raw", raw)?;
+        check_magnitude("raw", raw)?;
         let p = self.state.prox.as_ref().ok_or(Error::Untrained)?;
         let x = match self.cfg.tau {
             Some(tau) => stats::tau_normalise(raw, n, d, tau),

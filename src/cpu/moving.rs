@@ -120,7 +120,7 @@ pub fn update<T: Real>(
     MovingUpdate {
         next: MovingMeans {
             e: e_new.clone(),
-            step: t + 1,
+            step: (t + 1).min(crate::core::state::MAX_STEP),
             alpha,
             seen,
         },
@@ -154,11 +154,7 @@ pub fn update_backward<T: Real>(upd: &MovingUpdate<T>, d_e_new: &[T]) -> (Vec<T>
 /// `Y = E / ||E||_F`; returns `(Y, ||E||_F)`. A zero `E` gives a zero `Y` and norm 0 (the
 /// head refuses that case with [`Error::DegenerateMeans`](crate::Error::DegenerateMeans)).
 pub fn frobenius_normalise<T: Real>(e: &[T]) -> (Vec<T>, f64) {
-    let norm = e
-        .iter()
-        .map(|&v| v.to_f64() * v.to_f64())
-        .sum::<f64>()
-        .sqrt();
+    let (norm, _) = crate::cpu::stats::norm2(e);
     if norm == 0.0 {
         return (vec![T::from_f64(0.0); e.len()], 0.0);
     }

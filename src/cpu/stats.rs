@@ -46,18 +46,21 @@ pub fn tau_normalise_backward<T: Real>(
     for i in 0..n {
         let row = &raw[i * d..(i + 1) * d];
         let g = &dx[i * d..(i + 1) * d];
-        let norm = row_norm(row);
+        // With `r = m r'` (m = 1 unless the plain sum of squares overflows):
+        // r <r, g> / ||r||^2 = r' <r', g> / ||r'||^2.
+        let (norm, m) = norm2(row);
         let out = &mut dr[i * d..(i + 1) * d];
         if norm > NORM_FLOOR {
+            let nr = norm / m;
             let proj: f64 = row
                 .iter()
                 .zip(g)
-                .map(|(&r, &gv)| r.to_f64() * gv.to_f64())
+                .map(|(&r, &gv)| (r.to_f64() / m) * gv.to_f64())
                 .sum::<f64>()
-                / (norm * norm);
+                / (nr * nr);
             let s = tau / norm;
             for j in 0..d {
-                out[j] = T::from_f64(s * (g[j].to_f64() - row[j].to_f64() * proj));
+                out[j] = T::from_f64(s * (g[j].to_f64() - (row[j].to_f64() / m) * proj));
             }
         } else {
             let s = tau / NORM_FLOOR;
@@ -70,10 +73,24 @@ pub fn tau_normalise_backward<T: Real>(
 }
 
 fn row_norm<T: Real>(row: &[T]) -> f64 {
-    row.iter()
-        .map(|&v| v.to_f64() * v.to_f64())
-        .sum::<f64>()
-        .sqrt()
+    norm2(row).0
+}
+
+/// `(||v||, m)` with `||v|| = m ||v / m||`: the plain sum of squares when it neither overflows
+/// nor underflows (`m = 1`, so ordinary inputs get exactly the plain result), else the sum of
+/// `(v / max|v|)^2` scaled back (`m = max|v|`): a finite vector never has an infinite or a
+/// zero norm unless it is zero.
+pub(crate) fn norm2<T: Real>(v: &[T]) -> (f64, f64) {
+    let ss: f64 = v.iter().map(|&x| x.to_f64() * x.to_f64()).sum();
+    if ss.is_finite() && ss > f64::MIN_POSITIVE {
+        return (ss.sqrt(), 1.0);
+    }
+    let m = v.iter().fold(0.0f64, |a, &x| a.max(x.to_f64().abs()));
+    if !(m > 0.0 && m.is_finite()) {
+        return (ss.sqrt(), 1.0);
+    }
+    let s: f64 = v.iter().map(|&x| (x.to_f64() / m) * (x.to_f64() / m)).sum();
+    (m * s.sqrt(), m)
 }
 
 /// Statistics of one batch.

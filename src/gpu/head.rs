@@ -71,7 +71,7 @@ use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::solve::{objective, riemannian_gradient_norm};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{grid_stride, Buffer, DType, Device};
+use crate::runtime::{grid_stride, Buffer, DType, Device, LaunchConfig};
 use crate::stiefel::orthogonality_error;
 
 /// When data-dependent errors reach the host.
@@ -202,6 +202,12 @@ pub struct DeviceHead {
     moving: MovingStateDev,
     /// `Prox` (d x K f64); `None` before the first successful step.
     prox: Option<Buffer>,
+    /// The `Prox` buffer of a head whose state was imported without one: the next first step
+    /// writes its `P` there, so a graph captured earlier keeps addressing the head's `Prox`.
+    spare_prox: Option<Buffer>,
+    /// 1 i32 on the device: 1 while the head has a `Prox` (a captured step may replay), 0
+    /// after `import_state` without one (a replay then fails; see `require_prox_i32`).
+    armed: Buffer,
     /// The previous eigenvectors (K x K f64), for the warm start.
     q_warm: Option<Buffer>,
     status: Status,
@@ -248,7 +254,7 @@ impl DeviceHead {
         opt.eigensolver
             .resolve(&dev, cfg.classes)
             .validate(cfg.classes)?;
-        if i32::try_from(cfg.dim * cfg.classes).is_err() {
+        if i32::try_from(size2("d * K", cfg.dim, cfg.classes)?).is_err() {
             return Err(Error::InvalidParameter {
                 name: "dim",
                 reason: "d * K exceeds the i32 range of the kernels".into(),
@@ -261,6 +267,7 @@ impl DeviceHead {
             });
         }
         let moving = MovingStateDev::new(&dev, cfg.dim, cfg.classes)?;
+        let armed = dev.alloc_zeros(DType::I32, 1)?;
         let status = Status::new(&dev)?;
         Ok(DeviceHead {
             dev,
@@ -268,6 +275,8 @@ impl DeviceHead {
             opt,
             moving,
             prox: None,
+            spare_prox: None,
+            armed,
             q_warm: None,
             status,
             last: None,
@@ -386,6 +395,17 @@ impl DeviceHead {
             self.arena
         });
         self.status.reset(dev, Part::Forward)?;
+        if !first_step {
+            // SAFETY: `armed` holds 1 i32, the status word `LEN`.
+            unsafe {
+                kernels::head::status::require_prox_i32(
+                    dev,
+                    LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+                    &self.armed,
+                    &mut self.status.buf,
+                )
+            }?;
+        }
         let mut sf = pipeline::forward_deferred(
             dev,
             raw,
@@ -469,7 +489,17 @@ impl DeviceHead {
                 p
             }
             // The first step's status was checked above.
-            None => dev.copy(&factor.p)?,
+            None => {
+                let p = match self.spare_prox.take() {
+                    Some(mut p) => {
+                        dev.copy_into(&mut p, &factor.p)?;
+                        p
+                    }
+                    None => dev.copy(&factor.p)?,
+                };
+                dev.write(&mut self.armed, &[1i32])?;
+                p
+            }
         };
         self.prox = Some(new_prox);
         if self.opt.warm_start {
@@ -709,9 +739,25 @@ impl DeviceHead {
             &[state.moving.step as f64, state.moving.alpha],
         )?;
         dev.write(&mut self.moving.seen, &seen)?;
-        match (&mut self.prox, &state.prox) {
-            (Some(p), Some(v)) => dev.write(p, v)?,
-            (p, v) => *p = v.as_deref().map(|v| dev.upload(v)).transpose()?,
+        match &state.prox {
+            Some(v) => {
+                // Into the head's `Prox` buffer (or the one kept from an earlier import), so
+                // that a captured step replays from the imported `Prox`.
+                match self.prox.take().or_else(|| self.spare_prox.take()) {
+                    Some(mut p) => {
+                        dev.write(&mut p, v)?;
+                        self.prox = Some(p);
+                    }
+                    None => self.prox = Some(dev.upload(v)?),
+                }
+                dev.write(&mut self.armed, &[1i32])?;
+            }
+            None => {
+                if let Some(p) = self.prox.take() {
+                    self.spare_prox = Some(p);
+                }
+                dev.write(&mut self.armed, &[0i32])?;
+            }
         }
         self.q_warm = None;
         self.pending = None;

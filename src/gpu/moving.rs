@@ -216,14 +216,13 @@ pub fn frobenius_normalise_deferred(
     let len = e.len();
     let li = fits_i32(len, "d*K")?;
     let mut norm = dev.alloc_zeros(DType::F32, 1)?;
+    // SAFETY: `e` holds `len` f32 (its length), `norm` one.
     unsafe {
-        kernels::head::normalise::dot_single_block_f32(
+        kernels::head::normalise::norm_single_block_f32(
             dev,
             LaunchConfig::new((1, 1, 1), (single_block(dev), 1, 1)),
             e,
-            e,
             li,
-            1,
             &mut norm,
         )
     }?;
@@ -267,7 +266,6 @@ pub fn frobenius_normalise_backward(
             y,
             dy,
             li,
-            0,
             &mut dot,
         )
     }?;

@@ -91,6 +91,15 @@ impl StatusWord {
                 index: w[1] as usize,
             });
         }
+        if w[2] == 2 {
+            return Err(Error::Capture {
+                op: "graph launch".into(),
+                reason: "the state was imported without a Prox after this step was captured: \
+                         the next step is a first step, solved on the host, which a graph \
+                         cannot replay; take one uncaptured step, then replay"
+                    .into(),
+            });
+        }
         if w[2] != 0 {
             return Err(Error::DegenerateMeans);
         }

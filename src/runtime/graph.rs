@@ -51,11 +51,14 @@ pub(super) struct Recording {
     /// On CUDA, the kernels launched (each holds its module, so the graph's code stays
     /// loaded for as long as the graph lives, even after the device is dropped).
     pub(super) funcs: Vec<cuda::Function>,
+    /// The thread that began the capture: only it may queue work until the capture ends.
+    pub(super) thread: std::thread::ThreadId,
 }
 
 impl Recording {
     pub(super) fn new(start: super::MemoryStats) -> Recording {
         Recording {
+            thread: std::thread::current().id(),
             start,
             keep: Vec::new(),
             ops: Vec::new(),

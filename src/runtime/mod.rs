@@ -329,6 +329,20 @@ impl Device {
         }
     }
 
+    /// The capture in progress, if any, when the calling thread is the one that began it; a
+    /// capture of another thread is an error (its graph must not pick up this thread's work,
+    /// and CUDA's thread-local capture mode refuses it as well).
+    fn recording(&self) -> Result<std::sync::MutexGuard<'_, Option<Recording>>> {
+        let cap = lock(&self.capture);
+        match cap.as_ref() {
+            Some(rec) if rec.thread != std::thread::current().id() => Err(Error::Capture {
+                op: "queue work".into(),
+                reason: "another thread is capturing a graph on this device".into(),
+            }),
+            _ => Ok(cap),
+        }
+    }
+
     /// An error if a capture is in progress (`op` cannot be part of a graph).
     fn refuse_in_capture(&self, op: &str) -> Result<()> {
         if lock(&self.capture).is_some() {
@@ -360,7 +374,7 @@ impl Device {
     /// Zero-fills `m` (recorded during a capture on the CPU execution).
     fn zero(&self, m: &Arc<Mem>) -> Result<()> {
         self.own(m, "zero fill")?;
-        if let Some(rec) = lock(&self.capture).as_mut() {
+        if let Some(rec) = self.recording()?.as_mut() {
             rec.keep(m);
             if let DevInner::Cpu = self.inner {
                 rec.ops.push(CpuOp::Zero(m.clone()));
@@ -388,7 +402,7 @@ impl Device {
                 got: src.bytes(),
             });
         }
-        if let Some(rec) = lock(&self.capture).as_mut() {
+        if let Some(rec) = self.recording()?.as_mut() {
             rec.keep(dst);
             rec.keep(src);
             if let DevInner::Cpu = self.inner {
@@ -615,13 +629,8 @@ impl Device {
                 )));
             }
         }
-        if cfg.shared_bytes > 48 * 1024 {
-            return Err(bad(format!(
-                "dynamic shared memory {} bytes exceeds the 48 KiB limit",
-                cfg.shared_bytes
-            )));
-        }
-        if let Some(rec) = lock(&self.capture).as_mut() {
+        check_shape(&cfg, self.backend()).map_err(bad)?;
+        if let Some(rec) = self.recording()?.as_mut() {
             for a in args {
                 if let Arg::Buf(b) = a {
                     rec.keep(&b.mem);
@@ -708,14 +717,20 @@ impl Device {
 
     /// Ends the capture and returns the [`Graph`]. Errors: no capture in progress; a buffer
     /// was released during the capture (its memory could be reused while the graph still
-    /// addresses it); on a GPU, a capture the driver invalidated. Call it on the thread that
-    /// began the capture: on a GPU the stream otherwise stays in capture mode, though this
-    /// device no longer records.
+    /// addresses it); on a GPU, a capture the driver invalidated; a call from another thread
+    /// than the one that began the capture (the capture goes on).
     pub fn end_capture(&self) -> Result<Graph> {
-        let rec = lock(&self.capture).take().ok_or_else(|| Error::Capture {
-            op: "end_capture".into(),
-            reason: "no capture in progress".into(),
-        })?;
+        let rec = self
+            .recording()
+            .map_err(|_| Error::Capture {
+                op: "end_capture".into(),
+                reason: "the capture was begun on another thread".into(),
+            })?
+            .take()
+            .ok_or_else(|| Error::Capture {
+                op: "end_capture".into(),
+                reason: "no capture in progress".into(),
+            })?;
         let kind = match &self.inner {
             DevInner::Cpu => GraphKind::Cpu(rec.ops),
             DevInner::Cuda(c) => GraphKind::Cuda(c.end_capture()?),
@@ -756,6 +771,46 @@ fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
             message: format!("buffer holds {:?}, asked for {:?}", buf.dtype, T::DTYPE),
             source: None,
         });
+    }
+    Ok(())
+}
+
+/// Most threads one launch may run on the CPU execution, which runs blocks one after another
+/// on host threads: a grid beyond it would run for hours (the head's own launches stay below
+/// 2^26 threads at any size it accepts).
+pub const CPU_MAX_LAUNCH_THREADS: u64 = 1 << 32;
+
+/// A launch shape within CUDA's limits (grid `x < 2^31`, `y`, `z <= 65535`; a block of at
+/// most 1024 threads, `z <= 64`; no zero dimension; at most 48 KiB of dynamic shared memory),
+/// and on the CPU execution within [`CPU_MAX_LAUNCH_THREADS`].
+fn check_shape(cfg: &LaunchConfig, backend: Backend) -> std::result::Result<(), String> {
+    let (g, b) = (cfg.grid, cfg.block);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 {
+        return Err(format!("zero-sized grid {g:?}"));
+    }
+    if b.0 == 0 || b.1 == 0 || b.2 == 0 {
+        return Err(format!("zero-sized block {b:?}"));
+    }
+    if g.0 > i32::MAX as u32 || g.1 > 65535 || g.2 > 65535 {
+        return Err(format!(
+            "grid {g:?} exceeds CUDA's limits (2^31 - 1, 65535, 65535)"
+        ));
+    }
+    let threads = u64::from(b.0) * u64::from(b.1) * u64::from(b.2);
+    if threads > 1024 || b.2 > 64 {
+        return Err(format!("block {b:?} exceeds 1024 threads (or z > 64)"));
+    }
+    if cfg.shared_bytes > 48 * 1024 {
+        return Err(format!(
+            "dynamic shared memory {} bytes exceeds the 48 KiB limit",
+            cfg.shared_bytes
+        ));
+    }
+    let total = threads * u64::from(g.0) * u64::from(g.1) * u64::from(g.2);
+    if backend == Backend::Cpu && total > CPU_MAX_LAUNCH_THREADS {
+        return Err(format!(
+            "{total} threads exceed the CPU execution's limit of {CPU_MAX_LAUNCH_THREADS} per launch"
+        ));
     }
     Ok(())
 }

@@ -110,9 +110,12 @@ pub struct LaunchConfig {
 
 impl LaunchConfig {
     /// A 1-D launch of `ceil(n / block)` blocks of `block` threads.
+    /// A `block` of 0 gives a zero-sized block, which the launch refuses (a typed error); a
+    /// grid too large for a `u32` saturates, which the launch refuses too.
     pub fn linear(n: usize, block: u32) -> Self {
+        let blocks = n.div_ceil(block.max(1) as usize).max(1);
         LaunchConfig {
-            grid: ((n.div_ceil(block as usize)).max(1) as u32, 1, 1),
+            grid: (u32::try_from(blocks).unwrap_or(u32::MAX), 1, 1),
             block: (block, 1, 1),
             shared_bytes: 0,
         }

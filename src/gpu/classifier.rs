@@ -7,6 +7,7 @@
 //! ```
 
 use super::linalg::{Gemm, GemmKernel};
+use crate::core::validate::check_len;
 use crate::error::Result;
 use crate::kernels;
 use crate::runtime::{grid_stride, Buffer, DType, Device};
@@ -18,7 +19,9 @@ fn scale(k: usize) -> f64 {
 
 /// `W` (K x d f32) from `P` (d x K f64).
 pub fn weights(dev: &Device, p: &Buffer, d: usize, k: usize) -> Result<Buffer> {
+    check_len("P", d * k, p.len())?;
     let mut w = dev.alloc_zeros(DType::F32, k * d)?;
+    // SAFETY: `p` holds `d K` (checked above), `w` `K d` (allocated here).
     unsafe {
         kernels::head::classifier::weights_from_p_f64(
             dev,
@@ -63,7 +66,12 @@ pub fn logits_into(
     k: usize,
     z: &mut Buffer,
 ) -> Result<Buffer> {
+    check_len("x", n * d, x.len())?;
+    check_len("W", k * d, w.len())?;
+    check_len("mu", d, mu.len())?;
+    check_len("logits", n * k, z.len())?;
     let mut b = dev.alloc_zeros(DType::F32, k)?;
+    // SAFETY: `w` holds `K d`, `mu` `d` (checked above), `b` `K` (allocated here).
     unsafe {
         kernels::head::classifier::bias_from_w_f32(
             dev,
@@ -76,6 +84,7 @@ pub fn logits_into(
         )
     }?;
     Gemm::new(false, true, n, k, d).run(dev, gk, x, w, z)?;
+    // SAFETY: `z` holds `N K` (checked above), `b` `K` (allocated here).
     unsafe {
         kernels::head::classifier::add_bias_rows_f32(
             dev,
@@ -113,7 +122,12 @@ pub fn backward(
     d: usize,
     k: usize,
 ) -> Result<ClassifierGradsDev> {
+    check_len("x", n * d, x.len())?;
+    check_len("dL/dlogits", n * k, dz.len())?;
+    check_len("W", k * d, w.len())?;
+    check_len("mu", d, mu.len())?;
     let mut db = dev.alloc_zeros(DType::F32, k)?;
+    // SAFETY: the input holds `rows x cols` as checked above, the output `cols` (allocated here).
     unsafe {
         kernels::head::classifier::col_sums_f32(
             dev,
@@ -128,6 +142,7 @@ pub fn backward(
     let mut dwt = dev.alloc_zeros(DType::F32, k * d)?;
     Gemm::new(true, false, k, d, n).run(dev, gk, dz, x, &mut dwt)?;
     let mut dp = dev.alloc_zeros(DType::F64, d * k)?;
+    // SAFETY: `dwt` holds `K d`, `db` `K` (allocated here), `mu` `d` (checked above), `dp` `d K`.
     unsafe {
         kernels::head::classifier::weights_backward_f32(
             dev,
@@ -144,6 +159,7 @@ pub fn backward(
     let mut dx = dev.alloc_zeros(DType::F32, n * d)?;
     Gemm::new(false, false, n, d, k).run(dev, gk, dz, w, &mut dx)?;
     let mut dmu = dev.alloc_zeros(DType::F32, d)?;
+    // SAFETY: `w` holds `K d` (checked above), `db` `K`, `dmu` `d` (allocated here).
     unsafe {
         kernels::head::classifier::dmu_bias_f32(
             dev,
@@ -160,7 +176,9 @@ pub fn backward(
 
 /// Column means of `x` (N x d f32): the batch mean `mu` (inference).
 pub fn col_means(dev: &Device, x: &Buffer, n: usize, d: usize) -> Result<Buffer> {
+    check_len("x", n * d, x.len())?;
     let mut mu = dev.alloc_zeros(DType::F32, d)?;
+    // SAFETY: the input holds `rows x cols` as checked above, the output `cols` (allocated here).
     unsafe {
         kernels::head::classifier::col_sums_f32(
             dev,

@@ -588,6 +588,7 @@ impl DeviceHead {
         let gk = self.opt.gemm;
         let scope = dev.workspace(BACKWARD_WORKSPACE);
         self.status.reset(dev, Part::Backward)?;
+        // SAFETY: `d_logits` holds `N K` f32 (checked above), the status word `LEN`.
         unsafe {
             kernels::head::status::check_finite_f32(
                 dev,

@@ -293,6 +293,7 @@ pub fn sym_eig(
                 Backend::Cuda if k <= 256 => 256,
                 Backend::Cuda => 1024,
             };
+            // SAFETY: `a`, `v` hold `K K`, `lam` `K`, `info` 1 (checked above), the status word `LEN`, the gate 1 i32 (`check_gate`); one block, as the kernel requires.
             return unsafe {
                 kernels::linalg::jacobi::jacobi_eig_f64(
                     dev,
@@ -323,6 +324,7 @@ pub fn sym_eig(
     let mut rot = dev.alloc_zeros(DType::F64, npairs * n2 * n2)?;
     let mut act = dev.alloc_zeros(DType::I32, npairs)?;
     let g = check_gate(gate)?;
+    // SAFETY: `a` holds `K K` (checked above), `fl` 1, `flags` 3 (allocated here), the gate 1 i32.
     unsafe {
         kernels::linalg::jacobi::bj_init_f64(
             dev,
@@ -348,6 +350,7 @@ pub fn sym_eig(
     for _ in 0..max_sweeps {
         for r in 0..nb - 1 {
             let ri = r as i32;
+            // SAFETY: `a` holds `K K` (checked above); `fl`, `rot` (`npairs (2b)^2`), `act` (`npairs`), `flags` (3) were allocated here for this `nb` and width; shared memory is `(2b)^2` doubles.
             unsafe {
                 kernels::linalg::jacobi::bj_local_f64(
                     dev,
@@ -365,12 +368,14 @@ pub fn sym_eig(
                     g,
                 )
             }?;
+            // SAFETY: `a`, `v` hold `K K` (checked above); `rot`, `act`, `flags` as for `bj_local_f64`; shared memory is `2 (2b)^2` doubles.
             unsafe {
                 kernels::linalg::jacobi::bj_apply_f64(
                     dev, apply_cfg, a, v, ki, wi, ri, nbi, &rot, &act, &flags, g,
                 )
             }?;
         }
+        // SAFETY: `flags` holds 3 i32 (allocated here), the gate 1 i32.
         unsafe {
             kernels::linalg::jacobi::bj_sweep_end_i32(
                 dev,
@@ -380,6 +385,7 @@ pub fn sym_eig(
             )
         }?;
     }
+    // SAFETY: `a` holds `K K`, `lam` `K`, `info` 1 (checked above), `flags` 3, the status word `LEN`.
     unsafe {
         kernels::linalg::jacobi::bj_finish_f64(
             dev,
@@ -415,6 +421,7 @@ pub fn congruence(
 /// `v <- I` (k x k f64).
 pub fn identity(dev: &Device, v: &mut Buffer, k: usize) -> Result<()> {
     need(v, "identity", k * k, DType::F64)?;
+    // SAFETY: `v` holds `K K` f64 (checked above).
     unsafe {
         kernels::elementwise::ops::identity_f64(dev, grid_stride(dev, k * k), v, fits_i32(k, "K")?)
     }

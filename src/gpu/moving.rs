@@ -50,6 +50,11 @@ impl MovingStateDev {
     /// case nothing changes. No host synchronisation.
     pub fn commit(&mut self, dev: &Device, u: &MovingUpdateDev, status: &Buffer) -> Result<()> {
         let (d, k) = (self.d, self.k);
+        check_len("E_new", d * k, u.e_new.len())?;
+        check_len("seen_new", k, u.seen_new.len())?;
+        check_len("weights", 4, u.w.len())?;
+        check_len("status", super::status::LEN, status.len())?;
+        // SAFETY: `self.e` and `u.e_new` hold `d K`, `self.seen` and `u.seen_new` `K`, `self.scal` 2 and `u.w` 4 (all made for this `d`, `K`; `u` checked above), `status` `LEN`.
         unsafe {
             kernels::head::moving::moving_commit_f32(
                 dev,
@@ -94,6 +99,12 @@ pub fn moving_update(
     alpha_floor: f64,
 ) -> Result<MovingUpdateDev> {
     let (d, k) = (state.d, state.k);
+    check_len("E", d * k, state.e.len())?;
+    check_len("seen", k, state.seen.len())?;
+    check_len("t, alpha", 2, state.scal.len())?;
+    check_len("centred means", d * k, s.centred.len())?;
+    check_len("mu", d, s.mu.len())?;
+    check_len("counts", k, s.counts.len())?;
     if s.d != d || s.k != k {
         return Err(Error::ShapeMismatch {
             what: "moving means (d x K)",
@@ -102,6 +113,7 @@ pub fn moving_update(
         });
     }
     let mut w = dev.alloc_zeros(DType::F64, 4)?;
+    // SAFETY: `state.scal` holds 2 f64, `w` 4 (allocated here); one thread.
     unsafe {
         kernels::head::moving::moving_weights_f64(
             dev,
@@ -118,6 +130,7 @@ pub fn moving_update(
         AbsentClassPolicy::Hold => 0,
         AbsentClassPolicy::Reference => 1,
     };
+    // SAFETY: `s.counts`, `state.seen`, `seen_new`, `source` hold `K` (checked above / allocated here), `w` 4.
     unsafe {
         kernels::head::moving::moving_plan_i32(
             dev,
@@ -133,6 +146,7 @@ pub fn moving_update(
     }?;
     let mut e_new = dev.alloc_zeros(DType::F32, d * k)?;
     if d * k > 0 {
+        // SAFETY: `state.e`, `s.centred` and `e_new` hold `d K`, `s.mu` `d`, `source` `K`, `w` 4 (checked above / allocated here).
         unsafe {
             kernels::head::moving::moving_update_f32(
                 dev,
@@ -167,6 +181,8 @@ pub fn moving_update_backward(
     d: usize,
     k: usize,
 ) -> Result<(Buffer, Buffer)> {
+    check_len("sources", k, u.source.len())?;
+    check_len("weights", 4, u.w.len())?;
     check_len("d_e_new", d * k, d_e_new.len())?;
     let mut d_centred = dev.alloc_zeros(DType::F32, d * k)?;
     let mut d_mu = match d_mu_in {
@@ -177,6 +193,7 @@ pub fn moving_update_backward(
         None => dev.alloc_zeros(DType::F32, d)?,
     };
     if d > 0 {
+        // SAFETY: `d_e_new` holds `d K`, `d_mu` `d` (checked above), `u.source` `K`, `u.w` 4, `d_centred` `d K` (allocated here).
         unsafe {
             kernels::head::moving::moving_update_backward_f32(
                 dev,
@@ -226,6 +243,7 @@ pub fn frobenius_normalise_deferred(
             &mut norm,
         )
     }?;
+    // SAFETY: `norm` holds 1 f32 (allocated here), the status word `LEN`.
     unsafe {
         kernels::head::status::norm_check_f32(
             dev,
@@ -235,6 +253,7 @@ pub fn frobenius_normalise_deferred(
         )
     }?;
     let mut y = dev.alloc_zeros(DType::F32, len)?;
+    // SAFETY: `e` and `y` hold `len` f32 (`y` allocated here), `norm` 1.
     unsafe {
         kernels::head::normalise::frobenius_scale_f32(
             dev,
@@ -257,8 +276,10 @@ pub fn frobenius_normalise_backward(
 ) -> Result<Buffer> {
     let len = y.len();
     check_len("dY", len, dy.len())?;
+    check_len("norm", 1, norm.len())?;
     let li = fits_i32(len, "d*K")?;
     let mut dot = dev.alloc_zeros(DType::F32, 1)?;
+    // SAFETY: `y` and `dy` hold `len` f32 (checked above), `dot` 1 (allocated here); one block.
     unsafe {
         kernels::head::normalise::dot_single_block_f32(
             dev,
@@ -270,6 +291,7 @@ pub fn frobenius_normalise_backward(
         )
     }?;
     let mut de = dev.alloc_zeros(DType::F32, len)?;
+    // SAFETY: `y`, `dy` and `de` hold `len` f32 (checked above / allocated here), `norm` and `dot` 1.
     unsafe {
         kernels::head::normalise::frobenius_normalise_backward_f32(
             dev,

@@ -40,7 +40,10 @@ pub fn build_g(
     k: usize,
     delta: f64,
 ) -> Result<Buffer> {
+    check_len("Y", d * k, y.len())?;
+    check_len("Prox", d * k, prox.len())?;
     let mut g = dev.alloc_zeros(DType::F64, d * k)?;
+    // SAFETY: `y` (f32) and `prox` (f64) hold `d K` (checked above), `g` `d K` (allocated here).
     unsafe {
         kernels::head::solve::build_g_f64(
             dev,
@@ -101,6 +104,7 @@ pub fn procrustes(
     )?;
     let mut s = dev.alloc_zeros(DType::F64, k)?;
     let mut s_inv = dev.alloc_zeros(DType::F64, k)?;
+    // SAFETY: `lam`, `s`, `s_inv` hold `K` (allocated here), the status word `LEN`; one block.
     unsafe {
         kernels::head::solve::singular_values_f64(
             dev,
@@ -175,6 +179,7 @@ pub fn newton_polish(
     max_sweeps: usize,
     status: &mut Status,
 ) -> Result<FactorDev> {
+    f.check(d, k)?;
     const NS_ITERS: usize = 2;
     if max_steps == 0 {
         return Ok(f);
@@ -196,6 +201,7 @@ pub fn newton_polish(
         gm.run_gated(dev, gk, Some(&done), &us, &f.q, &mut v)?;
         let mut ptp = dev.alloc_zeros(DType::F64, k * k)?;
         Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &f.p, &f.p, &mut ptp)?;
+        // SAFETY: `v`, `f.g` hold `d K`, `ptp` `K K`, `done` 1, `f.newton` 2 (checked by `f.check`), `hist` 3 (allocated here); one block.
         unsafe {
             kernels::head::solve::newton_check_f64(
                 dev,
@@ -231,6 +237,7 @@ pub fn newton_polish(
             let mut ztz = dev.alloc_zeros(DType::F64, k * k)?;
             Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &z, &z, &mut ztz)?;
             let mut m = dev.alloc_zeros(DType::F64, k * k)?;
+            // SAFETY: `ztz` and `m` hold `K K` (allocated here).
             unsafe {
                 ksolve::newton_schulz_factor_f64(
                     dev,
@@ -248,6 +255,7 @@ pub fn newton_polish(
         let mut ptg = dev.alloc_zeros(DType::F64, k * k)?;
         Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &z, &f.g, &mut ptg)?;
         let mut b = dev.alloc_zeros(DType::F64, k * k)?;
+        // SAFETY: `ptg` and `b` hold `K K` (allocated here).
         unsafe { ksolve::symmetrise_f64(dev, grid_stride(dev, k * k), &ptg, k as i32, &mut b) }?;
         let mut a = congruence(dev, gk, Some(&done), &b, &f.q, k)?;
         let mut q = dev.copy(&f.q)?;
@@ -264,6 +272,7 @@ pub fn newton_polish(
             status,
             Some(&done),
         )?;
+        // SAFETY: `lam` holds `K` (allocated here), `f.s`, `f.s_inv` `K` (checked by `f.check`), the status word `LEN`, `done` 1.
         unsafe {
             kernels::head::solve::eigenvalues_inv_f64(
                 dev,
@@ -284,6 +293,7 @@ pub fn newton_polish(
             (&mut f.u, &u, d * k),
             (&mut f.q, &q, k * k),
         ] {
+            // SAFETY: `dst` and `src` hold `len` f64 (the factor, checked by `f.check`, and the step's buffers of the same sizes), `done` 1.
             unsafe {
                 ksolve::take_step_f64(
                     dev,

@@ -191,9 +191,11 @@ pub fn class_stats(
     let mut mu = dev.alloc_zeros(DType::F32, d)?;
     let mut centred = dev.alloc_zeros(DType::F32, d * k)?;
     let per_class = LaunchConfig::linear(k, block(dev));
+    // SAFETY: `labels` holds `N` i32 (converted above), `counts` `K` (allocated here).
     unsafe {
         kernels::head::stats::class_counts_i32(dev, per_class, &labels, ni, ki, &mut counts)
     }?;
+    // SAFETY: `counts` holds `K`, `offsets` `K + 1` (allocated here); one thread.
     unsafe {
         kernels::head::stats::class_offsets_i32(
             dev,
@@ -203,6 +205,7 @@ pub fn class_stats(
             &mut offsets,
         )
     }?;
+    // SAFETY: `labels` and `members` hold `N`, `offsets` `K + 1` (allocated here).
     unsafe {
         kernels::head::stats::class_members_i32(
             dev,
@@ -227,6 +230,7 @@ pub fn class_stats(
                 }
             }
         }?;
+        // SAFETY: `sums` holds `K d`, `counts` `K`, `mu` `d`, `centred` `d K` (allocated here).
         unsafe {
             kernels::head::stats::class_means_f32(
                 dev,
@@ -285,6 +289,7 @@ pub fn class_stats_backward_into(
         return Ok(());
     }
     let mut g = dev.alloc_zeros(DType::F32, d)?;
+    // SAFETY: `d_centred` holds `d K`, `d_mu` `d` (checked above), `s.counts` `K`, `g` `d` (allocated here).
     unsafe {
         kernels::head::stats::class_stats_backward_prep_f32(
             dev,
@@ -298,6 +303,7 @@ pub fn class_stats_backward_into(
             &mut g,
         )
     }?;
+    // SAFETY: `s.labels` holds `N`, `s.counts` `K`, `d_centred` `d K`, `g` `d`, `dx` `N d` (checked above).
     unsafe {
         kernels::head::stats::class_stats_backward_scatter_f32(
             dev,

@@ -11,6 +11,7 @@
 
 use super::linalg::{Gemm, GemmKernel};
 use super::status::Status;
+use crate::core::validate::check_len;
 use crate::cpu::linalg::to_row_major;
 use crate::error::Result;
 use crate::kernels;
@@ -41,6 +42,23 @@ pub struct FactorDev {
 }
 
 impl FactorDev {
+    /// Checks every buffer's length for a `d x K` problem (the sizes the kernels are given).
+    pub fn check(&self, d: usize, k: usize) -> Result<()> {
+        for (what, b, len) in [
+            ("factor P", &self.p, d * k),
+            ("factor U", &self.u, d * k),
+            ("factor G", &self.g, d * k),
+            ("factor Q", &self.q, k * k),
+            ("factor s", &self.s, k),
+            ("factor 1/s", &self.s_inv, k),
+            ("factor sweeps", &self.sweeps, 1),
+            ("factor newton", &self.newton, 2),
+        ] {
+            check_len(what, len, b.len())?;
+        }
+        Ok(())
+    }
+
     /// Uploads a CPU factor (the first step's, solved on the host) with its `G`.
     pub fn upload(dev: &Device, f: &Factor, g: MatRef<'_, f64>) -> Result<FactorDev> {
         let inv: Vec<f64> = f.s.iter().map(|v| 1.0 / v).collect();
@@ -71,11 +89,14 @@ pub fn tangent_solve(
     status: &mut Status,
     gate: Option<&Buffer>,
 ) -> Result<Buffer> {
+    f.check(d, k)?;
+    check_len("V", d * k, v.len())?;
     let mut vq = dev.alloc_zeros(DType::F64, d * k)?;
     Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, v, &f.q, &mut vq)?;
     let mut z = dev.alloc_zeros(DType::F64, k * k)?;
     Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &f.u, &vq, &mut z)?;
     let mut t = dev.alloc_zeros(DType::F64, k * k)?;
+    // SAFETY: `z`, `t` hold `K K` (allocated here), `f.s` `K` (checked above), the status word `LEN`.
     unsafe {
         kernels::head::backward::tangent_t_f64(
             dev,
@@ -89,6 +110,7 @@ pub fn tangent_solve(
     }?;
     let mut w = dev.alloc_zeros(DType::F64, d * k)?;
     Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, &f.u, &t, &mut w)?;
+    // SAFETY: `w`, `vq` hold `d K` (allocated here), `f.s_inv` `K` (checked above).
     unsafe {
         kernels::head::backward::sub_scale_cols_f64(
             dev,

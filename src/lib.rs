@@ -54,10 +54,10 @@
 //! | stage | CPU module | GPU module |
 //! |---|---|---|
 //! | feature normalisation, class statistics | [`cpu::stats`] | `gpu::stats` |
-//! | moving class means, Frobenius normalisation | [`cpu::moving`] | `gpu::moving` |
+//! | moving class means, Frobenius normalisation | `cpu::moving` | `gpu::moving` |
 //! | nearest-ETF solve | [`cpu::solve`] | `gpu::solve` |
 //! | implicit backward | [`cpu::backward`] | `gpu::backward` |
-//! | classifier, cross-entropy | [`cpu::classifier`] | `gpu::classifier` |
+//! | classifier, cross-entropy | `cpu::classifier` | `gpu::classifier` |
 //! | the stateful head | [`cpu::head`] | [`gpu::head`] |
 //! | dense products, eigensolvers | `cpu::linalg` | [`gpu::linalg`] |
 //!

@@ -71,13 +71,15 @@ fn solve_goldens() {
                     m(d, k, &sol.p).as_ref(),
                     prox.as_ref(),
                     delta,
-                );
+                )
+                .unwrap();
                 let theirs = solve::objective(
                     m(d, k, &y).as_ref(),
                     m(d, k, &p_ref).as_ref(),
                     prox.as_ref(),
                     delta,
-                );
+                )
+                .unwrap();
                 assert!(
                     ours <= theirs + 1e-6,
                     "{ctx}: objective {ours} > reference {theirs}"
@@ -91,7 +93,7 @@ fn solve_goldens() {
                 // Gradient formula at the reference's own first-step P (its Prox is P itself
                 // up to O(eta/delta)): observed <= 3e-5.
                 let pr = m(d, k, &p_ref);
-                let gm = solve::g_matrix(m(d, k, &y).as_ref(), pr.as_ref(), delta);
+                let gm = solve::g_matrix(m(d, k, &y).as_ref(), pr.as_ref(), delta).unwrap();
                 let f = solve::factor_at(pr, gm.as_ref()).unwrap();
                 let gr = backward::solve_backward(&f, m(d, k, &v).as_ref(), delta).unwrap();
                 let e = rel(&flat(&gr.dy), &dy_ref);
@@ -144,13 +146,15 @@ fn head_goldens_stepwise() {
                     m(d, k, &out.p).as_ref(),
                     prox.as_ref(),
                     cfg.delta,
-                );
+                )
+                .unwrap();
                 let theirs = solve::objective(
                     y.as_ref(),
                     m(d, k, &mat(&st["P"]).2).as_ref(),
                     prox.as_ref(),
                     cfg.delta,
-                );
+                )
+                .unwrap();
                 assert!(
                     ours < theirs,
                     "{ctx}: objective {ours} >= reference {theirs}"

@@ -119,6 +119,11 @@ fn case11_cpu_execution_grid_too_large() {
     // SAFETY: the grid-stride kernel touches 10 elements whatever the grid; refused anyway.
     let r = unsafe { dev.launch(sig, cfg, &[Arg::Buf(&x), Arg::Buf(&x), Arg::I64(10)]) };
     assert!(matches!(r, Err(Error::Device { .. })), "{r:?}");
+    // The same grid of one-thread blocks (2^31 blocks, each a host-thread hand-off).
+    let cfg = LaunchConfig::new((i32::MAX as u32, 1, 1), (1, 1, 1));
+    // SAFETY: as above.
+    let r = unsafe { dev.launch(sig, cfg, &[Arg::Buf(&x), Arg::Buf(&x), Arg::I64(10)]) };
+    assert!(matches!(r, Err(Error::Device { .. })), "{r:?}");
     assert!(t.elapsed().as_secs() < 5, "refused, not run");
     // Beyond CUDA's limits on any backend.
     let cfg = LaunchConfig::new((1, 70_000, 1), (32, 1, 1));

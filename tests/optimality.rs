@@ -58,7 +58,7 @@ fn procrustes_solution_is_feasible_stationary_and_minimal() {
             );
             let f = objective_of(&y, &p, &prox, delta);
             // The crate's objective and report agree with the independent one (rounding).
-            let fc = solve::objective(y.as_ref(), p.as_ref(), prox.as_ref(), delta);
+            let fc = solve::objective(y.as_ref(), p.as_ref(), prox.as_ref(), delta).unwrap();
             assert!(
                 (fc - f).abs() <= 1e-13 * f.abs().max(1.0),
                 "{tag}: objective"

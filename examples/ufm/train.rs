@@ -570,18 +570,21 @@ impl Head {
                 Ok((loss, dr))
             }
             Head::Standard { w, opt } => {
-                let x = tau_normalise(raw, n, d, tau);
+                let x = tau_normalise(raw, n, d, tau).map_err(lib_err("normalise"))?;
                 let z = logits(&x, n, d, w, k, None);
                 let (loss, dl) = cross_entropy(&z, labels, k).map_err(lib_err("cross-entropy"))?;
                 let dx = logits_dx(&dl, n, k, w, d);
                 let dw = logits_dw(&dl, &x, n, k, d);
                 opt.step(w, &dw);
                 normalise_rows(w, d);
-                Ok((loss, tau_normalise_backward(raw, &dx, n, d, tau)))
+                Ok((
+                    loss,
+                    tau_normalise_backward(raw, &dx, n, d, tau).map_err(lib_err("normalise"))?,
+                ))
             }
             Head::Fixed { w } => {
                 // logits = (x - mu) W^T; the gradient flows through mu = mean of x.
-                let x = tau_normalise(raw, n, d, tau);
+                let x = tau_normalise(raw, n, d, tau).map_err(lib_err("normalise"))?;
                 let mu = column_mean(&x, n, d);
                 let b = bias_of(w, &mu, k, d);
                 let z = logits(&x, n, d, w, k, Some(&b));
@@ -591,7 +594,10 @@ impl Head {
                 for row in dx.chunks_exact_mut(d) {
                     row.iter_mut().zip(&mean).for_each(|(v, m)| *v -= m);
                 }
-                Ok((loss, tau_normalise_backward(raw, &dx, n, d, tau)))
+                Ok((
+                    loss,
+                    tau_normalise_backward(raw, &dx, n, d, tau).map_err(lib_err("normalise"))?,
+                ))
             }
         }
     }
@@ -675,7 +681,7 @@ pub fn train_head(
             batches += 1;
             on_event(Event::Step { loss });
         }
-        let x = tau_normalise(&h, n, d, cfg.tau);
+        let x = tau_normalise(&h, n, d, cfg.tau).map_err(lib_err("normalise"))?;
         let (w, b) = head.classifier(&x, n, cfg)?;
         let z = match &head {
             // The head's own inference path (stored classifier, bias from the set's mean).

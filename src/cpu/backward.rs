@@ -35,6 +35,7 @@ pub struct SolveGrads {
 
 /// Backward of the ETF solve: from `dL/dP` to `dL/dY` and `dL/dProx`.
 pub fn solve_backward(f: &Factor, dl_dp: MatRef<'_, f64>, delta: f64) -> Result<SolveGrads> {
+    crate::cpu::solve::same_shape("dL/dP", dl_dp, f.p.as_ref())?;
     let k = f.s.len();
     let u = tangent_solve(f, dl_dp)?;
     let mut dy = u.clone();

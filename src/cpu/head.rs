@@ -121,7 +121,7 @@ impl<T: Real> CpuHead<T> {
         let (n, labels) = self.validate_batch(raw, labels)?;
         let (d, k) = (self.cfg.dim, self.cfg.classes);
         let x = match self.cfg.tau {
-            Some(tau) => stats::tau_normalise(raw, n, d, tau),
+            Some(tau) => stats::tau_normalise_unchecked(raw, n, d, tau),
             None => raw.to_vec(),
         };
         let st = stats::class_stats(&x, &labels, n, d, k);
@@ -213,7 +213,7 @@ impl<T: Real> CpuHead<T> {
             stats::class_stats_backward(&c.labels, &c.counts, n, d, k, &d_centred, &d_mu);
         let dx: Vec<T> = cg.dx.iter().zip(&dx_stats).map(|(&a, &b)| a + b).collect();
         let dr = match self.cfg.tau {
-            Some(tau) => stats::tau_normalise_backward(&c.raw, &dx, n, d, tau),
+            Some(tau) => stats::tau_normalise_backward_unchecked(&c.raw, &dx, n, d, tau),
             None => dx,
         };
         self.cache = None;
@@ -229,7 +229,7 @@ impl<T: Real> CpuHead<T> {
         check_magnitude("raw", raw)?;
         let p = self.state.prox.as_ref().ok_or(Error::Untrained)?;
         let x = match self.cfg.tau {
-            Some(tau) => stats::tau_normalise(raw, n, d, tau),
+            Some(tau) => stats::tau_normalise_unchecked(raw, n, d, tau),
             None => raw.to_vec(),
         };
         let mut mu = vec![0.0f64; d];

@@ -80,6 +80,9 @@ pub fn solve(
 ) -> Result<EtfSolve> {
     let (d, k) = (y.nrows(), y.ncols());
     crate::core::validate::check_sizes(d, k)?;
+    if let Some(p) = prox {
+        same_shape("Prox", p, y)?;
+    }
     let mut a = y.to_owned();
     center_rows(&mut a);
     let c = c_of(k);
@@ -121,14 +124,14 @@ pub fn solve(
         SolveMethod::Riemannian { max_iters } => {
             let (factor, steps) = riemannian(g.as_ref(), prox.clone(), max_iters)?;
             Polished {
-                grad: riemannian_gradient_norm(factor.p.as_ref(), g.as_ref()),
+                grad: grad_norm_unchecked(factor.p.as_ref(), g.as_ref()),
                 orth: orthogonality_error(factor.p.as_ref()),
                 factor,
                 steps,
             }
         }
     };
-    let objective = objective(y, factor.p.as_ref(), prox.as_ref(), delta);
+    let objective = objective_unchecked(y, factor.p.as_ref(), prox.as_ref(), delta);
     Ok(EtfSolve {
         factor,
         g,
@@ -145,7 +148,25 @@ pub fn solve(
 }
 
 /// `||Y - P M/sqrt(K-1)||^2 + (delta/2) ||P - Prox||^2`.
-pub fn objective(y: MatRef<'_, f64>, p: MatRef<'_, f64>, prox: MatRef<'_, f64>, delta: f64) -> f64 {
+pub fn objective(
+    y: MatRef<'_, f64>,
+    p: MatRef<'_, f64>,
+    prox: MatRef<'_, f64>,
+    delta: f64,
+) -> Result<f64> {
+    crate::core::validate::check_sizes(y.nrows(), y.ncols())?;
+    same_shape("P", p, y)?;
+    same_shape("Prox", prox, y)?;
+    Ok(objective_unchecked(y, p, prox, delta))
+}
+
+/// [`objective`] of matching shapes.
+pub(crate) fn objective_unchecked(
+    y: MatRef<'_, f64>,
+    p: MatRef<'_, f64>,
+    prox: MatRef<'_, f64>,
+    delta: f64,
+) -> f64 {
     let k = y.ncols();
     let mut pm = p.to_owned();
     center_rows(&mut pm);
@@ -227,6 +248,8 @@ pub(crate) fn polar_svd(g: MatRef<'_, f64>) -> Result<Factor> {
 /// Factors `B = sym(P^T G)` at a given `P` on the manifold (not necessarily optimal), for
 /// the backward at an arbitrary point.
 pub fn factor_at(p: Mat<f64>, g: MatRef<'_, f64>) -> Result<Factor> {
+    crate::core::validate::check_sizes(g.nrows(), g.ncols())?;
+    same_shape("P", p.as_ref(), g)?;
     let b = sym(atb(p.as_ref(), g).as_ref());
     let (q, s) = sym_eig(b.as_ref())?;
     let u = ab(p.as_ref(), q.as_ref());
@@ -246,7 +269,7 @@ fn polish(g: MatRef<'_, f64>, f0: Factor) -> Result<Polished> {
     if f64::EPSILON * cond * cond <= ORTH_TOL {
         // Well-conditioned G: the Gram route's error eps cond^2 is at rounding level
         // already. Verify it directly; polish only if the check disagrees.
-        let grad = riemannian_gradient_norm(f0.p.as_ref(), g);
+        let grad = grad_norm_unchecked(f0.p.as_ref(), g);
         let orth = orthogonality_error(f0.p.as_ref());
         if grad <= tol && orth <= ORTH_TOL {
             return Ok(Polished {
@@ -304,9 +327,28 @@ struct Polished {
 
 /// `||G - P sym(P^T G)||_F` evaluated directly (no factor identities assumed): the Riemannian
 /// gradient norm of `-tr(P^T G)` at any `P`, for diagnostics and tests.
-pub fn riemannian_gradient_norm(p: MatRef<'_, f64>, g: MatRef<'_, f64>) -> f64 {
+pub fn riemannian_gradient_norm(p: MatRef<'_, f64>, g: MatRef<'_, f64>) -> Result<f64> {
+    same_shape("P", p, g)?;
+    Ok(grad_norm_unchecked(p, g))
+}
+
+/// [`riemannian_gradient_norm`] of matching shapes.
+fn grad_norm_unchecked(p: MatRef<'_, f64>, g: MatRef<'_, f64>) -> f64 {
     let b = sym(atb(p, g).as_ref());
     fro((g - ab(p, b.as_ref())).as_ref())
+}
+
+/// An error unless `a` has `b`'s shape.
+pub(crate) fn same_shape(what: &'static str, a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Result<()> {
+    crate::core::validate::check_len(what, b.nrows() * b.ncols(), a.nrows() * a.ncols())?;
+    if a.nrows() != b.nrows() {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: b.nrows(),
+            got: a.nrows(),
+        });
+    }
+    Ok(())
 }
 
 /// The Riemannian Newton direction: the tangent `X` with `Proj_T(X B) = G - P B`.
@@ -479,7 +521,14 @@ fn retract_exact(z: Mat<f64>) -> Result<Mat<f64>> {
     Ok(polar_gram(z.as_ref())?.p)
 }
 /// `G = c Y M + delta Prox`.
-pub fn g_matrix(y: MatRef<'_, f64>, prox: MatRef<'_, f64>, delta: f64) -> Mat<f64> {
+pub fn g_matrix(y: MatRef<'_, f64>, prox: MatRef<'_, f64>, delta: f64) -> Result<Mat<f64>> {
+    crate::core::validate::check_sizes(y.nrows(), y.ncols())?;
+    same_shape("Prox", prox, y)?;
+    Ok(g_unchecked(y, prox, delta))
+}
+
+/// [`g_matrix`] of matching shapes.
+pub(crate) fn g_unchecked(y: MatRef<'_, f64>, prox: MatRef<'_, f64>, delta: f64) -> Mat<f64> {
     let mut a = y.to_owned();
     center_rows(&mut a);
     a *= faer::Scale(c_of(y.ncols()));

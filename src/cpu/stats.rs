@@ -9,13 +9,33 @@
 //! `docs/reference.md#the-golden-vectors`). Sums are accumulated in `f64` whatever `T` is, so the `f32`
 //! results are the correctly rounded `f64` results up to one rounding per output.
 
+use crate::core::validate::{check_len, size2};
+use crate::error::{Error, Result};
 use crate::Real;
 
 /// Smallest row norm the normalisation divides by (the reference's `1e-12`).
 pub const NORM_FLOOR: f64 = 1e-12;
 
 /// `x_i = tau * r_i / max(||r_i||, 1e-12)` for every row of `raw` (`n x d`, row-major).
-pub fn tau_normalise<T: Real>(raw: &[T], n: usize, d: usize, tau: f64) -> Vec<T> {
+pub fn tau_normalise<T: Real>(raw: &[T], n: usize, d: usize, tau: f64) -> Result<Vec<T>> {
+    check_normalise(raw.len(), n, d, tau)?;
+    Ok(tau_normalise_unchecked(raw, n, d, tau))
+}
+
+/// The shape and `tau` checks of [`tau_normalise`] and its backward.
+fn check_normalise(len: usize, n: usize, d: usize, tau: f64) -> Result<()> {
+    check_len("raw", size2("N * d", n, d)?, len)?;
+    if !(tau.is_finite() && tau > 0.0) {
+        return Err(Error::InvalidParameter {
+            name: "tau",
+            reason: format!("must be finite and > 0, got {tau}"),
+        });
+    }
+    Ok(())
+}
+
+/// [`tau_normalise`] of a checked shape (the head's own calls).
+pub(crate) fn tau_normalise_unchecked<T: Real>(raw: &[T], n: usize, d: usize, tau: f64) -> Vec<T> {
     debug_assert_eq!(raw.len(), n * d);
     let mut x = vec![T::from_f64(0.0); n * d];
     for i in 0..n {
@@ -34,6 +54,19 @@ pub fn tau_normalise<T: Real>(raw: &[T], n: usize, d: usize, tau: f64) -> Vec<T>
 /// For `||r|| > 1e-12`: `dr = (tau/||r||) (dx - r_hat <r_hat, dx>)` with `r_hat = r/||r||`;
 /// below the floor the map is linear, `dr = (tau/1e-12) dx`.
 pub fn tau_normalise_backward<T: Real>(
+    raw: &[T],
+    dx: &[T],
+    n: usize,
+    d: usize,
+    tau: f64,
+) -> Result<Vec<T>> {
+    check_normalise(raw.len(), n, d, tau)?;
+    check_len("dx", raw.len(), dx.len())?;
+    Ok(tau_normalise_backward_unchecked(raw, dx, n, d, tau))
+}
+
+/// [`tau_normalise_backward`] of checked shapes (the head's own calls).
+pub(crate) fn tau_normalise_backward_unchecked<T: Real>(
     raw: &[T],
     dx: &[T],
     n: usize,
@@ -95,7 +128,7 @@ pub(crate) fn norm2<T: Real>(v: &[T]) -> (f64, f64) {
 
 /// Statistics of one batch.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ClassStats<T> {
+pub(crate) struct ClassStats<T> {
     /// Global batch mean `mu` (length `d`).
     pub mu: Vec<T>,
     /// Class counts `n_k` (length `K`).
@@ -105,15 +138,8 @@ pub struct ClassStats<T> {
     pub centred: Vec<T>,
 }
 
-impl<T> ClassStats<T> {
-    /// `true` for the classes present in the batch.
-    pub fn present(&self) -> Vec<bool> {
-        self.counts.iter().map(|&c| c > 0).collect()
-    }
-}
-
 /// Batch statistics of `x` (`n x d`) with labels in `0..k` (already validated).
-pub fn class_stats<T: Real>(
+pub(crate) fn class_stats<T: Real>(
     x: &[T],
     labels: &[usize],
     n: usize,
@@ -161,7 +187,7 @@ pub fn class_stats<T: Real>(
 ///
 /// `c_k = (1/n_k) sum_{y_i=k} x_i - mu` and `mu = (1/N) sum_i x_i` give
 /// `dx_i = dc_{y_i} / n_{y_i} + (dmu - sum_{k present} dc_k) / N`.
-pub fn class_stats_backward<T: Real>(
+pub(crate) fn class_stats_backward<T: Real>(
     labels: &[usize],
     counts: &[usize],
     n: usize,

@@ -232,6 +232,12 @@ const BACKWARD_WORKSPACE: usize = 2;
 /// Workspace of the first step (solved on the host; a different request sequence), dropped
 /// by the next ordinary step.
 const FIRST_WORKSPACE: usize = 3;
+/// Largest [`DeviceOptions::max_sweeps`] (a cold Jacobi takes 6-10 sweeps, a hard spectrum
+/// about 16): the block solver launches every sweep up to the cap.
+pub const MAX_SWEEPS: usize = 100;
+/// Largest [`DeviceOptions::max_newton_steps`]: the polish converges quadratically, and every
+/// step takes its own workspace slots.
+pub const MAX_NEWTON_STEPS: usize = 8;
 
 impl DeviceHead {
     /// A fresh head on `dev` with the default [`DeviceOptions`].
@@ -260,10 +266,30 @@ impl DeviceHead {
                 reason: "d * K exceeds the i32 range of the kernels".into(),
             });
         }
-        if opt.max_sweeps == 0 {
+        if !(1..=MAX_SWEEPS).contains(&opt.max_sweeps) {
             return Err(Error::InvalidParameter {
                 name: "max_sweeps",
-                reason: "must be at least 1".into(),
+                reason: format!("must be 1..={MAX_SWEEPS}, got {}", opt.max_sweeps),
+            });
+        }
+        if opt.max_newton_steps > MAX_NEWTON_STEPS {
+            return Err(Error::InvalidParameter {
+                name: "max_newton_steps",
+                reason: format!(
+                    "must be at most {MAX_NEWTON_STEPS} (one step reaches rounding level), got {}",
+                    opt.max_newton_steps
+                ),
+            });
+        }
+        // The kernels' second and third grid dimensions (classes in the class sums) are at
+        // most 65535, and so is the batch (rows in the backward's scatter; checked per call).
+        if cfg.classes > 65535 {
+            return Err(Error::InvalidParameter {
+                name: "classes",
+                reason: format!(
+                    "the device head takes at most 65535 classes, got {}",
+                    cfg.classes
+                ),
             });
         }
         let moving = MovingStateDev::new(&dev, cfg.dim, cfg.classes)?;
@@ -334,6 +360,15 @@ impl DeviceHead {
             return Err(Error::InvalidParameter {
                 name: "raw",
                 reason: "N * d exceeds the i32 range of the kernels".into(),
+            });
+        }
+        if n > 65535 {
+            return Err(Error::InvalidParameter {
+                name: "raw",
+                reason: format!(
+                    "the device head takes batches of at most 65535 rows (a grid dimension of \
+                     its backward), got {n}"
+                ),
             });
         }
         Ok(n)
@@ -686,8 +721,8 @@ impl DeviceHead {
         let newton = dev.download::<i32>(&l.factor.newton)?[0].max(0) as usize;
         Ok(Some(SolveReport {
             steps: newton,
-            grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref()),
-            objective: objective(y.as_ref(), p.as_ref(), prox.as_ref(), self.cfg.delta),
+            grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref())?,
+            objective: objective(y.as_ref(), p.as_ref(), prox.as_ref(), self.cfg.delta)?,
             orthogonality: orthogonality_error(p.as_ref()),
             first_step: l.first_step,
             sweeps,

@@ -5,10 +5,10 @@
 //! | stage | GPU module | CPU module |
 //! |---|---|---|
 //! | feature normalisation, class statistics | `gpu::stats` | [`crate::cpu::stats`] |
-//! | moving class means, Frobenius normalisation | `gpu::moving` | [`crate::cpu::moving`] |
+//! | moving class means, Frobenius normalisation | `gpu::moving` | `cpu::moving` |
 //! | nearest-ETF solve | `gpu::solve` | [`crate::cpu::solve`] |
 //! | implicit backward | `gpu::backward` | [`crate::cpu::backward`] |
-//! | classifier | `gpu::classifier` | [`crate::cpu::classifier`] |
+//! | classifier | `gpu::classifier` | `cpu::classifier` |
 //! | the stateful head | [`head`] | [`crate::cpu::head`] |
 //! | dense products, eigensolvers | [`linalg`] | `cpu::linalg` |
 //!

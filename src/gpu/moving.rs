@@ -1,6 +1,6 @@
 //! Stages 2-4 on the device: moving class means (EMA or cumulative, absent-class policies)
 //! and their Frobenius normalisation `Y = E / ||E||_F`, with their backward; the mirror of
-//! [`crate::cpu::moving`]. See `docs/head.md` for the definitions.
+//! `cpu::moving`. See `docs/head.md` for the definitions.
 
 use super::shape::{block, single_block};
 use super::stats::ClassStatsDev;

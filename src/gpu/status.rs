@@ -30,8 +30,9 @@ pub enum Part {
 /// A device status word.
 #[derive(Debug)]
 pub struct Status {
-    /// The `i32` buffer (length [`LEN`]).
-    pub buf: Buffer,
+    /// The `i32` buffer (length [`LEN`]; made only by [`Status::new`], so the kernels may rely
+    /// on that length).
+    pub(crate) buf: Buffer,
 }
 
 /// The status word as read back on the host.
@@ -134,8 +135,20 @@ fn numerical(code: i32) -> Result<()> {
     }
 }
 
-/// Records in entry `entry` of `status` the first non-finite element of `x` (f32/f16/bf16).
-pub fn check_finite(dev: &Device, x: &Buffer, status: &mut Status, entry: usize) -> Result<()> {
+/// Records in entry `entry` (one of the index entries, 1 or 4) of `status` the first element of
+/// `x` (f32/f16/bf16) that is non-finite or above `1e30` in magnitude.
+pub(crate) fn check_finite(
+    dev: &Device,
+    x: &Buffer,
+    status: &mut Status,
+    entry: usize,
+) -> Result<()> {
+    if entry != 1 && entry != 4 {
+        return Err(Error::InvalidParameter {
+            name: "entry",
+            reason: format!("{entry} is not an index entry of the status word (1 or 4)"),
+        });
+    }
     let feat = feat_suffix(x, "features")?;
     if x.is_empty() {
         return Ok(());

@@ -374,7 +374,10 @@ impl Device {
     /// Zero-fills `m` (recorded during a capture on the CPU execution).
     fn zero(&self, m: &Arc<Mem>) -> Result<()> {
         self.own(m, "zero fill")?;
-        if let Some(rec) = self.recording()?.as_mut() {
+        // Held until the work is queued: a capture begun meanwhile on another thread must not
+        // pick it up.
+        let mut capture = self.recording()?;
+        if let Some(rec) = capture.as_mut() {
             rec.keep(m);
             if let DevInner::Cpu = self.inner {
                 rec.ops.push(CpuOp::Zero(m.clone()));
@@ -402,7 +405,10 @@ impl Device {
                 got: src.bytes(),
             });
         }
-        if let Some(rec) = self.recording()?.as_mut() {
+        // Held until the work is queued: a capture begun meanwhile on another thread must not
+        // pick it up.
+        let mut capture = self.recording()?;
+        if let Some(rec) = capture.as_mut() {
             rec.keep(dst);
             rec.keep(src);
             if let DevInner::Cpu = self.inner {
@@ -630,7 +636,10 @@ impl Device {
             }
         }
         check_shape(&cfg, self.backend()).map_err(bad)?;
-        if let Some(rec) = self.recording()?.as_mut() {
+        // Held until the work is queued: a capture begun meanwhile on another thread must not
+        // pick it up.
+        let mut capture = self.recording()?;
+        if let Some(rec) = capture.as_mut() {
             for a in args {
                 if let Arg::Buf(b) = a {
                     rec.keep(&b.mem);
@@ -775,14 +784,16 @@ fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
     Ok(())
 }
 
-/// Most threads one launch may run on the CPU execution, which runs blocks one after another
-/// on host threads: a grid beyond it would run for hours (the head's own launches stay below
-/// 2^26 threads at any size it accepts).
-pub const CPU_MAX_LAUNCH_THREADS: u64 = 1 << 32;
+/// Most blocks one launch may have on the CPU execution, which runs blocks one after another
+/// on host threads (a block costs microseconds there): beyond it a launch would run for hours.
+/// The head stays below it for batches of up to `2^24` rows.
+pub const CPU_MAX_LAUNCH_BLOCKS: u64 = 1 << 24;
+/// Most threads one launch may run on the CPU execution (see [`CPU_MAX_LAUNCH_BLOCKS`]).
+pub const CPU_MAX_LAUNCH_THREADS: u64 = 1 << 29;
 
 /// A launch shape within CUDA's limits (grid `x < 2^31`, `y`, `z <= 65535`; a block of at
 /// most 1024 threads, `z <= 64`; no zero dimension; at most 48 KiB of dynamic shared memory),
-/// and on the CPU execution within [`CPU_MAX_LAUNCH_THREADS`].
+/// and on the CPU execution within [`CPU_MAX_LAUNCH_BLOCKS`] and [`CPU_MAX_LAUNCH_THREADS`].
 fn check_shape(cfg: &LaunchConfig, backend: Backend) -> std::result::Result<(), String> {
     let (g, b) = (cfg.grid, cfg.block);
     if g.0 == 0 || g.1 == 0 || g.2 == 0 {
@@ -806,10 +817,13 @@ fn check_shape(cfg: &LaunchConfig, backend: Backend) -> std::result::Result<(), 
             cfg.shared_bytes
         ));
     }
-    let total = threads * u64::from(g.0) * u64::from(g.1) * u64::from(g.2);
-    if backend == Backend::Cpu && total > CPU_MAX_LAUNCH_THREADS {
+    let blocks = u64::from(g.0) * u64::from(g.1) * u64::from(g.2);
+    let total = threads * blocks;
+    if backend == Backend::Cpu && (blocks > CPU_MAX_LAUNCH_BLOCKS || total > CPU_MAX_LAUNCH_THREADS)
+    {
         return Err(format!(
-            "{total} threads exceed the CPU execution's limit of {CPU_MAX_LAUNCH_THREADS} per launch"
+            "{blocks} blocks of {threads} threads exceed the CPU execution's limits \
+             ({CPU_MAX_LAUNCH_BLOCKS} blocks, {CPU_MAX_LAUNCH_THREADS} threads per launch)"
         ));
     }
     Ok(())

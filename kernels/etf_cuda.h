@@ -105,7 +105,7 @@ __device__ __forceinline__ ScaledSumSq block_sumsq_scaled(const F* x, long long 
 }  // namespace etf
 
 namespace etf {
-// The forward entries of the step status word (kernels/status.cu) record no error.
+// The forward entries of the step status word (kernels/head/status.cu) record no error.
 __device__ __forceinline__ bool forward_ok(const int* status) {
     return status[0] == 2147483647 && status[1] == 2147483647 && status[2] == 0 && status[3] == 0;
 }

@@ -14,7 +14,7 @@
 //! Naming rule: every kernel ends with the element type it computes on (`_f32`, `_f64`,
 //! `_f16`, `_bf16`, `_i32`, ...); kernels that exist for several types differ only in it.
 //!
-//! ```compile_fail
+//! ```compile_fail,E0133
 //! // A launch can write past a buffer if its sizes are wrong, so it is `unsafe`:
 //! use implicit_etf::{kernels, runtime::{Device, LaunchConfig}};
 //! let dev = Device::cpu();
@@ -25,7 +25,7 @@
 //! ); // error[E0133]: call to unsafe function requires unsafe block
 //! ```
 //!
-//! ```compile_fail
+//! ```compile_fail,E0133
 //! // The untyped launch is `unsafe` too.
 //! use implicit_etf::{kernels, runtime::{Arg, Device, LaunchConfig}};
 //! let dev = Device::cpu();

@@ -56,9 +56,10 @@ fn deferred() -> DeviceOptions {
 /// a capture needs).
 fn device_pairs() -> Vec<(Device, Device)> {
     let (devs, skipped) = Device::all_available();
-    if let Some(why) = skipped {
+    if let Some(why) = &skipped {
         println!("CUDA part skipped: {why}");
     }
+    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
     devs.into_iter()
         .map(|dev| match dev.backend() {
             Backend::Cpu => (Device::cpu(), Device::cpu()),

@@ -1,4 +1,4 @@
-//! The device's symmetric eigensolvers (`kernels/jacobi.cu`): the one-block Jacobi and the
+//! The device's symmetric eigensolvers (`kernels/linalg/jacobi.cu`): the one-block Jacobi and the
 //! block Jacobi over many CUDA blocks, against faer's `self_adjoint_eigen` (an independent
 //! algorithm: Householder tridiagonalisation and implicit QR) in float64. Runs on the CPU
 //! execution, and on a CUDA GPU too when one is present (otherwise prints "CUDA part skipped:
@@ -21,9 +21,11 @@ use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig};
 
 fn devices() -> Vec<Device> {
     let (devs, skipped) = Device::all_available();
-    if let Some(reason) = skipped {
+    if let Some(reason) = &skipped {
         println!("CUDA part skipped: {reason}");
     }
+    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
+    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
     devs
 }
 

@@ -66,7 +66,8 @@ fn case05_cpu_head_of_max_size() {
 
 #[test]
 fn case06_cpu_head_larger_than_memory() {
-    // 4 TB of f32 state, and 80 GB of f64: refused by the allocator, reported, not aborted.
+    // 4 TB of f32 state, and 2^59 bytes of f64: refused by the allocator, reported, not
+    // aborted.
     let overcommit = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").unwrap_or_default();
     if overcommit.trim() == "1" {
         println!("skipped: vm.overcommit_memory = 1 grants any allocation (the OOM killer would act instead)");
@@ -74,7 +75,7 @@ fn case06_cpu_head_larger_than_memory() {
     }
     for r in [
         CpuHead::<f32>::new(HeadConfig::new(1_000_000, 1_000_000)).map(|_| ()),
-        CpuHead::<f64>::new(HeadConfig::new(100_000, 100_000)).map(|_| ()),
+        CpuHead::<f64>::new(HeadConfig::new(1 << 28, 1 << 28)).map(|_| ()),
     ] {
         assert!(matches!(r, Err(Error::OutOfMemory { .. })), "{r:?}");
     }

@@ -1,5 +1,5 @@
 //! The CPU execution model of the kernels (and the device layer's checks), through the
-//! self-test kernels of `kernels/selftest.cu`. The well-behaved ones also run on a CUDA GPU
+//! self-test kernels of `kernels/test/selftest.cu`. The well-behaved ones also run on a CUDA GPU
 //! when present; the deliberately wrong ones run on the CPU execution only.
 
 use half::{bf16, f16};
@@ -8,9 +8,11 @@ use implicit_etf::Error;
 
 fn devices() -> Vec<Device> {
     let (devs, skipped) = Device::all_available();
-    if let Some(reason) = skipped {
+    if let Some(reason) = &skipped {
         println!("CUDA part skipped: {reason}");
     }
+    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
+    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
     devs
 }
 

@@ -53,7 +53,7 @@ extern "C" __global__ void commit_f64(double* dst, const double* src, long long 
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) dst[e] = src[e];
 }
 
-// ---- Riemannian Newton polish (src/device/solve.rs::newton_polish) -------------------------
+// ---- Riemannian Newton polish (src/gpu/solve.rs::newton_polish) -------------------------
 
 // Newton–Schulz factor: m = (3 I - ztz) / 2 (k x k).
 extern "C" __global__ void newton_schulz_factor_f64(const double* ztz, int k, double* m) {

@@ -1,4 +1,4 @@
-// Device-side validation and the step status word (src/device/status.rs).
+// Device-side validation and the step status word (src/gpu/status.rs).
 //
 // A step records its data-dependent errors in an `int` status buffer on the device instead of
 // stopping on the host, so forward and backward need no host synchronisation; the state

@@ -4,7 +4,7 @@
 // op(A) is m x l (A stored m x l, or l x m when ta = 1); op(B) is l x n (B stored l x n, or
 // n x l when tb = 1); C is m x n. beta = 0 overwrites C without reading it.
 // gate: null, or a device flag; when *gate != 0 the launch does nothing (the Newton polish
-// stops this way without a host decision, src/device/solve.rs).
+// stops this way without a host decision, src/gpu/solve.rs).
 //
 // Two kernels with identical results up to summation order:
 // - gemm_*_tiled: 64 x 64 output tile per block of 256 threads (4 x 4 per thread), 16-deep

@@ -518,25 +518,20 @@ impl DeviceHead {
         drop(scope);
         // Commit (the kernels skip it when the status word records an error).
         self.moving.commit(dev, &sf.update, &self.status.buf)?;
-        let new_prox = match self.prox.take() {
-            Some(mut p) => {
-                commit(dev, &mut p, &factor.p, &self.status)?;
-                p
+        // Ownership moves only after every fallible call, so an error keeps the buffers that
+        // a captured graph may address.
+        if let Some(p) = self.prox.as_mut() {
+            commit(dev, p, &factor.p, &self.status)?;
+        } else {
+            // The first step (its status was checked above): into the buffer kept from an
+            // import without a `Prox`, if any.
+            match self.spare_prox.as_mut() {
+                Some(p) => dev.copy_into(p, &factor.p)?,
+                None => self.spare_prox = Some(dev.copy(&factor.p)?),
             }
-            // The first step's status was checked above.
-            None => {
-                let p = match self.spare_prox.take() {
-                    Some(mut p) => {
-                        dev.copy_into(&mut p, &factor.p)?;
-                        p
-                    }
-                    None => dev.copy(&factor.p)?,
-                };
-                dev.write(&mut self.armed, &[1i32])?;
-                p
-            }
-        };
-        self.prox = Some(new_prox);
+            dev.write(&mut self.armed, &[1i32])?;
+            self.prox = self.spare_prox.take();
+        }
         if self.opt.warm_start {
             match &mut self.q_warm {
                 Some(q) => commit(dev, q, &factor.q, &self.status)?,
@@ -779,11 +774,11 @@ impl DeviceHead {
             Some(v) => {
                 // Into the head's `Prox` buffer (or the one kept from an earlier import), so
                 // that a captured step replays from the imported `Prox`.
-                match self.prox.take().or_else(|| self.spare_prox.take()) {
-                    Some(mut p) => {
-                        dev.write(&mut p, v)?;
-                        self.prox = Some(p);
-                    }
+                if self.prox.is_none() {
+                    self.prox = self.spare_prox.take();
+                }
+                match self.prox.as_mut() {
+                    Some(p) => dev.write(p, v)?,
                     None => self.prox = Some(dev.upload(v)?),
                 }
                 dev.write(&mut self.armed, &[1i32])?;

@@ -1,5 +1,5 @@
-//! Dense linear algebra on the device: products (`kernels/gemm.cu`) and the symmetric
-//! eigensolvers (`kernels/jacobi.cu`: one-block and block Jacobi), used by the ETF solve and
+//! Dense linear algebra on the device: products (`kernels/linalg/gemm.cu`) and the symmetric
+//! eigensolvers (`kernels/linalg/jacobi.cu`: one-block and block Jacobi), used by the ETF solve and
 //! the implicit backward.
 
 use super::status::Status;
@@ -195,7 +195,7 @@ pub const MAX_BLOCK_WIDTH: usize = 24;
 /// Largest `K` that [`EigenSolver::Auto`] gives to the one-block solver on a GPU.
 pub const AUTO_ONE_BLOCK_MAX_K: usize = 96;
 
-/// Which symmetric eigensolver runs (`kernels/jacobi.cu`). Both are cyclic Jacobi with the
+/// Which symmetric eigensolver runs (`kernels/linalg/jacobi.cu`). Both are cyclic Jacobi with the
 /// same rotation test, so they end at the same accuracy; they differ in how the work is
 /// spread over the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -256,7 +256,7 @@ impl EigenSolver {
 }
 
 /// Eigendecomposition of the symmetric `k x k` f64 matrix `a` (destroyed) by cyclic Jacobi
-/// (`kernels/jacobi.cu`; `solver` picks the one-block or the block solver). `v` holds the
+/// (`kernels/linalg/jacobi.cu`; `solver` picks the one-block or the block solver). `v` holds the
 /// start basis on entry (identity for a cold start, the previous eigenvectors for a warm
 /// start with `a` already rotated into that basis) and the eigenvectors (columns) on return;
 /// `lam` (k f64) the eigenvalues, unsorted; `info[0]` (i32) the sweeps used. No convergence

@@ -46,7 +46,7 @@ impl MovingStateDev {
     }
 
     /// Commits `u` (`E <- E_new`, `seen <- seen_new`, `t += 1`, `alpha <- alpha_new`) on the
-    /// device, unless `status` (see [`crate::runtime::head`]) records a forward error, in which
+    /// device, unless `status` (see [`super::status`]) records a forward error, in which
     /// case nothing changes. No host synchronisation.
     pub fn commit(&mut self, dev: &Device, u: &MovingUpdateDev, status: &Buffer) -> Result<()> {
         let (d, k) = (self.d, self.k);
@@ -81,7 +81,7 @@ pub struct MovingUpdateDev {
     /// The `seen` flags after this step (`i32`, K).
     pub seen_new: Buffer,
     /// Per-class column source (`i32`, K): 0 update from `c_k`, 1 update from `mu`,
-    /// 2 set to `mu` (with gradient), 3 hold (no gradient). See `kernels/moving.cu`.
+    /// 2 set to `mu` (with gradient), 3 hold (no gradient). See `kernels/head/moving.cu`.
     pub source: Buffer,
     /// `[a, b, alpha_new, t]` (f64): `E_new = a C + b E` on the updated columns.
     pub w: Buffer,

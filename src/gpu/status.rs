@@ -2,7 +2,7 @@
 //!
 //! Label range, finiteness, degenerate means and numerical failures depend on the data, so
 //! checking them on the host would cost a synchronisation per step. Instead the kernels record
-//! them in a small `i32` buffer (layout in `kernels/status.cu`), and every kernel that changes
+//! them in a small `i32` buffer (layout in `kernels/head/status.cu`), and every kernel that changes
 //! the head's state first reads it and does nothing when the step failed: a failed step leaves
 //! the state exactly as it was, with or without the host looking. [`Status::read`] (one
 //! 32-byte download) turns the word into the typed [`Error`] a checked call returns.

@@ -20,9 +20,11 @@ const TOL: f64 = 1e-5;
 
 fn devices() -> Vec<Device> {
     let (devs, skipped) = Device::all_available();
-    if let Some(reason) = skipped {
+    if let Some(reason) = &skipped {
         println!("CUDA part skipped: {reason}");
     }
+    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
+    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
     devs
 }
 

@@ -12,10 +12,12 @@
 set -euo pipefail
 
 if [[ "${1:-}" == "--asan-run" ]]; then
-  # Cargo runner: `scripts/ci-cuda.sh --asan-run BINARY ARGS...`
+  # Cargo runner: `scripts/ci-cuda.sh --asan-run BINARY ARGS...`. allocator_may_return_null:
+  # an allocation larger than memory must fail like the system allocator's (the hostile-input
+  # tests check that it becomes Error::OutOfMemory), not abort.
   shift
   LD_PRELOAD="$(gcc -print-file-name=libasan.so)${LD_PRELOAD:+:$LD_PRELOAD}" \
-  ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1}" exec "$@"
+  ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=0:halt_on_error=1:allocator_may_return_null=1}" exec "$@"
 fi
 
 cd "$(dirname "$0")/.."

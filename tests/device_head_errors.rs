@@ -474,6 +474,34 @@ fn runtime_misuse_is_a_typed_error() {
             before,
             "{name}: a refused step changed the state"
         );
+        // Outputs and gradients on another device: refused, nothing changes.
+        let (mut zo, mut go) = (
+            other.alloc_zeros(DType::F32, N * K).unwrap(),
+            other.alloc_zeros(DType::F32, N * D).unwrap(),
+        );
+        let (xm, ym) = (
+            h.device().upload(&x).unwrap(),
+            h.device().upload(&y).unwrap(),
+        );
+        assert!(
+            h.forward_into(&xm, &ym, &mut zo).is_err(),
+            "{name}: foreign logits"
+        );
+        assert_eq!(
+            state(&h),
+            before,
+            "{name}: a refused step changed the state"
+        );
+        h.forward(&xm, &ym).unwrap();
+        let dz = h.device().upload(&[0.01f32; N * K]).unwrap();
+        let dzo = other.upload(&[0.01f32; N * K]).unwrap();
+        assert!(h.backward(&dzo).is_err(), "{name}: foreign dL/dlogits");
+        assert!(
+            h.backward_into(&dz, &mut go).is_err(),
+            "{name}: foreign d_raw"
+        );
+        h.backward(&dz).unwrap(); // the pending backward survived the refusals
+        let before = state(&h);
         // Host copies and device copies through another device.
         let mine = h.device().upload(&x).unwrap();
         assert!(other.download::<f32>(&mine).is_err(), "{name}: download");
@@ -502,9 +530,17 @@ fn runtime_misuse_is_a_typed_error() {
                 "{name}: {dtype:?} x {len}"
             );
         }
-        // The head goes on exactly like a twin that never saw the bad calls.
+        // The head goes on exactly like a twin that took the same valid steps.
         let mut twin = DeviceHead::new(fresh(&dev), HeadConfig::new(D, K)).unwrap();
         step(&mut twin, 1);
+        let (tx, ty) = (
+            twin.device().upload(&x).unwrap(),
+            twin.device().upload(&y).unwrap(),
+        );
+        twin.forward(&tx, &ty).unwrap();
+        twin.backward(&twin.device().upload(&[0.01f32; N * K]).unwrap())
+            .unwrap();
+        assert_eq!(state(&twin), before, "{name}");
         assert_eq!(step(&mut h, 3), step(&mut twin, 3), "{name}");
     }
 }

@@ -35,6 +35,9 @@ enum Corruption {
     Zero,
     /// A state to import, with one field broken.
     State(StateFault),
+    /// A valid forward, then a `dL/dlogits` with this value at one index (NaN, an infinity,
+    /// above 1e30), or one element short.
+    DLogits(usize, Option<f32>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +71,16 @@ fn corruption() -> impl Strategy<Value = Corruption> {
             Just(StateFault::ProxNotOrthonormal),
         ]
         .prop_map(Corruption::State),
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just(Some(f32::NAN)),
+                Just(Some(f32::INFINITY)),
+                Just(Some(-3e35f32)),
+                Just(None)
+            ]
+        )
+            .prop_map(|(i, v)| Corruption::DLogits(i, v)),
     ]
 }
 
@@ -221,6 +234,83 @@ fn check(c: &Case) {
     // The bad (or odd) call.
     let mut b = valid_batch(n, d, k, false, &mut rng);
     let (rc, rd) = match &c.corruption {
+        Corruption::DLogits(i, v) => {
+            // Both heads (and the controls) take the same valid forward; the bad backward
+            // must fail on both and leave the pending backward intact.
+            let b = valid_batch(8, d, k, true, &mut rng);
+            let (lc, _) = heads.forward(&b);
+            let _ = control.forward(&b);
+            let good = cross_entropy(&lc.unwrap(), &b.y, k).unwrap().1;
+            let mut dz = good.clone();
+            match v {
+                Some(v) => {
+                    let i = i % dz.len();
+                    dz[i] = *v;
+                }
+                None => {
+                    dz.pop();
+                }
+            }
+            let before = heads.states();
+            let gc = heads.cpu.backward(&dz).map_err(|e| e.to_string());
+            let h = &mut heads.dev;
+            let gd = (|| {
+                let g = h.backward(&h.device().upload(&dz)?)?;
+                h.check()?;
+                h.device().download::<f32>(&g)
+            })()
+            .map_err(|e| e.to_string());
+            assert!(
+                gc.is_err() && gd.is_err(),
+                "bad dL/dlogits accepted: {gc:?} {gd:?} ({c:?})"
+            );
+            assert_eq!(
+                heads.states(),
+                before,
+                "a failed backward changed the state ({c:?})"
+            );
+            // The CPU head validates before it consumes the pending forward: the good
+            // gradient is then the control's.
+            assert_eq!(
+                heads.cpu.backward(&good).unwrap(),
+                control.cpu.backward(&good).unwrap(),
+                "({c:?})"
+            );
+            let dev_backward = |h: &mut DeviceHead| {
+                let g = h.backward(&h.device().upload(&good).unwrap()).unwrap();
+                h.check().unwrap();
+                h.device().download::<f32>(&g).unwrap()
+            };
+            if c.deferred {
+                // Deferred: the failed backward ran (its error is reported by `check`), so the
+                // device head has no pending forward left; the next step is the control's.
+                // Its error stays reported until the next backward, so the next step runs
+                // without a check between forward and backward.
+                dev_backward(&mut control.dev);
+                let run = |h: &mut DeviceHead| {
+                    let d = h.device();
+                    let (xb, yb) = (d.upload(&next.x).unwrap(), d.upload(&next.y).unwrap());
+                    let l = h.forward(&xb, &yb).unwrap();
+                    let l = h.device().download::<f32>(&l).unwrap();
+                    let dz = cross_entropy(&l, &next.y, k).unwrap().1;
+                    let g = h.backward(&h.device().upload(&dz).unwrap()).unwrap();
+                    h.check().unwrap();
+                    (l, h.device().download::<f32>(&g).unwrap())
+                };
+                assert_eq!(
+                    run(&mut heads.dev),
+                    run(&mut control.dev),
+                    "the step after a failed backward differs ({c:?})"
+                );
+            } else {
+                assert_eq!(
+                    dev_backward(&mut heads.dev),
+                    dev_backward(&mut control.dev),
+                    "({c:?})"
+                );
+            }
+            return;
+        }
         Corruption::State(f) => {
             let s = broken_state(&before.0, *f);
             (
@@ -267,7 +357,7 @@ fn check(c: &Case) {
                     b.y.clear();
                 }
                 Corruption::Zero => b.x.iter_mut().for_each(|v| *v = 0.0),
-                Corruption::State(_) => unreachable!(),
+                Corruption::State(_) | Corruption::DLogits(..) => unreachable!(),
             }
             heads.forward(&b)
         }

@@ -16,19 +16,13 @@ use implicit_etf::{cross_entropy, solve_etf, CpuHead, HeadConfig, Real};
 const SIZES: [(usize, usize); 4] = [(512, 10), (512, 100), (2048, 100), (2048, 1000)];
 const N: usize = 256;
 
-/// Deterministic pseudo-random numbers in [-1, 1) (SplitMix64).
+#[path = "../tests/common/rng.rs"]
+mod rng;
+
+/// Deterministic pseudo-random numbers in [-1, 1) (the tests' SplitMix64).
 fn data(len: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
+    let mut r = rng::Rng(seed);
+    (0..len).map(|_| 2.0 * r.uniform() - 1.0).collect()
 }
 
 fn configure(c: &mut Criterion) -> criterion::BenchmarkGroup<'_, criterion::measurement::WallTime> {

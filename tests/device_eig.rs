@@ -12,22 +12,12 @@
 //! up to 1e-13 with 15 sweeps at K = 53): `<= 1e-12`.
 
 mod common;
-use common::Rng;
+use common::{devices, Rng};
 use faer::{Mat, Side};
 use implicit_etf::gpu::linalg::{congruence, identity, sym_eig, EigenSolver, GemmKernel};
 use implicit_etf::gpu::status::Status;
 use implicit_etf::runtime::{Buffer, DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig};
-
-fn devices() -> Vec<Device> {
-    let (devs, skipped) = Device::all_available();
-    if let Some(reason) = &skipped {
-        println!("CUDA part skipped: {reason}");
-    }
-    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
-    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
-    devs
-}
 
 /// A random symmetric `k x k` matrix with the spectrum `spec` (row-major).
 fn with_spectrum(rng: &mut Rng, spec: &[f64]) -> Vec<f64> {

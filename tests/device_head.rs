@@ -21,16 +21,6 @@ const TOL_ORTH: f64 = 1e-6;
 const TOL_GRAD: f64 = 1e-4;
 const TOL_LOGITS: f64 = 1e-5;
 
-fn devices() -> Vec<Device> {
-    let (devs, skipped) = Device::all_available();
-    if let Some(reason) = &skipped {
-        println!("CUDA part skipped: {reason}");
-    }
-    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
-    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
-    devs
-}
-
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }

@@ -11,16 +11,6 @@ use implicit_etf::runtime::{Buffer, DType, Device};
 use implicit_etf::MovingMeans;
 use implicit_etf::*;
 
-fn devices() -> Vec<Device> {
-    let (devs, skipped) = Device::all_available();
-    if let Some(reason) = &skipped {
-        println!("CUDA part skipped: {reason}");
-    }
-    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
-    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
-    devs
-}
-
 fn fresh(dev: &Device) -> Device {
     match dev.backend() {
         implicit_etf::runtime::Backend::Cpu => Device::cpu(),

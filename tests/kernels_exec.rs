@@ -2,19 +2,11 @@
 //! self-test kernels of `kernels/test/selftest.cu`. The well-behaved ones also run on a CUDA GPU
 //! when present; the deliberately wrong ones run on the CPU execution only.
 
+mod common;
+use common::devices;
 use half::{bf16, f16};
 use implicit_etf::runtime::{Arg, Device, LaunchConfig};
 use implicit_etf::Error;
-
-fn devices() -> Vec<Device> {
-    let (devs, skipped) = Device::all_available();
-    if let Some(reason) = &skipped {
-        println!("CUDA part skipped: {reason}");
-    }
-    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
-    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
-    devs
-}
 
 fn device_error(r: implicit_etf::Result<()>) -> String {
     match r {

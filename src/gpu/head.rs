@@ -58,6 +58,7 @@ use super::classifier::{self, ClassifierGradsDev};
 use super::linalg::{EigenSolver, GemmKernel};
 use super::moving::MovingStateDev;
 use super::pipeline::{self, StatsForward, StatsOptions};
+use super::shape::check_buffer;
 use super::solve;
 use super::stats;
 use super::status::{Part, Status};
@@ -405,7 +406,7 @@ impl DeviceHead {
     ) -> Result<()> {
         let n = self.batch_shape(raw, labels)?;
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        f32_of_len(logits, "logits", n * k)?;
+        check_buffer(logits, "logits", n * k, DType::F32)?;
         let first_step = self.prox.is_none();
         let key: StepKey = (n, raw.dtype(), self.q_warm.is_some());
         if self.dev.is_capturing() {
@@ -603,8 +604,8 @@ impl DeviceHead {
         let p = self.pending.as_ref().ok_or(Error::BackwardWithoutForward)?;
         let last = self.last.as_ref().ok_or(Error::BackwardWithoutForward)?;
         let (d, k, n) = (self.cfg.dim, self.cfg.classes, p.n);
-        f32_of_len(d_logits, "d_logits", n * k)?;
-        f32_of_len(d_raw, "d_raw", n * d)?;
+        check_buffer(d_logits, "d_logits", n * k, DType::F32)?;
+        check_buffer(d_raw, "d_raw", n * d, DType::F32)?;
         let bwd_key = (n, p.raw.as_ref().map(Buffer::dtype), last.first_step);
         if self.dev.is_capturing() {
             self.check_capturable()?;
@@ -798,18 +799,6 @@ impl DeviceHead {
         self.bwd_filled = None;
         Ok(())
     }
-}
-
-/// Checks that a caller's buffer holds `len` f32 values.
-fn f32_of_len(b: &Buffer, what: &'static str, len: usize) -> Result<()> {
-    check_len(what, len, b.len())?;
-    if b.dtype() != DType::F32 {
-        return Err(Error::InvalidParameter {
-            name: what,
-            reason: format!("expected f32, got {:?}", b.dtype()),
-        });
-    }
-    Ok(())
 }
 
 /// The error of a step captured before its workspace was filled.

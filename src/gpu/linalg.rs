@@ -2,8 +2,9 @@
 //! eigensolvers (`kernels/linalg/jacobi.cu`: one-block and block Jacobi), used by the ETF solve and
 //! the implicit backward.
 
+use super::shape::check_buffer;
 use super::status::Status;
-use crate::core::validate::{check_len, fits_i32};
+use crate::core::validate::fits_i32;
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::runtime::{grid_stride, Backend, Buffer, DType, Device, LaunchConfig};
@@ -31,21 +32,10 @@ impl GemmKernel {
     }
 }
 
-fn need(b: &Buffer, what: &'static str, len: usize, dtype: DType) -> Result<()> {
-    check_len(what, len, b.len())?;
-    if b.dtype() != dtype {
-        return Err(Error::InvalidParameter {
-            name: what,
-            reason: format!("expected {dtype:?}, got {:?}", b.dtype()),
-        });
-    }
-    Ok(())
-}
-
 /// Checks an optional gate flag (one i32; `None` means "always run").
 pub(crate) fn check_gate(gate: Option<&Buffer>) -> Result<Option<&Buffer>> {
     if let Some(g) = gate {
-        need(g, "gate", 1, DType::I32)?;
+        check_buffer(g, "gate", 1, DType::I32)?;
     }
     Ok(gate)
 }
@@ -114,9 +104,9 @@ impl Gemm {
             fits_i32(self.n, "n")?,
             fits_i32(self.l, "l")?,
         );
-        need(a, "gemm A", self.m * self.l, dt)?;
-        need(b, "gemm B", self.l * self.n, dt)?;
-        need(c, "gemm C", self.m * self.n, dt)?;
+        check_buffer(a, "gemm A", self.m * self.l, dt)?;
+        check_buffer(b, "gemm B", self.l * self.n, dt)?;
+        check_buffer(c, "gemm C", self.m * self.n, dt)?;
         if self.m == 0 || self.n == 0 {
             return Ok(());
         }
@@ -277,10 +267,10 @@ pub fn sym_eig(
 ) -> Result<()> {
     let solver = solver.resolve(dev, k);
     solver.validate(k)?;
-    need(a, "eig A", k * k, DType::F64)?;
-    need(v, "eig V", k * k, DType::F64)?;
-    need(lam, "eig lambda", k, DType::F64)?;
-    need(info, "eig info", 1, DType::I32)?;
+    check_buffer(a, "eig A", k * k, DType::F64)?;
+    check_buffer(v, "eig V", k * k, DType::F64)?;
+    check_buffer(lam, "eig lambda", k, DType::F64)?;
+    check_buffer(info, "eig info", 1, DType::I32)?;
     let ki = fits_i32(k, "K")?;
     let sweeps = fits_i32(max_sweeps, "max_sweeps")?;
     let width = match solver {
@@ -420,7 +410,7 @@ pub fn congruence(
 
 /// `v <- I` (k x k f64).
 pub fn identity(dev: &Device, v: &mut Buffer, k: usize) -> Result<()> {
-    need(v, "identity", k * k, DType::F64)?;
+    check_buffer(v, "identity", k * k, DType::F64)?;
     // SAFETY: `v` holds `K K` f64 (checked above).
     unsafe {
         kernels::elementwise::ops::identity_f64(dev, grid_stride(dev, k * k), v, fits_i32(k, "K")?)

@@ -42,3 +42,16 @@ pub(crate) fn feat_suffix(b: &Buffer, what: &'static str) -> Result<Feat> {
         }),
     }
 }
+
+/// `b` holds `len` elements of `dtype` ([`Error::ShapeMismatch`] or
+/// [`Error::InvalidParameter`] otherwise).
+pub(crate) fn check_buffer(b: &Buffer, what: &'static str, len: usize, dtype: DType) -> Result<()> {
+    crate::core::validate::check_len(what, len, b.len())?;
+    if b.dtype() != dtype {
+        return Err(Error::InvalidParameter {
+            name: what,
+            reason: format!("expected {dtype:?}, got {:?}", b.dtype()),
+        });
+    }
+    Ok(())
+}

@@ -14,19 +14,12 @@ use half::{bf16, f16};
 #[path = "../../tests/common/rng.rs"]
 mod rng;
 use rng::Rng;
+#[path = "../../tests/common/devices.rs"]
+mod devices;
+use devices::devices;
 
 /// f32 tolerance (relative, norm-wise) of the issue.
 const TOL: f64 = 1e-5;
-
-fn devices() -> Vec<Device> {
-    let (devs, skipped) = Device::all_available();
-    if let Some(reason) = &skipped {
-        println!("CUDA part skipped: {reason}");
-    }
-    // IMPLICIT_ETF_DEVICE=cuda without a usable GPU must fail, not pass having tested nothing.
-    assert!(!devs.is_empty(), "no device to test on: {skipped:?}");
-    devs
-}
 
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());

@@ -3,6 +3,11 @@
 
 use serde_json::Value;
 
+use implicit_etf::runtime::Device;
+mod devices;
+#[allow(unused_imports)] // not every test file runs on devices
+pub use devices::devices;
+
 /// Reads `tests/data/NAME`.
 pub fn golden(name: &str) -> Value {
     let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));

@@ -78,6 +78,7 @@
 
 pub mod core;
 pub mod cpu;
+pub mod dense;
 pub mod error;
 pub mod etf;
 #[cfg(device)]

@@ -4,7 +4,9 @@
 //! backward and the Riemannian Newton step, and the orthogonality measure. See
 //! `docs/backward.md` for the derivation.
 
-use faer::{Mat, MatRef};
+use faer::{Accum, Mat, MatMut, MatRef};
+
+use crate::dense::gemm;
 
 use crate::error::{Error, Result};
 
@@ -22,32 +24,97 @@ pub struct Factor {
     pub s: Vec<f64>,
 }
 
+/// Scratch memory of [`tangent_solve_into`] for one `(d, K)`.
+#[derive(Debug, Clone)]
+pub struct TangentWork {
+    /// `d x K`: `-V Q`, then `(U T - V Q) diag(1/s)`.
+    w: Mat<f64>,
+    /// `K x K`: `Z = U^T V Q`.
+    z: Mat<f64>,
+    /// `K x K`: `T`.
+    t: Mat<f64>,
+}
+
+impl TangentWork {
+    /// Scratch for `d x K` problems.
+    pub fn new(d: usize, k: usize) -> TangentWork {
+        TangentWork {
+            w: Mat::zeros(d, k),
+            z: Mat::zeros(k, k),
+            t: Mat::zeros(k, k),
+        }
+    }
+
+    /// Whether this scratch fits `d x K` problems.
+    pub fn fits(&self, d: usize, k: usize) -> bool {
+        self.w.nrows() == d && self.w.ncols() == k
+    }
+}
+
 /// The tangent-space solve: `u` with `sym(P^T u) = 0` and `Proj_T(u B) = -Proj_T(v)`.
 pub fn tangent_solve(f: &Factor, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+    let (d, k) = (f.p.nrows(), f.s.len());
+    if v.nrows() != d || v.ncols() != k {
+        return Err(Error::ShapeMismatch {
+            what: "V",
+            expected: d * k,
+            got: v.nrows() * v.ncols(),
+        });
+    }
+    let mut out = Mat::zeros(d, k);
+    tangent_solve_into(f, v, out.as_mut(), &mut TangentWork::new(d, k))?;
+    Ok(out)
+}
+
+/// [`tangent_solve`] into `out` (`d x K`) with caller-held scratch: four `d x K x K`
+/// products and `O(K^2)` work, no allocation.
+///
+/// ```text
+/// Z = U^T V Q,   T_ij = (Z_ij s_i + Z_ji s_j) / (s_i + s_j),   u = (U T - V Q) diag(1/s) Q^T
+/// ```
+///
+/// Panics if the shapes of `v`, `out` or `work` differ from the factor's `d x K`.
+pub fn tangent_solve_into(
+    f: &Factor,
+    v: MatRef<'_, f64>,
+    out: MatMut<'_, f64>,
+    work: &mut TangentWork,
+) -> Result<()> {
     let k = f.s.len();
-    let vq = v * f.q.as_ref();
-    let z = f.u.transpose() * vq.as_ref();
     let scale = f.s.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let mut t = Mat::zeros(k, k);
     for j in 0..k {
-        for i in 0..k {
+        for i in 0..=j {
             let den = f.s[i] + f.s[j];
             if !(den.abs() > 1e-300 && den.abs() > 1e-15 * scale) {
                 return Err(Error::Numerical {
                     what: "singular Lagrangian Hessian (s_i + s_j = 0) in the implicit backward",
                 });
             }
-            t[(i, j)] = (z[(i, j)] * f.s[i] + z[(j, i)] * f.s[j]) / den;
         }
     }
-    let mut w = f.u.as_ref() * t.as_ref() - vq;
+    let TangentWork { w, z, t } = work;
+    // w = -V Q; Z = U^T V Q = -U^T w.
+    gemm(w.as_mut(), Accum::Replace, v, f.q.as_ref(), -1.0);
+    gemm(
+        z.as_mut(),
+        Accum::Replace,
+        f.u.transpose(),
+        w.as_ref(),
+        -1.0,
+    );
+    for j in 0..k {
+        for i in 0..k {
+            t[(i, j)] = (z[(i, j)] * f.s[i] + z[(j, i)] * f.s[j]) / (f.s[i] + f.s[j]);
+        }
+    }
+    // w = (U T - V Q) diag(1/s); out = w Q^T.
+    gemm(w.as_mut(), Accum::Add, f.u.as_ref(), t.as_ref(), 1.0);
     for (j, sj) in f.s.iter().enumerate() {
         let inv = 1.0 / sj;
-        for i in 0..w.nrows() {
-            w[(i, j)] *= inv;
-        }
+        w.col_mut(j).iter_mut().for_each(|x| *x *= inv);
     }
-    Ok(w.as_ref() * f.q.transpose())
+    gemm(out, Accum::Replace, w.as_ref(), f.q.transpose(), 1.0);
+    Ok(())
 }
 
 /// `max |a^T a - I|` for a `d x K` matrix with orthonormal columns expected.

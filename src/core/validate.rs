@@ -29,6 +29,24 @@ macro_rules! impl_label {
 }
 impl_label!(u32, i32, i64, u64, usize);
 
+/// [`validate_labels`] into a reused vector (cleared first; on error its contents are
+/// unspecified).
+pub(crate) fn validate_labels_into<L: Label>(
+    labels: &[L],
+    classes: usize,
+    out: &mut Vec<usize>,
+) -> crate::Result<()> {
+    out.clear();
+    for (index, &l) in labels.iter().enumerate() {
+        out.push(l.class(classes).ok_or(crate::Error::LabelOutOfRange {
+            index,
+            label: l.as_i64(),
+            classes,
+        })?);
+    }
+    Ok(())
+}
+
 /// Validates labels against `classes`; returns them as indices.
 pub(crate) fn validate_labels<L: Label>(labels: &[L], classes: usize) -> crate::Result<Vec<usize>> {
     labels

@@ -1,10 +1,9 @@
 //! Stage 5: the classifier `W = sqrt(K/(K-1)) M P^T`, `b = -W mu`, logits `X W^T + b`
 //! (`docs/head.md#the-classifier-and-logits`), its backward, and the mean cross-entropy.
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef};
+use faer::{Accum, Mat, MatMut, MatRef};
 
-use crate::cpu::linalg::par;
+use crate::dense::gemm_t;
 use crate::Real;
 
 /// `sqrt(K/(K-1))`.
@@ -26,112 +25,136 @@ pub fn weights(p: MatRef<'_, f64>) -> Mat<f64> {
     w
 }
 
-/// Logits `X W^T + b` with `b = -W mu`; `x` is `n x d` row-major. Returns `(logits, b)`.
-pub fn logits<T: Real>(
-    x: &[T],
-    n: usize,
-    d: usize,
-    w: MatRef<'_, f64>,
-    mu: &[T],
-) -> (Vec<T>, Vec<T>) {
-    let k = w.nrows();
-    let b: Vec<f64> = (0..k)
-        .map(|c| -(0..d).map(|j| w[(c, j)] * mu[j].to_f64()).sum::<f64>())
-        .collect();
-    let wt: Mat<T> = Mat::from_fn(d, k, |j, c| T::from_f64(w[(c, j)]));
-    let xm = MatRef::from_row_major_slice(x, n, d);
-    // out (n x k), stored transposed in a column-major k x n buffer = row-major n x k.
-    let mut out = vec![T::from_f64(0.0); n * k];
+/// From `P` stored row-major (`d x K`, `f64`): its row means `pmean` (`d`), the transposed
+/// classifier `W^T = a P M` (`d x K` row-major, storage type) and `P` in the storage type.
+pub fn classifier_from_rows<T: Real>(
+    p: &[f64],
+    k: usize,
+    pmean: &mut [f64],
+    wt: &mut [T],
+    p_t: &mut [T],
+) {
+    let a = scale_of(k);
+    for (((row, m), w), pt) in p
+        .chunks_exact(k)
+        .zip(pmean.iter_mut())
+        .zip(wt.chunks_exact_mut(k))
+        .zip(p_t.chunks_exact_mut(k))
     {
-        let mut o = faer::MatMut::from_row_major_slice_mut(&mut out, n, k);
-        for i in 0..n {
-            for c in 0..k {
-                o[(i, c)] = T::from_f64(b[c]);
+        *m = row.iter().sum::<f64>() / k as f64;
+        for ((o, q), &v) in w.iter_mut().zip(pt.iter_mut()).zip(row) {
+            *o = T::from_f64(a * (v - *m));
+            *q = T::from_f64(v);
+        }
+    }
+}
+
+/// `W` (`K x d` row-major) from `W^T` (`d x K` row-major): a tiled transpose.
+pub fn transpose_into<T: Copy>(wt: &[T], d: usize, k: usize, w: &mut [T]) {
+    const B: usize = 32;
+    for j0 in (0..d).step_by(B) {
+        for c0 in (0..k).step_by(B) {
+            for j in j0..(j0 + B).min(d) {
+                for c in c0..(c0 + B).min(k) {
+                    w[c * d + j] = wt[j * k + c];
+                }
             }
         }
-        matmul(
-            o.as_mut(),
-            Accum::Add,
-            xm,
-            wt.as_ref(),
-            T::from_f64(1.0),
-            par(n, d, k),
-        );
     }
-    (out, b.into_iter().map(T::from_f64).collect())
 }
 
-/// Gradients of the classifier's inputs.
-#[derive(Debug, Clone)]
-pub struct ClassifierGrads<T> {
-    /// Direct path `dL/dx = dZ W` (`n x d`).
-    pub dx: Vec<T>,
-    /// `dL/dW` including the bias path, `dZ^T X - db mu^T` (`K x d`, float64).
-    pub dw: Mat<f64>,
-    /// `dL/dmu` through the bias, `-W^T db` (`d`).
-    pub dmu: Vec<f64>,
+/// The bias `b = -W mu` (`K`) in `f64`, from `P` row-major, its row means and `mu`.
+pub fn bias_into<T: Real>(p: &[f64], pmean: &[f64], mu: &[T], b: &mut [f64]) {
+    let k = b.len();
+    let a = scale_of(k);
+    b.iter_mut().for_each(|v| *v = 0.0);
+    for ((row, &m), &u) in p.chunks_exact(k).zip(pmean).zip(mu) {
+        let u = u.to_f64();
+        for (o, &v) in b.iter_mut().zip(row) {
+            *o += a * (v - m) * u;
+        }
+    }
+    b.iter_mut().for_each(|v| *v = -*v);
 }
 
-/// Backward of [`logits`] from `dL/dlogits` (`n x K`).
-pub fn logits_backward<T: Real>(
+/// Logits `X W^T + 1 b^T` (`N x K` row-major) into `out`, from `X` (`N x d`) and `W^T`
+/// (`d x K` row-major, storage type) and the bias.
+pub fn logits_into<T: Real>(x: &[T], d: usize, wt: &[T], b: &[f64], out: &mut [T]) {
+    let k = b.len();
+    let n = x.len() / d;
+    for row in out.chunks_exact_mut(k) {
+        for (o, &v) in row.iter_mut().zip(b) {
+            *o = T::from_f64(v);
+        }
+    }
+    gemm_t(
+        MatMut::from_row_major_slice_mut(out, n, k),
+        Accum::Add,
+        MatRef::from_row_major_slice(x, n, d),
+        MatRef::from_row_major_slice(wt, d, k),
+        T::from_f64(1.0),
+    );
+}
+
+/// Backward of [`logits_into`] with `W = a M P^T` and `b = -W mu`: from `dZ` (`N x K`) to
+/// `dx = dZ W` (`N x d`, written), `V = dL/dP` (`d x K` row-major `f64`, through `W`
+/// and `b`), and `dL/dmu = -W^T db` (`d`). `db` (`K`) and `xtdz` (`d x K`) are scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn logits_backward_into<T: Real>(
     x: &[T],
     dz: &[T],
-    n: usize,
     d: usize,
-    w: MatRef<'_, f64>,
+    wt: &[T],
+    p: &[f64],
+    pmean: &[f64],
     mu: &[T],
-) -> ClassifierGrads<T> {
-    let k = w.nrows();
+    db: &mut [f64],
+    xtdz: &mut [T],
+    v: &mut [f64],
+    dx: &mut [T],
+    dmu: &mut [f64],
+) {
+    let k = db.len();
+    let n = x.len() / d;
+    let a = scale_of(k);
+    db.iter_mut().for_each(|v| *v = 0.0);
+    for row in dz.chunks_exact(k) {
+        for (o, &g) in db.iter_mut().zip(row) {
+            *o += g.to_f64();
+        }
+    }
     let xm = MatRef::from_row_major_slice(x, n, d);
     let dzm = MatRef::from_row_major_slice(dz, n, k);
-    let mut db = vec![0.0f64; k];
-    for i in 0..n {
-        for c in 0..k {
-            db[c] += dz[i * k + c].to_f64();
-        }
-    }
-    // dW = dZ^T X (in T), then the bias path in f64.
-    let mut dwt: Mat<T> = Mat::zeros(k, d);
-    matmul(
-        dwt.as_mut(),
+    // X^T dZ (d x K) in the storage type, as the matching product of a linear head.
+    gemm_t(
+        MatMut::from_row_major_slice_mut(xtdz, d, k),
         Accum::Replace,
-        dzm.transpose(),
-        xm,
+        xm.transpose(),
+        dzm,
         T::from_f64(1.0),
-        par(k, n, d),
     );
-    let dw = Mat::from_fn(k, d, |c, j| dwt[(c, j)].to_f64() - db[c] * mu[j].to_f64());
-    let wt: Mat<T> = Mat::from_fn(k, d, |c, j| T::from_f64(w[(c, j)]));
-    let mut dx = vec![T::from_f64(0.0); n * d];
-    {
-        let o = faer::MatMut::from_row_major_slice_mut(&mut dx, n, d);
-        matmul(
-            o,
-            Accum::Replace,
-            dzm,
-            wt.as_ref(),
-            T::from_f64(1.0),
-            par(n, k, d),
-        );
-    }
-    let dmu = (0..d)
-        .map(|j| -(0..k).map(|c| w[(c, j)] * db[c]).sum::<f64>())
-        .collect();
-    ClassifierGrads { dx, dw, dmu }
-}
-
-/// `dL/dP` from `dL/dW`: `W = a M P^T` gives `dL/dP = a (dL/dW)^T M` (`d x K`).
-pub fn weights_backward(dw: MatRef<'_, f64>) -> Mat<f64> {
-    let (k, d) = (dw.nrows(), dw.ncols());
-    let a = scale_of(k);
-    let mut v = Mat::zeros(d, k);
-    for j in 0..d {
-        let m: f64 = (0..k).map(|c| dw[(c, j)]).sum::<f64>() / k as f64;
-        for c in 0..k {
-            v[(j, c)] = a * (dw[(c, j)] - m);
+    // dW^T = X^T dZ - mu db^T; V = dL/dP = a (dW^T) M (row means removed).
+    for ((vrow, grow), &m) in v.chunks_exact_mut(k).zip(xtdz.chunks_exact(k)).zip(mu) {
+        let m = m.to_f64();
+        for ((o, &g), &bb) in vrow.iter_mut().zip(grow).zip(db.iter()) {
+            *o = g.to_f64() - bb * m;
         }
+        let mean = vrow.iter().sum::<f64>() / k as f64;
+        vrow.iter_mut().for_each(|o| *o = a * (*o - mean));
     }
-    v
+    // dx = dZ W = dZ (W^T)^T.
+    gemm_t(
+        MatMut::from_row_major_slice_mut(dx, n, d),
+        Accum::Replace,
+        dzm,
+        MatRef::from_row_major_slice(wt, d, k).transpose(),
+        T::from_f64(1.0),
+    );
+    // dL/dmu = -W^T db, in f64 from P.
+    for ((o, row), &pm) in dmu.iter_mut().zip(p.chunks_exact(k)).zip(pmean) {
+        let s: f64 = row.iter().zip(db.iter()).map(|(&q, &g)| (q - pm) * g).sum();
+        *o = -a * s;
+    }
 }
 
 /// Mean cross-entropy over the batch and its gradient `dL/dlogits = (softmax - onehot)/N`.

@@ -1,43 +1,141 @@
 //! The stateful CPU head: every stage composed, with the state a trainer carries.
 
-use faer::Mat;
+use faer::{Mat, MatRef};
 
 use crate::core::config::HeadConfig;
 use crate::core::report::{Solution, SolveReport};
 use crate::core::state::{check_state, HeadState, MovingMeans};
-use crate::core::validate::{check_len, check_magnitude, rows_of, size2, validate_labels, Label};
-use crate::cpu::linalg::{from_row_major, to_row_major};
-use crate::cpu::moving::{self, MovingUpdate};
-use crate::cpu::solve;
-use crate::cpu::{backward, classifier, stats};
+use crate::core::validate::{
+    check_len, check_magnitude, rows_of, size2, validate_labels_into, Label,
+};
+use crate::cpu::classifier;
+use crate::cpu::linalg::{from_row_major, load_row_major, store_row_major, to_row_major};
+use crate::cpu::moving::{self, ColumnSource};
+use crate::cpu::solve::Solver;
+use crate::cpu::stats;
 use crate::error::{Error, Result};
 use crate::stiefel::Factor;
 use crate::Real;
 
-/// The last forward's solution and report, kept until the next forward or import.
+/// What a forward leaves for its backward and for [`CpuHead::last_solution`]. Two slots
+/// alternate: a forward writes the one not holding the last solution, so that a failed
+/// forward leaves the pending backward and the last solution as they were.
 #[derive(Debug, Clone)]
-struct Last<T> {
-    p: Vec<T>,
-    w: Vec<T>,
-    b: Vec<T>,
-    y: Vec<T>,
-    mu: Vec<T>,
-    report: SolveReport,
-}
-
-/// Everything a backward needs from its forward.
-#[derive(Debug, Clone)]
-struct Cache<T> {
+struct Slot<T> {
     raw: Vec<T>,
     x: Vec<T>,
     labels: Vec<usize>,
     counts: Vec<usize>,
     mu: Vec<T>,
-    update: MovingUpdate<T>,
+    sources: Vec<ColumnSource>,
+    weight: f64,
     y: Vec<T>,
     e_norm: f64,
     factor: Factor,
-    w: Mat<f64>,
+    /// `P` row-major (`d x K`, f64), its row means, `W^T = a P M` and `P` in `T`.
+    p_rm: Vec<f64>,
+    pmean: Vec<f64>,
+    wt: Vec<T>,
+    p_t: Vec<T>,
+    /// `W` (`K x d` row-major), `b` (`K`).
+    w_t: Vec<T>,
+    b: Vec<T>,
+    report: SolveReport,
+}
+
+impl<T: Real> Slot<T> {
+    fn new(d: usize, k: usize) -> Slot<T> {
+        let z = T::from_f64(0.0);
+        Slot {
+            raw: Vec::new(),
+            x: Vec::new(),
+            labels: Vec::new(),
+            counts: vec![0; k],
+            mu: vec![z; d],
+            sources: vec![ColumnSource::Held; k],
+            weight: 0.0,
+            y: vec![z; d * k],
+            e_norm: 0.0,
+            factor: Factor {
+                p: Mat::zeros(d, k),
+                u: Mat::zeros(d, k),
+                q: Mat::zeros(k, k),
+                s: vec![0.0; k],
+            },
+            p_rm: vec![0.0; d * k],
+            pmean: vec![0.0; d],
+            wt: vec![z; d * k],
+            p_t: vec![z; d * k],
+            w_t: vec![z; d * k],
+            b: vec![z; k],
+            report: SolveReport {
+                steps: 0,
+                grad_norm: 0.0,
+                objective: 0.0,
+                orthogonality: 0.0,
+                first_step: false,
+                sweeps: 0,
+            },
+        }
+    }
+}
+
+/// Scratch shared by every step (its contents do not outlive a call).
+#[derive(Debug, Clone)]
+struct Scratch<T> {
+    sums: Vec<f64>,
+    total: Vec<f64>,
+    centred: Vec<T>,
+    next: MovingMeans<T>,
+    y64: Mat<f64>,
+    solver: Solver,
+    b64: Vec<f64>,
+    db: Vec<f64>,
+    xtdz: Vec<T>,
+    v: Vec<f64>,
+    dy: Mat<f64>,
+    dy_t: Vec<T>,
+    de: Vec<T>,
+    d_centred: Vec<T>,
+    d_mu: Vec<f64>,
+    dmu_cls: Vec<f64>,
+    per_class: Vec<f64>,
+    g_mu: Vec<f64>,
+    dx: Vec<T>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new(d: usize, k: usize) -> Result<Scratch<T>> {
+        let z = T::from_f64(0.0);
+        Ok(Scratch {
+            sums: vec![0.0; k * d],
+            total: vec![0.0; d],
+            centred: vec![z; d * k],
+            next: MovingMeans::try_new(d, k)?,
+            y64: Mat::zeros(d, k),
+            solver: Solver::new(d, k)?,
+            b64: vec![0.0; k],
+            db: vec![0.0; k],
+            xtdz: vec![z; d * k],
+            v: vec![0.0; d * k],
+            dy: Mat::zeros(d, k),
+            dy_t: vec![z; d * k],
+            de: vec![z; d * k],
+            d_centred: vec![z; d * k],
+            d_mu: vec![0.0; d],
+            dmu_cls: vec![0.0; d],
+            per_class: vec![0.0; k * d],
+            g_mu: vec![0.0; d],
+            dx: Vec::new(),
+        })
+    }
+}
+
+/// The memory of a head's steps: made on the first forward, reused after.
+#[derive(Debug, Clone)]
+struct Work<T> {
+    slots: [Slot<T>; 2],
+    scratch: Scratch<T>,
 }
 
 /// The implicit-ETF head on the CPU, generic over `f32`/`f64` storage.
@@ -60,8 +158,13 @@ struct Cache<T> {
 pub struct CpuHead<T: Real> {
     cfg: HeadConfig,
     state: HeadState<T>,
-    cache: Option<Cache<T>>,
-    last: Option<Last<T>>,
+    work: Option<Box<Work<T>>>,
+    /// The slot of the last successful forward.
+    cur: usize,
+    /// A forward's solution is available (`last_solution`).
+    has_last: bool,
+    /// A backward is pending for slot `cur`.
+    pending: bool,
 }
 
 impl<T: Real> CpuHead<T> {
@@ -75,8 +178,10 @@ impl<T: Real> CpuHead<T> {
         Ok(CpuHead {
             cfg,
             state,
-            cache: None,
-            last: None,
+            work: None,
+            cur: 0,
+            has_last: false,
+            pending: false,
         })
     }
 
@@ -96,21 +201,9 @@ impl<T: Real> CpuHead<T> {
     pub fn import_state(&mut self, state: HeadState<T>) -> Result<()> {
         check_state(&self.cfg, &state)?;
         self.state = state;
-        self.cache = None;
-        self.last = None;
+        self.pending = false;
+        self.has_last = false;
         Ok(())
-    }
-
-    /// Checks a batch; returns `(n, labels as indices)`.
-    fn validate_batch<L: Label>(&self, raw: &[T], labels: &[L]) -> Result<(usize, Vec<usize>)> {
-        let n = labels.len();
-        if n == 0 {
-            return Err(Error::EmptyBatch);
-        }
-        check_len("raw", size2("N * d", n, self.cfg.dim)?, raw.len())?;
-        let idx = validate_labels(labels, self.cfg.classes)?;
-        check_magnitude("raw", raw)?;
-        Ok((n, idx))
     }
 
     /// One training forward: statistics, moving means, nearest ETF, classifier; returns the
@@ -118,113 +211,220 @@ impl<T: Real> CpuHead<T> {
     /// then [`last_solution`](Self::last_solution) and its report
     /// [`solve_report`](Self::solve_report).
     pub fn forward<L: Label>(&mut self, raw: &[T], labels: &[L]) -> Result<Vec<T>> {
-        let (n, labels) = self.validate_batch(raw, labels)?;
+        let mut out = vec![T::from_f64(0.0); labels.len().saturating_mul(self.cfg.classes)];
+        self.forward_into(raw, labels, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`forward`](Self::forward) into `logits` (`N x K`, overwritten). After the first
+    /// steps of a shape, a step made of `forward_into` and
+    /// [`backward_into`](Self::backward_into) allocates nothing (`docs/performance.md`).
+    pub fn forward_into<L: Label>(
+        &mut self,
+        raw: &[T],
+        labels: &[L],
+        logits: &mut [T],
+    ) -> Result<()> {
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        let x = match self.cfg.tau {
-            Some(tau) => stats::tau_normalise_unchecked(raw, n, d, tau),
-            None => raw.to_vec(),
+        let n = labels.len();
+        if n == 0 {
+            return Err(Error::EmptyBatch);
+        }
+        check_len("raw", size2("N * d", n, d)?, raw.len())?;
+        check_len("logits", size2("N * K", n, k)?, logits.len())?;
+        let cfg = self.cfg.clone();
+        let next = 1 - self.cur;
+        let state = &self.state;
+        let work = match self.work.as_mut() {
+            Some(w) => w,
+            None => {
+                self.work = Some(Box::new(Work {
+                    slots: [Slot::new(d, k), Slot::new(d, k)],
+                    scratch: Scratch::new(d, k)?,
+                }));
+                self.work.as_mut().expect("made above")
+            }
         };
-        let st = stats::class_stats(&x, &labels, n, d, k);
-        let update = moving::update(
-            &self.state.moving,
-            &st,
-            self.cfg.moving_average,
-            self.cfg.policy,
-            self.cfg.alpha_floor,
+        let Work { slots, scratch } = &mut **work;
+        let slot = &mut slots[next];
+        validate_labels_into(labels, k, &mut slot.labels)?;
+        check_magnitude("raw", raw)?;
+        // Stage 1: features and batch statistics.
+        slot.raw.clear();
+        slot.raw.extend_from_slice(raw);
+        slot.x.resize(n * d, T::from_f64(0.0));
+        match cfg.tau {
+            Some(tau) => stats::tau_normalise_into(raw, d, tau, &mut slot.x),
+            None => slot.x.copy_from_slice(raw),
+        }
+        stats::class_stats_into(
+            &slot.x,
+            &slot.labels,
+            d,
+            &mut scratch.sums,
+            &mut scratch.total,
+            &mut slot.counts,
+            &mut slot.mu,
+            &mut scratch.centred,
         );
-        let (y, e_norm) = moving::frobenius_normalise(&update.e_new);
-        if !(e_norm > 0.0) || !e_norm.is_finite() {
+        // Stage 2: moving means, normalised.
+        slot.weight = moving::update_into(
+            &state.moving,
+            &slot.counts,
+            &slot.mu,
+            &scratch.centred,
+            cfg.moving_average,
+            cfg.policy,
+            cfg.alpha_floor,
+            &mut scratch.next,
+            &mut slot.sources,
+        );
+        slot.e_norm = moving::frobenius_normalise_into(&scratch.next.e, &mut slot.y);
+        if !(slot.e_norm > 0.0) || !slot.e_norm.is_finite() {
             return Err(Error::DegenerateMeans);
         }
-        let prox = self.state.prox.as_ref().map(|p| from_row_major(p, d, k));
-        let sol = solve::solve(
-            from_row_major(&y, d, k).as_ref(),
-            prox.as_ref().map(|p| p.as_ref()),
-            self.cfg.delta,
-            self.cfg.solve,
-        )?;
-        let w = classifier::weights(sol.factor.p.as_ref());
-        let (logits, b) = classifier::logits(&x, n, d, w.as_ref(), &st.mu);
+        // Stage 3: the nearest ETF.
+        load_row_major(&slot.y, scratch.y64.as_mut());
+        let prox = state
+            .prox
+            .as_ref()
+            .map(|p| MatRef::from_row_major_slice(&p[..], d, k));
+        slot.report = scratch
+            .solver
+            .solve(scratch.y64.as_ref(), prox, cfg.delta, cfg.solve)?;
+        std::mem::swap(&mut slot.factor, scratch.solver.factor_mut());
+        // Stage 4: the classifier and the logits.
+        store_row_major(slot.factor.p.as_ref(), 1.0, &mut slot.p_rm);
+        classifier::classifier_from_rows(
+            &slot.p_rm,
+            k,
+            &mut slot.pmean,
+            &mut slot.wt,
+            &mut slot.p_t,
+        );
+        classifier::transpose_into(&slot.wt, d, k, &mut slot.w_t);
+        classifier::bias_into(&slot.p_rm, &slot.pmean, &slot.mu, &mut scratch.b64);
+        for (o, &v) in slot.b.iter_mut().zip(&scratch.b64) {
+            *o = T::from_f64(v);
+        }
+        classifier::logits_into(&slot.x, d, &slot.wt, &scratch.b64, logits);
         // Everything succeeded: commit.
-        self.state.moving = update.next.clone();
-        self.state.prox = Some(to_row_major::<f64>(sol.factor.p.as_ref()));
-        self.last = Some(Last {
-            p: to_row_major(sol.factor.p.as_ref()),
-            w: to_row_major(w.as_ref()),
-            b,
-            y: y.clone(),
-            mu: st.mu.clone(),
-            report: sol.report,
-        });
-        self.cache = Some(Cache {
-            raw: raw.to_vec(),
-            x,
-            labels,
-            counts: st.counts,
-            mu: st.mu,
-            update,
-            y,
-            e_norm,
-            factor: sol.factor,
-            w,
-        });
-        Ok(logits)
+        std::mem::swap(&mut self.state.moving, &mut scratch.next);
+        match &mut self.state.prox {
+            Some(p) => p.copy_from_slice(&slot.p_rm),
+            None => self.state.prox = Some(slot.p_rm.clone()),
+        }
+        self.cur = next;
+        self.has_last = true;
+        self.pending = true;
+        Ok(())
     }
 
     /// The last forward's `P`, `W`, `b`, `Y` and `mu` (row-major host slices), if a forward
     /// was taken since the head was made or its state imported.
     pub fn last_solution(&self) -> Option<Solution<&[T]>> {
-        self.last.as_ref().map(|l| Solution {
-            p: &l.p[..],
-            w: &l.w[..],
-            b: &l.b[..],
-            y: &l.y[..],
-            mu: &l.mu[..],
+        let s = &self.work.as_ref().filter(|_| self.has_last)?.slots[self.cur];
+        Some(Solution {
+            p: &s.p_t[..],
+            w: &s.w_t[..],
+            b: &s.b[..],
+            y: &s.y[..],
+            mu: &s.mu[..],
         })
     }
 
     /// The last forward's solve report (`None` before a forward).
     pub fn solve_report(&self) -> Result<Option<SolveReport>> {
-        Ok(self.last.as_ref().map(|l| l.report))
+        Ok(self
+            .work
+            .as_ref()
+            .filter(|_| self.has_last)
+            .map(|w| w.slots[self.cur].report))
     }
 
     /// Backward of the last forward: from `dL/dlogits` (`N x K`) to `dL/draw` (`N x d`),
     /// through every path (logits, bias, and `W -> P -> Y -> moving means -> class means and
     /// mu`). Consumes the pending forward.
     pub fn backward(&mut self, d_logits: &[T]) -> Result<Vec<T>> {
-        let c = self.cache.as_ref().ok_or(Error::BackwardWithoutForward)?;
+        if !self.pending {
+            return Err(Error::BackwardWithoutForward);
+        }
+        let n = self
+            .work
+            .as_ref()
+            .map_or(0, |w| w.slots[self.cur].labels.len());
+        let mut out = vec![T::from_f64(0.0); n * self.cfg.dim];
+        self.backward_into(d_logits, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`backward`](Self::backward) into `d_raw` (`N x d`, overwritten).
+    pub fn backward_into(&mut self, d_logits: &[T], d_raw: &mut [T]) -> Result<()> {
+        if !self.pending {
+            return Err(Error::BackwardWithoutForward);
+        }
         let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let cfg = self.cfg.clone();
+        let cur = self.cur;
+        let Work { slots, scratch } =
+            &mut **self.work.as_mut().ok_or(Error::BackwardWithoutForward)?;
+        let c = &slots[cur];
         let n = c.labels.len();
         check_len("d_logits", n * k, d_logits.len())?;
+        check_len("d_raw", n * d, d_raw.len())?;
         check_magnitude("d_logits", d_logits)?;
-        let cg = classifier::logits_backward(&c.x, d_logits, n, d, c.w.as_ref(), &c.mu);
-        let v = classifier::weights_backward(cg.dw.as_ref());
-        let sg = backward::solve_backward(&c.factor, v.as_ref(), self.cfg.delta)?;
-        let dy: Vec<T> = to_row_major(sg.dy.as_ref());
-        let de = moving::frobenius_normalise_backward(&c.y, c.e_norm, &dy);
-        let (d_centred, d_mu_mov) = moving::update_backward(&c.update, &de);
-        let d_mu: Vec<T> = cg
-            .dmu
-            .iter()
-            .zip(&d_mu_mov)
-            .map(|(a, b)| T::from_f64(a + b.to_f64()))
-            .collect();
-        let dx_stats =
-            stats::class_stats_backward(&c.labels, &c.counts, n, d, k, &d_centred, &d_mu);
-        let dx: Vec<T> = cg.dx.iter().zip(&dx_stats).map(|(&a, &b)| a + b).collect();
-        let dr = match self.cfg.tau {
-            Some(tau) => stats::tau_normalise_backward_unchecked(&c.raw, &dx, n, d, tau),
-            None => dx,
-        };
-        self.cache = None;
-        Ok(dr)
+        let s = scratch;
+        s.dx.resize(n * d, T::from_f64(0.0));
+        classifier::logits_backward_into(
+            &c.x,
+            d_logits,
+            d,
+            &c.wt,
+            &c.p_rm,
+            &c.pmean,
+            &c.mu,
+            &mut s.db,
+            &mut s.xtdz,
+            &mut s.v,
+            &mut s.dx,
+            &mut s.dmu_cls,
+        );
+        s.solver.backward_with(
+            &c.factor,
+            MatRef::from_row_major_slice(&s.v, d, k),
+            cfg.delta,
+            s.dy.as_mut(),
+            None,
+        )?;
+        store_row_major(s.dy.as_ref(), 1.0, &mut s.dy_t);
+        moving::frobenius_normalise_backward_into(&c.y, c.e_norm, &s.dy_t, &mut s.de);
+        moving::update_backward_into(&c.sources, c.weight, &s.de, &mut s.d_centred, &mut s.d_mu);
+        for (a, &b) in s.d_mu.iter_mut().zip(&s.dmu_cls) {
+            *a += b;
+        }
+        stats::class_stats_backward_add(
+            &c.labels,
+            &c.counts,
+            d,
+            &s.d_centred,
+            &s.d_mu,
+            &mut s.per_class,
+            &mut s.g_mu,
+            &mut s.dx,
+        );
+        match cfg.tau {
+            Some(tau) => stats::tau_normalise_backward_into(&c.raw, &s.dx, d, tau, d_raw),
+            None => d_raw.copy_from_slice(&s.dx),
+        }
+        self.pending = false;
+        Ok(())
     }
 
     /// Inference: logits from the current classifier (`W` from the stored `P`), with the bias
     /// `-W mu` taken from this batch's mean, as in training. Changes no state.
     /// Errors with [`Error::Untrained`] before the first training step.
     pub fn infer(&self, raw: &[T]) -> Result<Vec<T>> {
-        let d = self.cfg.dim;
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
         let n = rows_of("raw", raw.len(), d)?;
         check_magnitude("raw", raw)?;
         let p = self.state.prox.as_ref().ok_or(Error::Untrained)?;
@@ -233,14 +433,20 @@ impl<T: Real> CpuHead<T> {
             None => raw.to_vec(),
         };
         let mut mu = vec![0.0f64; d];
-        for i in 0..n {
-            for j in 0..d {
-                mu[j] += x[i * d + j].to_f64();
+        for row in x.chunks_exact(d) {
+            for (m, v) in mu.iter_mut().zip(row) {
+                *m += v.to_f64();
             }
         }
         let mu: Vec<T> = mu.iter().map(|m| T::from_f64(m / n as f64)).collect();
-        let w = classifier::weights(from_row_major(p, d, self.cfg.classes).as_ref());
-        Ok(classifier::logits(&x, n, d, w.as_ref(), &mu).0)
+        let z = T::from_f64(0.0);
+        let (mut pmean, mut wt, mut p_t, mut b) =
+            (vec![0.0; d], vec![z; d * k], vec![z; d * k], vec![0.0; k]);
+        classifier::classifier_from_rows(p, k, &mut pmean, &mut wt, &mut p_t);
+        classifier::bias_into(p, &pmean, &mu, &mut b);
+        let mut out = vec![z; n * k];
+        classifier::logits_into(&x, d, &wt, &b, &mut out);
+        Ok(out)
     }
 
     /// The current classifier `W` (`K x d`) from the stored `P`, if a step was taken.

@@ -1,7 +1,7 @@
 //! Small dense helpers over `faer` used by the solve and the backward (all `f64`).
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Side};
+use faer::{Accum, Mat, MatMut, MatRef, Side};
 
 use crate::error::{Error, Result};
 
@@ -122,6 +122,39 @@ pub(crate) fn center_rows(a: &mut Mat<f64>) {
         m /= k as f64;
         for j in 0..k {
             a[(i, j)] -= m;
+        }
+    }
+}
+
+/// Row-major `rows x cols` slice of any [`Real`](crate::Real) into a column-major `f64` matrix
+/// (tiles, so that neither side is read or written with a large stride for long).
+pub(crate) fn load_row_major<T: crate::Real>(src: &[T], mut dst: MatMut<'_, f64>) {
+    let (rows, cols) = (dst.nrows(), dst.ncols());
+    assert_eq!(src.len(), rows * cols);
+    const B: usize = 32;
+    for j0 in (0..cols).step_by(B) {
+        let j1 = (j0 + B).min(cols);
+        for i in 0..rows {
+            let row = &src[i * cols + j0..i * cols + j1];
+            for (jj, v) in row.iter().enumerate() {
+                dst[(i, j0 + jj)] = v.to_f64();
+            }
+        }
+    }
+}
+
+/// A column-major `f64` matrix into a row-major slice of any [`Real`](crate::Real), scaled.
+pub(crate) fn store_row_major<T: crate::Real>(src: MatRef<'_, f64>, scale: f64, dst: &mut [T]) {
+    let (rows, cols) = (src.nrows(), src.ncols());
+    assert_eq!(dst.len(), rows * cols);
+    const B: usize = 32;
+    for j0 in (0..cols).step_by(B) {
+        let j1 = (j0 + B).min(cols);
+        for i in 0..rows {
+            let row = &mut dst[i * cols + j0..i * cols + j1];
+            for (jj, v) in row.iter_mut().enumerate() {
+                *v = T::from_f64(scale * src[(i, j0 + jj)]);
+            }
         }
     }
 }

@@ -19,7 +19,6 @@
 
 use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::state::MovingMeans;
-use crate::cpu::stats::ClassStats;
 use crate::Real;
 
 /// Where a column of `E_new` came from, which decides where its gradient goes.
@@ -36,29 +35,22 @@ pub enum ColumnSource {
     Held,
 }
 
-/// The result of one moving-mean update (not yet committed to the state).
-#[derive(Debug, Clone, PartialEq)]
-pub struct MovingUpdate<T> {
-    /// `E_new` (`d x K`).
-    pub e_new: Vec<T>,
-    /// The origin of each column.
-    pub sources: Vec<ColumnSource>,
-    /// Weight `w` of the batch's centred means.
-    pub weight: f64,
-    /// The state after this step (`E = E_new`, `t + 1`, new `alpha` and flags).
-    pub next: MovingMeans<T>,
-}
-
-/// Computes `E_new` from the state and the batch statistics (the state is not modified).
-pub fn update<T: Real>(
+/// One moving-mean update into `next` (whose buffers are reused): `next.e` is `E_new`, and
+/// `sources[c]` says where column `c` came from. Returns the weight `w` of the batch.
+/// `counts` (`K`), `mu` (`d`) and `centred` (`d x K`, row-major) are the batch statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn update_into<T: Real>(
     state: &MovingMeans<T>,
-    stats: &ClassStats<T>,
+    counts: &[usize],
+    mu: &[T],
+    centred: &[T],
     average: MovingAverage,
     policy: AbsentClassPolicy,
     alpha_floor: f64,
-) -> MovingUpdate<T> {
-    let k = stats.counts.len();
-    let d = stats.mu.len();
+    next: &mut MovingMeans<T>,
+    sources: &mut [ColumnSource],
+) -> f64 {
+    let k = counts.len();
     let t = state.step;
     let (weight, alpha) = match average {
         MovingAverage::Exponential => {
@@ -74,105 +66,180 @@ pub fn update<T: Real>(
             (w, w)
         }
     };
-    let any_absent = stats.counts.contains(&0);
-    let sources: Vec<ColumnSource> = (0..k)
-        .map(|c| {
-            if stats.counts[c] > 0 {
-                ColumnSource::Centred
-            } else {
-                match policy {
-                    AbsentClassPolicy::Hold => ColumnSource::Held,
-                    AbsentClassPolicy::Reference if t == 0 => ColumnSource::GlobalMean { weight },
-                    AbsentClassPolicy::Reference if !state.seen[c] => {
-                        ColumnSource::GlobalMean { weight: 1.0 }
-                    }
-                    AbsentClassPolicy::Reference => ColumnSource::Held,
+    let any_absent = counts.contains(&0);
+    for (c, src) in sources.iter_mut().enumerate().take(k) {
+        *src = if counts[c] > 0 {
+            ColumnSource::Centred
+        } else {
+            match policy {
+                AbsentClassPolicy::Hold => ColumnSource::Held,
+                AbsentClassPolicy::Reference if t == 0 => ColumnSource::GlobalMean { weight },
+                AbsentClassPolicy::Reference if !state.seen[c] => {
+                    ColumnSource::GlobalMean { weight: 1.0 }
                 }
+                AbsentClassPolicy::Reference => ColumnSource::Held,
             }
-        })
-        .collect();
-    let mut e_new = state.e.clone();
-    for j in 0..d {
-        let mu = stats.mu[j].to_f64();
-        for (c, src) in sources.iter().enumerate() {
-            let idx = j * k + c;
-            let old = state.e[idx].to_f64();
-            let v = match *src {
-                ColumnSource::Centred => {
-                    weight * stats.centred[idx].to_f64() + (1.0 - weight) * old
-                }
-                ColumnSource::GlobalMean { weight: w } => w * mu + (1.0 - w) * old,
+        };
+    }
+    next.e.clear();
+    next.e.extend_from_slice(&state.e);
+    for (j, (row, (old, cen))) in next
+        .e
+        .chunks_exact_mut(k)
+        .zip(state.e.chunks_exact(k).zip(centred.chunks_exact(k)))
+        .enumerate()
+    {
+        let m = mu[j].to_f64();
+        for c in 0..k {
+            let o = old[c].to_f64();
+            let v = match sources[c] {
+                ColumnSource::Centred => weight * cen[c].to_f64() + (1.0 - weight) * o,
+                ColumnSource::GlobalMean { weight: w } => w * m + (1.0 - w) * o,
                 ColumnSource::Held => continue,
             };
-            e_new[idx] = T::from_f64(v);
+            row[c] = T::from_f64(v);
         }
     }
-    let mut seen = state.seen.clone();
+    next.seen.clear();
+    next.seen.extend_from_slice(&state.seen);
     let update_seen = match policy {
         AbsentClassPolicy::Hold => true,
         AbsentClassPolicy::Reference => any_absent,
     };
     if update_seen {
-        for (s, &n) in seen.iter_mut().zip(&stats.counts) {
+        for (s, &n) in next.seen.iter_mut().zip(counts) {
             *s |= n > 0;
         }
     }
-    MovingUpdate {
-        next: MovingMeans {
-            e: e_new.clone(),
-            step: (t + 1).min(crate::core::state::MAX_STEP),
-            alpha,
-            seen,
-        },
-        e_new,
-        sources,
-        weight,
-    }
+    next.step = (t + 1).min(crate::core::state::MAX_STEP);
+    next.alpha = alpha;
+    weight
 }
 
-/// Backward of [`update`]: from `dL/dE_new` (`d x K`) to `(dL/dcentred (d x K), dL/dmu (d))`.
-pub fn update_backward<T: Real>(upd: &MovingUpdate<T>, d_e_new: &[T]) -> (Vec<T>, Vec<T>) {
-    let k = upd.sources.len();
-    let d = upd.e_new.len() / k;
-    let mut d_centred = vec![T::from_f64(0.0); d * k];
-    let mut d_mu = vec![T::from_f64(0.0); d];
-    for j in 0..d {
+/// Backward of [`update_into`]: `dE_new` (`d x K`) to the centred means (`d x K`, written)
+/// and to `mu` (`d`, written).
+pub fn update_backward_into<T: Real>(
+    sources: &[ColumnSource],
+    weight: f64,
+    d_e_new: &[T],
+    d_centred: &mut [T],
+    d_mu: &mut [f64],
+) {
+    let k = sources.len();
+    for ((g, out), dm) in d_e_new
+        .chunks_exact(k)
+        .zip(d_centred.chunks_exact_mut(k))
+        .zip(d_mu.iter_mut())
+    {
         let mut acc = 0.0f64;
-        for (c, src) in upd.sources.iter().enumerate() {
-            let g = d_e_new[j * k + c].to_f64();
-            match *src {
-                ColumnSource::Centred => d_centred[j * k + c] = T::from_f64(upd.weight * g),
-                ColumnSource::GlobalMean { weight } => acc += weight * g,
-                ColumnSource::Held => {}
-            }
+        for (c, src) in sources.iter().enumerate() {
+            let gv = g[c].to_f64();
+            out[c] = T::from_f64(match *src {
+                ColumnSource::Centred => weight * gv,
+                ColumnSource::GlobalMean { weight } => {
+                    acc += weight * gv;
+                    0.0
+                }
+                ColumnSource::Held => 0.0,
+            });
         }
-        d_mu[j] = T::from_f64(acc);
+        *dm = acc;
     }
-    (d_centred, d_mu)
 }
 
-/// `Y = E / ||E||_F`; returns `(Y, ||E||_F)`. A zero `E` gives a zero `Y` and norm 0 (the
-/// head refuses that case with [`Error::DegenerateMeans`](crate::Error::DegenerateMeans)).
-pub fn frobenius_normalise<T: Real>(e: &[T]) -> (Vec<T>, f64) {
+/// `Y = E / ||E||_F` into `y`; returns `||E||_F` (0 leaves `y` zero).
+pub fn frobenius_normalise_into<T: Real>(e: &[T], y: &mut [T]) -> f64 {
     let (norm, _) = crate::cpu::stats::norm2(e);
     if norm == 0.0 {
-        return (vec![T::from_f64(0.0); e.len()], 0.0);
+        y.iter_mut().for_each(|v| *v = T::from_f64(0.0));
+        return 0.0;
     }
-    (
-        e.iter().map(|&v| T::from_f64(v.to_f64() / norm)).collect(),
-        norm,
-    )
+    for (o, &v) in y.iter_mut().zip(e) {
+        *o = T::from_f64(v.to_f64() / norm);
+    }
+    norm
 }
 
-/// Backward of [`frobenius_normalise`]: `dE = (dY - Y <Y, dY>) / ||E||`.
-pub fn frobenius_normalise_backward<T: Real>(y: &[T], norm: f64, dy: &[T]) -> Vec<T> {
+/// Backward of the normalisation: `dE = (dY - Y <Y, dY>) / ||E||`, into `de`.
+pub fn frobenius_normalise_backward_into<T: Real>(y: &[T], norm: f64, dy: &[T], de: &mut [T]) {
     let dot: f64 = y
         .iter()
         .zip(dy)
         .map(|(&a, &b)| a.to_f64() * b.to_f64())
         .sum();
-    y.iter()
-        .zip(dy)
-        .map(|(&a, &b)| T::from_f64((b.to_f64() - a.to_f64() * dot) / norm))
-        .collect()
+    for ((o, &a), &b) in de.iter_mut().zip(y).zip(dy) {
+        *o = T::from_f64((b.to_f64() - a.to_f64() * dot) / norm);
+    }
+}
+
+/// One update's results (allocating form of [`update_into`], the device tests' oracle).
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct MovingUpdate<T> {
+    /// `E_new` (`d x K`).
+    pub e_new: Vec<T>,
+    /// Where each column came from.
+    pub sources: Vec<ColumnSource>,
+    /// The batch weight.
+    pub weight: f64,
+    /// The state after the step.
+    pub next: MovingMeans<T>,
+}
+
+/// [`update_into`] into new vectors.
+#[cfg(test)]
+pub fn update<T: Real>(
+    state: &MovingMeans<T>,
+    stats: &crate::cpu::stats::ClassStats<T>,
+    average: MovingAverage,
+    policy: AbsentClassPolicy,
+    alpha_floor: f64,
+) -> MovingUpdate<T> {
+    let k = stats.counts.len();
+    let mut next = state.clone();
+    let mut sources = vec![ColumnSource::Held; k];
+    let weight = update_into(
+        state,
+        &stats.counts,
+        &stats.mu,
+        &stats.centred,
+        average,
+        policy,
+        alpha_floor,
+        &mut next,
+        &mut sources,
+    );
+    MovingUpdate {
+        e_new: next.e.clone(),
+        sources,
+        weight,
+        next,
+    }
+}
+
+/// [`update_backward_into`] into new vectors (`d_mu` in the storage type).
+#[cfg(test)]
+pub fn update_backward<T: Real>(upd: &MovingUpdate<T>, d_e_new: &[T]) -> (Vec<T>, Vec<T>) {
+    let k = upd.sources.len();
+    let d = upd.e_new.len() / k;
+    let mut dc = vec![T::from_f64(0.0); d * k];
+    let mut dm = vec![0.0; d];
+    update_backward_into(&upd.sources, upd.weight, d_e_new, &mut dc, &mut dm);
+    (dc, dm.into_iter().map(T::from_f64).collect())
+}
+
+/// [`frobenius_normalise_into`] into a new vector.
+#[cfg(test)]
+pub fn frobenius_normalise<T: Real>(e: &[T]) -> (Vec<T>, f64) {
+    let mut y = vec![T::from_f64(0.0); e.len()];
+    let n = frobenius_normalise_into(e, &mut y);
+    (y, n)
+}
+
+/// [`frobenius_normalise_backward_into`] into a new vector.
+#[cfg(test)]
+pub fn frobenius_normalise_backward<T: Real>(y: &[T], norm: f64, dy: &[T]) -> Vec<T> {
+    let mut de = vec![T::from_f64(0.0); y.len()];
+    frobenius_normalise_backward_into(y, norm, dy, &mut de);
+    de
 }

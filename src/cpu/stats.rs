@@ -36,17 +36,21 @@ fn check_normalise(len: usize, n: usize, d: usize, tau: f64) -> Result<()> {
 
 /// [`tau_normalise`] of a checked shape (the head's own calls).
 pub(crate) fn tau_normalise_unchecked<T: Real>(raw: &[T], n: usize, d: usize, tau: f64) -> Vec<T> {
-    debug_assert_eq!(raw.len(), n * d);
     let mut x = vec![T::from_f64(0.0); n * d];
-    for i in 0..n {
-        let row = &raw[i * d..(i + 1) * d];
+    tau_normalise_into(raw, d, tau, &mut x);
+    x
+}
+
+/// [`tau_normalise`] into `x` (same length as `raw`, a multiple of `d`), unchecked.
+pub(crate) fn tau_normalise_into<T: Real>(raw: &[T], d: usize, tau: f64, x: &mut [T]) {
+    debug_assert_eq!(raw.len(), x.len());
+    for (row, out) in raw.chunks_exact(d).zip(x.chunks_exact_mut(d)) {
         let norm = row_norm(row);
         let s = tau / norm.max(NORM_FLOOR);
-        for (o, &r) in x[i * d..(i + 1) * d].iter_mut().zip(row) {
+        for (o, &r) in out.iter_mut().zip(row) {
             *o = T::from_f64(r.to_f64() * s);
         }
     }
-    x
 }
 
 /// Backward of [`tau_normalise`]: given `dL/dx`, returns `dL/draw`.
@@ -73,16 +77,28 @@ pub(crate) fn tau_normalise_backward_unchecked<T: Real>(
     d: usize,
     tau: f64,
 ) -> Vec<T> {
-    debug_assert_eq!(raw.len(), n * d);
-    debug_assert_eq!(dx.len(), n * d);
     let mut dr = vec![T::from_f64(0.0); n * d];
-    for i in 0..n {
-        let row = &raw[i * d..(i + 1) * d];
-        let g = &dx[i * d..(i + 1) * d];
-        // With `r = m r'` (m = 1 unless the plain sum of squares overflows):
-        // r <r, g> / ||r||^2 = r' <r', g> / ||r'||^2.
+    tau_normalise_backward_into(raw, dx, d, tau, &mut dr);
+    dr
+}
+
+/// [`tau_normalise_backward`] into `dr`, unchecked (`raw`, `dx`, `dr` of one length, a
+/// multiple of `d`).
+pub(crate) fn tau_normalise_backward_into<T: Real>(
+    raw: &[T],
+    dx: &[T],
+    d: usize,
+    tau: f64,
+    dr: &mut [T],
+) {
+    debug_assert_eq!(raw.len(), dx.len());
+    debug_assert_eq!(raw.len(), dr.len());
+    for ((row, g), out) in raw
+        .chunks_exact(d)
+        .zip(dx.chunks_exact(d))
+        .zip(dr.chunks_exact_mut(d))
+    {
         let (norm, m) = norm2(row);
-        let out = &mut dr[i * d..(i + 1) * d];
         if norm > NORM_FLOOR {
             let nr = norm / m;
             let proj: f64 = row
@@ -92,17 +108,16 @@ pub(crate) fn tau_normalise_backward_unchecked<T: Real>(
                 .sum::<f64>()
                 / (nr * nr);
             let s = tau / norm;
-            for j in 0..d {
-                out[j] = T::from_f64(s * (g[j].to_f64() - (row[j].to_f64() / m) * proj));
+            for ((o, &gv), &r) in out.iter_mut().zip(g).zip(row) {
+                *o = T::from_f64(s * (gv.to_f64() - (r.to_f64() / m) * proj));
             }
         } else {
             let s = tau / NORM_FLOOR;
-            for j in 0..d {
-                out[j] = T::from_f64(s * g[j].to_f64());
+            for (o, &gv) in out.iter_mut().zip(g) {
+                *o = T::from_f64(s * gv.to_f64());
             }
         }
     }
-    dr
 }
 
 fn row_norm<T: Real>(row: &[T]) -> f64 {
@@ -127,18 +142,112 @@ pub(crate) fn norm2<T: Real>(v: &[T]) -> (f64, f64) {
 }
 
 /// Statistics of one batch.
+/// Batch statistics into caller-held buffers: `counts` (`K`), `mu` (`d`), `centred`
+/// (`d x K`, row-major: `centred[j K + c] = mean of class c - mu`, zero for absent classes).
+/// `sums` (`K x d`) and `total` (`d`) are scratch. Labels are valid indices.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn class_stats_into<T: Real>(
+    x: &[T],
+    labels: &[usize],
+    d: usize,
+    sums: &mut [f64],
+    total: &mut [f64],
+    counts: &mut [usize],
+    mu: &mut [T],
+    centred: &mut [T],
+) {
+    let n = labels.len();
+    let k = counts.len();
+    debug_assert_eq!(x.len(), n * d);
+    sums.iter_mut().for_each(|v| *v = 0.0);
+    total.iter_mut().for_each(|v| *v = 0.0);
+    counts.iter_mut().for_each(|v| *v = 0);
+    for (row, &y) in x.chunks_exact(d).zip(labels) {
+        counts[y] += 1;
+        for ((s, t), &v) in sums[y * d..(y + 1) * d]
+            .iter_mut()
+            .zip(total.iter_mut())
+            .zip(row)
+        {
+            let v = v.to_f64();
+            *s += v;
+            *t += v;
+        }
+    }
+    for (m, t) in mu.iter_mut().zip(total.iter_mut()) {
+        *t /= n as f64;
+        *m = T::from_f64(*t);
+    }
+    centred.iter_mut().for_each(|v| *v = T::from_f64(0.0));
+    for c in 0..k {
+        if counts[c] == 0 {
+            continue;
+        }
+        let nk = counts[c] as f64;
+        let s = &sums[c * d..(c + 1) * d];
+        for j in 0..d {
+            centred[j * k + c] = T::from_f64(s[j] / nk - total[j]);
+        }
+    }
+}
+
+/// Backward of [`class_stats_into`]: `d_centred` (`d x K` row-major) and `d_mu` (`d`) into
+/// `dx` (`N x d`, added to). `per_class` (`K x d`) and `g_mu` (`d`) are scratch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn class_stats_backward_add<T: Real>(
+    labels: &[usize],
+    counts: &[usize],
+    d: usize,
+    d_centred: &[T],
+    d_mu: &[f64],
+    per_class: &mut [f64],
+    g_mu: &mut [f64],
+    dx: &mut [T],
+) {
+    let n = labels.len();
+    let k = counts.len();
+    // Gradient to mu: its own plus minus the sum over present classes of dL/dc_k.
+    g_mu.copy_from_slice(d_mu);
+    for (g, row) in g_mu.iter_mut().zip(d_centred.chunks_exact(k)) {
+        for c in 0..k {
+            if counts[c] > 0 {
+                *g -= row[c].to_f64();
+            }
+        }
+    }
+    // Per class (K x d, contiguous rows): dL/dc_k / n_k + g_mu / N.
+    let inv_n = 1.0 / n as f64;
+    for c in 0..k {
+        let out = &mut per_class[c * d..(c + 1) * d];
+        if counts[c] == 0 {
+            continue;
+        }
+        let inv = 1.0 / counts[c] as f64;
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = d_centred[j * k + c].to_f64() * inv + g_mu[j] * inv_n;
+        }
+    }
+    for (row, &y) in dx.chunks_exact_mut(d).zip(labels) {
+        for (o, &g) in row.iter_mut().zip(&per_class[y * d..(y + 1) * d]) {
+            *o = T::from_f64(o.to_f64() + g);
+        }
+    }
+}
+
+/// Batch statistics (allocating form of [`class_stats_into`], the device tests' oracle).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ClassStats<T> {
-    /// Global batch mean `mu` (length `d`).
+    /// `mu` (`d`).
     pub mu: Vec<T>,
-    /// Class counts `n_k` (length `K`).
+    /// Class counts (`K`).
     pub counts: Vec<usize>,
-    /// Centred class means `c_k = mean_k - mu` as a `d x K` row-major matrix; the column of a
-    /// class absent from the batch is zero.
+    /// Centred class means (`d x K` row-major).
     pub centred: Vec<T>,
 }
 
-/// Batch statistics of `x` (`n x d`) with labels in `0..k` (already validated).
+/// [`class_stats_into`] into new vectors.
+#[cfg(test)]
 pub(crate) fn class_stats<T: Real>(
     x: &[T],
     labels: &[usize],
@@ -146,47 +255,29 @@ pub(crate) fn class_stats<T: Real>(
     d: usize,
     k: usize,
 ) -> ClassStats<T> {
-    debug_assert_eq!(x.len(), n * d);
     debug_assert_eq!(labels.len(), n);
-    let mut sums = vec![0.0f64; k * d]; // K x d, class-major while accumulating
-    let mut total = vec![0.0f64; d];
-    let mut counts = vec![0usize; k];
-    for (i, &y) in labels.iter().enumerate() {
-        counts[y] += 1;
-        let row = &x[i * d..(i + 1) * d];
-        let s = &mut sums[y * d..(y + 1) * d];
-        for j in 0..d {
-            let v = row[j].to_f64();
-            s[j] += v;
-            total[j] += v;
-        }
-    }
-    let mu64: Vec<f64> = total.iter().map(|t| t / n as f64).collect();
-    let mut centred = vec![T::from_f64(0.0); d * k];
-    for c in 0..k {
-        if counts[c] == 0 {
-            continue;
-        }
-        // Divide exactly as `mu` is divided (not multiply by a rounded reciprocal): a batch
-        // with a single class then has `sums == total`, `n_k == N` and a centred mean that is
-        // exactly zero, so the degenerate case is detected instead of normalising noise.
-        let nk = counts[c] as f64;
-        for j in 0..d {
-            centred[j * k + c] = T::from_f64(sums[c * d + j] / nk - mu64[j]);
-        }
-    }
-    ClassStats {
-        mu: mu64.into_iter().map(T::from_f64).collect(),
-        counts,
-        centred,
-    }
+    let z = T::from_f64(0.0);
+    let (mut sums, mut total) = (vec![0.0; k * d], vec![0.0; d]);
+    let mut s = ClassStats {
+        mu: vec![z; d],
+        counts: vec![0; k],
+        centred: vec![z; d * k],
+    };
+    class_stats_into(
+        x,
+        labels,
+        d,
+        &mut sums,
+        &mut total,
+        &mut s.counts,
+        &mut s.mu,
+        &mut s.centred,
+    );
+    s
 }
 
-/// Backward of [`class_stats`]: `dL/dx` (`n x d`) from `dL/dcentred` (`d x K`; columns of
-/// absent classes are ignored) and an extra direct gradient `dL/dmu` (`d`).
-///
-/// `c_k = (1/n_k) sum_{y_i=k} x_i - mu` and `mu = (1/N) sum_i x_i` give
-/// `dx_i = dc_{y_i} / n_{y_i} + (dmu - sum_{k present} dc_k) / N`.
+/// [`class_stats_backward_add`] into a new `dx`.
+#[cfg(test)]
 pub(crate) fn class_stats_backward<T: Real>(
     labels: &[usize],
     counts: &[usize],
@@ -196,24 +287,11 @@ pub(crate) fn class_stats_backward<T: Real>(
     d_centred: &[T],
     d_mu: &[T],
 ) -> Vec<T> {
-    debug_assert_eq!(d_centred.len(), d * k);
-    debug_assert_eq!(d_mu.len(), d);
-    let mut g_mu: Vec<f64> = d_mu.iter().map(|v| v.to_f64()).collect();
-    for j in 0..d {
-        for c in 0..k {
-            if counts[c] > 0 {
-                g_mu[j] -= d_centred[j * k + c].to_f64();
-            }
-        }
-    }
-    let inv_n = 1.0 / n as f64;
     let mut dx = vec![T::from_f64(0.0); n * d];
-    for (i, &y) in labels.iter().enumerate() {
-        let inv = 1.0 / counts[y] as f64;
-        let out = &mut dx[i * d..(i + 1) * d];
-        for j in 0..d {
-            out[j] = T::from_f64(d_centred[j * k + y].to_f64() * inv + g_mu[j] * inv_n);
-        }
-    }
+    let d_mu: Vec<f64> = d_mu.iter().map(|v| v.to_f64()).collect();
+    let (mut per, mut g) = (vec![0.0; k * d], vec![0.0; d]);
+    class_stats_backward_add(
+        labels, counts, d, d_centred, &d_mu, &mut per, &mut g, &mut dx,
+    );
     dx
 }

@@ -312,14 +312,14 @@ impl Solver {
         let (grad, orth) = certificate(e.as_ref(), &self.factor.s);
         let gnorm = fro(self.g.as_ref());
         let tol = grad_tol_rel(d, k) * gnorm;
+        gemm(
+            self.factor.p.as_mut(),
+            Accum::Replace,
+            self.factor.u.as_ref(),
+            self.factor.q.transpose(),
+            1.0,
+        );
         if grad <= tol && orth <= ORTH_TOL {
-            gemm(
-                self.factor.p.as_mut(),
-                Accum::Replace,
-                self.factor.u.as_ref(),
-                self.factor.q.transpose(),
-                1.0,
-            );
             return Ok((0, grad, orth));
         }
         self.newton_in_k_space()?;
@@ -348,45 +348,62 @@ impl Solver {
         let k = self.k;
         let s = &self.factor.s;
         let [a, e, b] = &mut self.kk;
-        // b = D, a = N = I - E/2 + Omega (the product N1 (I + Omega) to first order; the
-        // dropped E Omega / 2 is O(E^2), below rounding for the E this is called with).
+        // b = D, a = N - I = -E/2 + Omega (N = N1 (I + Omega) to first order; the dropped
+        // E Omega / 2 is O(E^2), below rounding for the E this is called with).
         for j in 0..k {
             for i in 0..k {
                 let eij = e[(i, j)];
                 let om = eij * (s[j] - s[i]) / (2.0 * (s[i] + s[j]));
                 let id = if i == j { 1.0 } else { 0.0 };
                 b[(i, j)] = id * s[i] + eij * (s[i] + s[j]) / 4.0 - om * (s[j] - s[i]) / 2.0;
-                a[(i, j)] = id - 0.5 * eij + om;
+                a[(i, j)] = -0.5 * eij + om;
             }
         }
         // R in e, s' in lam.
         self.eig.run(b.as_ref(), e.as_mut(), &mut self.lam)?;
-        // b = N R; U' = U N R (through dk); Q' = Q R (through a).
-        gemm(b.as_mut(), Accum::Replace, a.as_ref(), e.as_ref(), 1.0);
+        // P' = U N Q^T = P + P Delta with Delta = Q (N - I) Q^T: the correction is formed
+        // on its own, so P' carries no more rounding than P (a product with the dense
+        // Q N Q^T would add ~eps sqrt(K) to P'^T P').
         gemm(
-            self.dk.as_mut(),
+            b.as_mut(),
             Accum::Replace,
-            self.factor.u.as_ref(),
-            b.as_ref(),
+            self.factor.q.as_ref(),
+            a.as_ref(),
             1.0,
         );
-        std::mem::swap(&mut self.dk, &mut self.factor.u);
         gemm(
             a.as_mut(),
+            Accum::Replace,
+            b.as_ref(),
+            self.factor.q.transpose(),
+            1.0,
+        );
+        self.dk.copy_from(&self.factor.p);
+        gemm(
+            self.dk.as_mut(),
+            Accum::Add,
+            self.factor.p.as_ref(),
+            a.as_ref(),
+            1.0,
+        );
+        std::mem::swap(&mut self.dk, &mut self.factor.p);
+        // Q' = Q R; U' = P' Q'.
+        gemm(
+            b.as_mut(),
             Accum::Replace,
             self.factor.q.as_ref(),
             e.as_ref(),
             1.0,
         );
-        std::mem::swap(a, &mut self.factor.q);
-        self.factor.s.copy_from_slice(&self.lam);
+        std::mem::swap(b, &mut self.factor.q);
         gemm(
-            self.factor.p.as_mut(),
+            self.factor.u.as_mut(),
             Accum::Replace,
-            self.factor.u.as_ref(),
-            self.factor.q.transpose(),
+            self.factor.p.as_ref(),
+            self.factor.q.as_ref(),
             1.0,
         );
+        self.factor.s.copy_from_slice(&self.lam);
         Ok(())
     }
 

@@ -1,6 +1,10 @@
-//! CPU benchmarks: the ETF solve + implicit backward alone, the whole head's forward and
-//! backward at `N = 256`, and, as the baseline measured in the same run, a plain linear
-//! classifier head (logits `X W^T` and its backward, two GEMMs) at the same sizes.
+//! CPU benchmarks, each with a baseline measured in the same run:
+//!
+//! * the ETF solve + implicit backward (`Solver`, memory reused; and the one-shot
+//!   `solve_etf` + `vjp`), against a minimal closed form written with faer: the polar factor
+//!   from one thin SVD of `G` and the backward's four products (no optimality check);
+//! * the whole head's forward and backward at `N = 256` (`forward_into` + `backward_into`),
+//!   against a plain linear classifier head (logits `X W^T` and its backward, three GEMMs).
 //!
 //! `cargo bench --bench cpu` (all sizes; ~10 minutes on 2 cores), or filter, e.g.
 //! `cargo bench --bench cpu -- "512x100"`.
@@ -11,7 +15,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef};
-use implicit_etf::{cross_entropy, solve_etf, CpuHead, HeadConfig, Real};
+use implicit_etf::cpu::solve::Solver;
+use implicit_etf::{cross_entropy, solve_etf, CpuHead, HeadConfig, Real, SolveMethod};
 
 const SIZES: [(usize, usize); 4] = [(512, 10), (512, 100), (2048, 100), (2048, 1000)];
 const N: usize = 256;
@@ -44,6 +49,35 @@ fn warm_head<T: Real>(d: usize, k: usize, raw: &[T], labels: &[u32]) -> CpuHead<
     head
 }
 
+/// The minimal closed form with faer, as a user would write it: `G = c Y M + delta Prox`,
+/// `P = U_G V_G^T` from one thin SVD, and the implicit backward of `docs/backward.md`
+/// (`dL/dY = -c u M` with `u = (U T - V Q) diag(1/s) Q^T`). Returns `(P, dL/dY)`.
+fn faer_minimal(
+    y: MatRef<'_, f64>,
+    prox: MatRef<'_, f64>,
+    v: MatRef<'_, f64>,
+    delta: f64,
+) -> (Mat<f64>, Mat<f64>) {
+    let (d, k) = (y.nrows(), y.ncols());
+    let c = 2.0 / ((k - 1) as f64).sqrt();
+    let m = Mat::<f64>::from_fn(k, k, |i, j| f64::from(u8::from(i == j)) - 1.0 / k as f64);
+    let g = &(y * &m) * faer::Scale(c) + prox * faer::Scale(delta);
+    let svd = g.thin_svd().unwrap();
+    let (u, q) = (svd.U(), svd.V());
+    let s: Vec<f64> = (0..k).map(|i| svd.S()[i]).collect();
+    let p = u * q.transpose();
+    let vq = v * q;
+    let z = u.transpose() * &vq;
+    let t = Mat::<f64>::from_fn(k, k, |i, j| {
+        (z[(i, j)] * s[i] + z[(j, i)] * s[j]) / (s[i] + s[j])
+    });
+    let w = u * &t - &vq;
+    let w = Mat::<f64>::from_fn(d, k, |i, j| w[(i, j)] / s[j]);
+    let du = &w * q.transpose();
+    let dy = &(&du * &m) * faer::Scale(-c);
+    (p, dy)
+}
+
 fn bench_type<T: Real>(c: &mut Criterion, ty: &str) {
     let mut g = configure(c);
     for &(d, k) in &SIZES {
@@ -56,23 +90,87 @@ fn bench_type<T: Real>(c: &mut Criterion, ty: &str) {
         let last = head.last_solution().unwrap();
         let (y, p) = (last.y.to_vec(), last.p.to_vec());
         let v: Vec<T> = data(d * k, 2).into_iter().map(T::from_f64).collect();
-        g.bench_function(BenchmarkId::new("solve+backward", &id), |b| {
-            b.iter(|| {
-                let sol = solve_etf(black_box(&y), Some(&p), d, k, 1e-3).unwrap();
-                black_box(sol.vjp(&v).unwrap());
-            })
-        });
+        if ty == "f64" {
+            // The solve works in f64 whatever the storage type: one set of rows.
+            let ym = Mat::from_fn(d, k, |i, j| y[i * k + j].to_f64());
+            let pm = Mat::from_fn(d, k, |i, j| p[i * k + j].to_f64());
+            let vm = Mat::from_fn(d, k, |i, j| v[i * k + j].to_f64());
+            let mut solver = Solver::new(d, k).unwrap();
+            let mut dy = Mat::zeros(d, k);
+            // The baseline computes the same thing: P and dL/dY agree with the crate's to
+            // 1e-8 relative (the SVD's gauge column is as accurate as the polish's).
+            solver
+                .solve(
+                    ym.as_ref(),
+                    Some(pm.as_ref()),
+                    1e-3,
+                    SolveMethod::Procrustes,
+                )
+                .unwrap();
+            solver
+                .backward_into(vm.as_ref(), 1e-3, dy.as_mut(), None)
+                .unwrap();
+            let (pb, dyb) = faer_minimal(ym.as_ref(), pm.as_ref(), vm.as_ref(), 1e-3);
+            let rel = |a: MatRef<'_, f64>, b: MatRef<'_, f64>| (a - b).norm_l2() / b.norm_l2();
+            let (ep, ey) = (
+                rel(solver.factor().p.as_ref(), pb.as_ref()),
+                rel(dy.as_ref(), dyb.as_ref()),
+            );
+            assert!(
+                ep < 1e-8 && ey < 1e-8,
+                "{id}: baseline differs: P {ep:e}, dL/dY {ey:e}"
+            );
+            g.bench_function(BenchmarkId::new("solve+backward", &id), |b| {
+                b.iter(|| {
+                    solver
+                        .solve(
+                            black_box(ym.as_ref()),
+                            Some(pm.as_ref()),
+                            1e-3,
+                            SolveMethod::Procrustes,
+                        )
+                        .unwrap();
+                    solver
+                        .backward_into(vm.as_ref(), 1e-3, dy.as_mut(), None)
+                        .unwrap();
+                    black_box(&dy);
+                })
+            });
+            g.bench_function(BenchmarkId::new("solve_etf+vjp (one-shot API)", &id), |b| {
+                b.iter(|| {
+                    let sol = solve_etf(black_box(&y), Some(&p), d, k, 1e-3).unwrap();
+                    black_box(sol.vjp(&v).unwrap());
+                })
+            });
+            g.bench_function(
+                BenchmarkId::new("faer SVD closed form (baseline)", &id),
+                |b| {
+                    b.iter(|| {
+                        black_box(faer_minimal(
+                            black_box(ym.as_ref()),
+                            pm.as_ref(),
+                            vm.as_ref(),
+                            1e-3,
+                        ))
+                    })
+                },
+            );
+        }
         // Whole head, forward + backward (state restored each iteration).
         let state = head.export_state().unwrap();
         let dz: Vec<T> = data(N * k, 3)
             .into_iter()
             .map(|x| T::from_f64(x / N as f64))
             .collect();
+        let mut logits = vec![T::from_f64(0.0); N * k];
+        let mut d_raw = vec![T::from_f64(0.0); N * d];
         g.bench_function(BenchmarkId::new("head fwd+bwd", &id), |b| {
             b.iter(|| {
                 head.import_state(state.clone()).unwrap();
-                black_box(head.forward(black_box(&raw), &labels).unwrap());
-                black_box(head.backward(&dz).unwrap());
+                head.forward_into(black_box(&raw), &labels, &mut logits)
+                    .unwrap();
+                head.backward_into(&dz, &mut d_raw).unwrap();
+                black_box((&logits, &d_raw));
             })
         });
         // Baseline: linear head, logits = X W^T (forward), dX = dZ W and dW = dZ^T X.

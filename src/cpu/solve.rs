@@ -319,6 +319,32 @@ impl Solver {
             self.factor.q.transpose(),
             1.0,
         );
+        let mut orth = orth;
+        if grad <= tol && orth > ORTH_TOL {
+            // max |E| over-states max |P^T P - I| = max |Q E Q^T| when the large entries of E
+            // sit in the rows of small singular values: evaluate the latter (two K x K x K
+            // products, only when the cheap bound does not settle it).
+            let [a, e, b] = &mut self.kk;
+            gemm(
+                b.as_mut(),
+                Accum::Replace,
+                self.factor.q.as_ref(),
+                e.as_ref(),
+                1.0,
+            );
+            gemm(
+                a.as_mut(),
+                Accum::Replace,
+                b.as_ref(),
+                self.factor.q.transpose(),
+                1.0,
+            );
+            orth = a
+                .as_ref()
+                .col_iter()
+                .flat_map(|c| c.iter().copied())
+                .fold(0.0f64, |m, v| m.max(v.abs()));
+        }
         if grad <= tol && orth <= ORTH_TOL {
             return Ok((0, grad, orth));
         }

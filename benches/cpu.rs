@@ -156,8 +156,8 @@ fn bench_type<T: Real>(c: &mut Criterion, ty: &str) {
                 },
             );
         }
-        // Whole head, forward + backward (state restored each iteration).
-        let state = head.export_state().unwrap();
+        // Whole head, forward + backward: consecutive training steps (each with a Prox), as in
+        // a training loop. The memory is reused: nothing is allocated per step.
         let dz: Vec<T> = data(N * k, 3)
             .into_iter()
             .map(|x| T::from_f64(x / N as f64))
@@ -166,7 +166,6 @@ fn bench_type<T: Real>(c: &mut Criterion, ty: &str) {
         let mut d_raw = vec![T::from_f64(0.0); N * d];
         g.bench_function(BenchmarkId::new("head fwd+bwd", &id), |b| {
             b.iter(|| {
-                head.import_state(state.clone()).unwrap();
                 head.forward_into(black_box(&raw), &labels, &mut logits)
                     .unwrap();
                 head.backward_into(&dz, &mut d_raw).unwrap();

@@ -92,7 +92,7 @@ pub(crate) fn check_state<T: Real>(cfg: &HeadConfig, state: &HeadState<T>) -> Re
     if let Some(p) = &state.prox {
         check_len("state.prox", d * k, p.len())?;
         check_finite("state.prox", p)?;
-        let err = orthogonality_error(faer::Mat::from_fn(d, k, |i, j| p[i * k + j]).as_ref());
+        let err = orthogonality_error(faer::MatRef::from_row_major_slice(&p[..], d, k));
         if err > 1e-6 {
             return Err(Error::InvalidParameter {
                 name: "state.prox",

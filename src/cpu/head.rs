@@ -88,6 +88,7 @@ struct Scratch<T> {
     centred: Vec<T>,
     next: MovingMeans<T>,
     y64: Mat<f64>,
+    prox64: Mat<f64>,
     solver: Solver,
     b64: Vec<f64>,
     db: Vec<f64>,
@@ -113,6 +114,7 @@ impl<T: Real> Scratch<T> {
             centred: vec![z; d * k],
             next: MovingMeans::try_new(d, k)?,
             y64: Mat::zeros(d, k),
+            prox64: Mat::zeros(d, k),
             solver: Solver::new(d, k)?,
             b64: vec![0.0; k],
             db: vec![0.0; k],
@@ -246,7 +248,8 @@ impl<T: Real> CpuHead<T> {
             }
         };
         let Work { slots, scratch } = &mut **work;
-        let slot = &mut slots[next];
+        let [s0, s1] = slots;
+        let (slot, last) = if next == 0 { (s0, &*s1) } else { (s1, &*s0) };
         validate_labels_into(labels, k, &mut slot.labels)?;
         check_magnitude("raw", raw)?;
         // Stage 1: features and batch statistics.
@@ -285,10 +288,16 @@ impl<T: Real> CpuHead<T> {
         }
         // Stage 3: the nearest ETF.
         load_row_major(&slot.y, scratch.y64.as_mut());
-        let prox = state
-            .prox
-            .as_ref()
-            .map(|p| MatRef::from_row_major_slice(&p[..], d, k));
+        // Prox column-major: the last forward's P when it is the state's (no import since),
+        // else the imported state's, transposed once.
+        let prox = match &state.prox {
+            Some(_) if self.has_last => Some(last.factor.p.as_ref()),
+            Some(p) => {
+                load_row_major(p, scratch.prox64.as_mut());
+                Some(scratch.prox64.as_ref())
+            }
+            None => None,
+        };
         slot.report = scratch
             .solver
             .solve(scratch.y64.as_ref(), prox, cfg.delta, cfg.solve)?;

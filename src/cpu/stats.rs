@@ -142,6 +142,9 @@ pub(crate) fn norm2<T: Real>(v: &[T]) -> (f64, f64) {
 }
 
 /// Statistics of one batch.
+/// Rows per tile of the `K x d <-> d x K` transposes of the statistics.
+const TILE: usize = 32;
+
 /// Batch statistics into caller-held buffers: `counts` (`K`), `mu` (`d`), `centred`
 /// (`d x K`, row-major: `centred[j K + c] = mean of class c - mu`, zero for absent classes).
 /// `sums` (`K x d`) and `total` (`d`) are scratch. Labels are valid indices.
@@ -178,15 +181,15 @@ pub(crate) fn class_stats_into<T: Real>(
         *t /= n as f64;
         *m = T::from_f64(*t);
     }
-    centred.iter_mut().for_each(|v| *v = T::from_f64(0.0));
-    for c in 0..k {
-        if counts[c] == 0 {
-            continue;
-        }
-        let nk = counts[c] as f64;
-        let s = &sums[c * d..(c + 1) * d];
-        for j in 0..d {
-            centred[j * k + c] = T::from_f64(s[j] / nk - total[j]);
+    // The transpose K x d -> d x K in tiles of TILE rows of `centred`.
+    for (jt, rows) in centred.chunks_mut(TILE * k).enumerate() {
+        let j0 = jt * TILE;
+        for (c, &nc) in counts.iter().enumerate() {
+            let s = &sums[c * d + j0..c * d + j0 + rows.len() / k];
+            let nk = nc as f64;
+            for (jj, (&sv, &tv)) in s.iter().zip(&total[j0..]).enumerate() {
+                rows[jj * k + c] = T::from_f64(if nc == 0 { 0.0 } else { sv / nk - tv });
+            }
         }
     }
 }
@@ -217,14 +220,19 @@ pub(crate) fn class_stats_backward_add<T: Real>(
     }
     // Per class (K x d, contiguous rows): dL/dc_k / n_k + g_mu / N.
     let inv_n = 1.0 / n as f64;
-    for c in 0..k {
-        let out = &mut per_class[c * d..(c + 1) * d];
-        if counts[c] == 0 {
-            continue;
-        }
-        let inv = 1.0 / counts[c] as f64;
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = d_centred[j * k + c].to_f64() * inv + g_mu[j] * inv_n;
+    // The transpose d x K -> K x d in tiles of TILE rows of `d_centred`.
+    for (jt, rows) in d_centred.chunks(TILE * k).enumerate() {
+        let j0 = jt * TILE;
+        let m = rows.len() / k;
+        for (c, &nc) in counts.iter().enumerate() {
+            if nc == 0 {
+                continue;
+            }
+            let inv = 1.0 / nc as f64;
+            let out = &mut per_class[c * d + j0..c * d + j0 + m];
+            for (jj, (o, &g)) in out.iter_mut().zip(&g_mu[j0..]).enumerate() {
+                *o = rows[jj * k + c].to_f64() * inv + g * inv_n;
+            }
         }
     }
     for (row, &y) in dx.chunks_exact_mut(d).zip(labels) {

@@ -279,11 +279,6 @@ impl SymEig {
         }
     }
 
-    /// The dimension this solver was made for.
-    pub fn dim(&self) -> usize {
-        self.k
-    }
-
     /// Eigendecomposition of the symmetric `a` (lower triangle read) into `q` and `lambda`.
     pub fn run(
         &mut self,

@@ -44,7 +44,7 @@
 //! | layer | module | what |
 //! |---|---|---|
 //! | core | [`core`] | configuration, the head's state, solve reports, shared constants, input validation (backend-neutral) |
-//! | | [`dense`] | allocation-free dense kernels over faer: products split over threads, the Gram matrix's lower triangle, a symmetric eigensolver with its scratch |
+//! | | `dense` (internal) | allocation-free dense kernels over faer: products split over threads, the Gram matrix's lower triangle, a symmetric eigensolver with its scratch |
 //! | | [`stiefel`] | the Stiefel-manifold pieces both solves and backwards share: the factor of a solve, the tangent-space solve |
 //! | CPU head | [`cpu`] | one module per stage (below), and [`CpuHead`] |
 //! | GPU head | [`gpu`] | the same stages on a [`runtime::Device`], and [`DeviceHead`] |
@@ -79,7 +79,7 @@
 
 pub mod core;
 pub mod cpu;
-pub mod dense;
+pub(crate) mod dense;
 pub mod error;
 pub mod etf;
 #[cfg(device)]

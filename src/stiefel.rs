@@ -54,16 +54,30 @@ impl TangentWork {
 /// The tangent-space solve: `u` with `sym(P^T u) = 0` and `Proj_T(u B) = -Proj_T(v)`.
 pub fn tangent_solve(f: &Factor, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
     let (d, k) = (f.p.nrows(), f.s.len());
-    if v.nrows() != d || v.ncols() != k {
-        return Err(Error::ShapeMismatch {
-            what: "V",
-            expected: d * k,
-            got: v.nrows() * v.ncols(),
-        });
-    }
     let mut out = Mat::zeros(d, k);
     tangent_solve_into(f, v, out.as_mut(), &mut TangentWork::new(d, k))?;
     Ok(out)
+}
+
+/// An error unless `m` is `rows x cols`.
+fn shape(what: &'static str, m: (usize, usize), rows: usize, cols: usize) -> Result<()> {
+    if m != (rows, cols) {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: rows * cols,
+            got: m.0 * m.1,
+        });
+    }
+    Ok(())
+}
+
+/// An error unless the factor's parts and `v` are consistent `d x K` / `K x K` shapes.
+fn check_factor(f: &Factor, v: (usize, usize)) -> Result<()> {
+    let (d, k) = (f.p.nrows(), f.s.len());
+    shape("P", (f.p.nrows(), f.p.ncols()), d, k)?;
+    shape("U", (f.u.nrows(), f.u.ncols()), d, k)?;
+    shape("Q", (f.q.nrows(), f.q.ncols()), k, k)?;
+    shape("V", v, d, k)
 }
 
 /// [`tangent_solve`] into `out` (`d x K`) with caller-held scratch: four `d x K x K`
@@ -73,14 +87,20 @@ pub fn tangent_solve(f: &Factor, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
 /// Z = U^T V Q,   T_ij = (Z_ij s_i + Z_ji s_j) / (s_i + s_j),   u = (U T - V Q) diag(1/s) Q^T
 /// ```
 ///
-/// Panics if the shapes of `v`, `out` or `work` differ from the factor's `d x K`.
+/// Shapes that differ from the factor's `d x K` (of `v`, `out`, the factor's own parts, or
+/// `work`) are an [`Error::ShapeMismatch`].
 pub fn tangent_solve_into(
     f: &Factor,
     v: MatRef<'_, f64>,
     out: MatMut<'_, f64>,
     work: &mut TangentWork,
 ) -> Result<()> {
-    let k = f.s.len();
+    let (d, k) = (f.p.nrows(), f.s.len());
+    check_factor(f, (v.nrows(), v.ncols()))?;
+    shape("out", (out.nrows(), out.ncols()), d, k)?;
+    if !work.fits(d, k) {
+        shape("TangentWork", (work.w.nrows(), work.w.ncols()), d, k)?;
+    }
     let scale = f.s.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     for j in 0..k {
         for i in 0..=j {

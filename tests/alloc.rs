@@ -125,6 +125,10 @@ fn steady_state<T: Real>(
 
 #[test]
 fn a_training_step_allocates_nothing_after_the_first_steps() {
+    // Start rayon's global pool and run a job on every worker first: the workers initialise
+    // themselves (thread-local state, deques) asynchronously after the pool is built, which
+    // must not fall into a counted step.
+    rayon::broadcast(|_| ());
     // (d, K, N): small; products above the parallel threshold (2^21 multiply-adds: the
     // d K K products at (512, 100), the N d K ones at N = 96), so rayon's panels run; and
     // K = 6 with a large condition number of G, where the K x K Newton step runs.

@@ -507,6 +507,14 @@ impl Solver {
     ) -> Result<()> {
         same_shape("dL/dP", dl_dp, self.g.as_ref())?;
         same_shape("P", f.p.as_ref(), self.g.as_ref())?;
+        same_shape("U", f.u.as_ref(), self.g.as_ref())?;
+        if f.q.nrows() != self.k || f.q.ncols() != self.k || f.s.len() != self.k {
+            return Err(Error::ShapeMismatch {
+                what: "Q",
+                expected: self.k * self.k,
+                got: f.q.nrows() * f.q.ncols(),
+            });
+        }
         same_shape("dL/dY", dy.as_ref(), self.g.as_ref())?;
         if let Some(p) = &dprox {
             same_shape("dL/dProx", p.as_ref(), self.g.as_ref())?;

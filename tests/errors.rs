@@ -589,3 +589,41 @@ fn importing_a_valid_state_resumes_bit_exactly() {
         bits(&b.backward(&dz).unwrap())
     );
 }
+
+#[test]
+fn into_buffers_of_the_wrong_length_are_refused() {
+    // forward_into / backward_into check the caller's output buffer like every input: a
+    // ShapeMismatch, no state change, the pending backward kept (it then gives the same
+    // gradient as a clean twin's, bit for bit).
+    let cfg = HeadConfig::new(D, K);
+    let mut clean = CpuHead::<f64>::new(cfg.clone()).unwrap();
+    let mut head = CpuHead::<f64>::new(cfg).unwrap();
+    let mut rng = Rng(0x1470);
+    let (n, labels) = (7, [0i64, 1, 2, 0, 1, 2, 0]);
+    let raw = rng.normals(n * D);
+    let mut logits = vec![0.0; n * K];
+    clean.forward_into(&raw, &labels, &mut logits).unwrap();
+    head.forward_into(&raw, &labels, &mut logits).unwrap();
+    let before = head.export_state().unwrap();
+    for len in [0, n * K - 1, n * K + 1] {
+        let mut short = vec![0.0; len];
+        assert!(matches!(
+            head.forward_into(&raw, &labels, &mut short).unwrap_err(),
+            Error::ShapeMismatch { what: "logits", .. }
+        ));
+        same_state(&head.export_state().unwrap(), &before);
+    }
+    let (_, dz) = cross_entropy(&logits, &labels, K).unwrap();
+    for len in [0, n * D - 1, n * D + 1] {
+        let mut short = vec![0.0; len];
+        assert!(matches!(
+            head.backward_into(&dz, &mut short).unwrap_err(),
+            Error::ShapeMismatch { what: "d_raw", .. }
+        ));
+        same_state(&head.export_state().unwrap(), &before);
+    }
+    let (mut a, mut b) = (vec![0.0; n * D], vec![0.0; n * D]);
+    clean.backward_into(&dz, &mut a).unwrap();
+    head.backward_into(&dz, &mut b).unwrap();
+    assert_eq!(bits(&a), bits(&b));
+}

@@ -213,7 +213,13 @@ impl<T: Real> CpuHead<T> {
     /// then [`last_solution`](Self::last_solution) and its report
     /// [`solve_report`](Self::solve_report).
     pub fn forward<L: Label>(&mut self, raw: &[T], labels: &[L]) -> Result<Vec<T>> {
-        let mut out = vec![T::from_f64(0.0); labels.len().saturating_mul(self.cfg.classes)];
+        // The input's shape first: the logits (N x K, K <= d) are then no larger than `raw`.
+        let n = labels.len();
+        if n == 0 {
+            return Err(Error::EmptyBatch);
+        }
+        check_len("raw", size2("N * d", n, self.cfg.dim)?, raw.len())?;
+        let mut out = vec![T::from_f64(0.0); n * self.cfg.classes];
         self.forward_into(raw, labels, &mut out)?;
         Ok(out)
     }

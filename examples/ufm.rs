@@ -7,8 +7,10 @@
 //! cargo run --release --example ufm -- --classes 100 --samples 5000 --epochs 20
 //! ```
 //!
-//! Writes `ufm.csv` (per-epoch loss, accuracy and neural-collapse metrics of every head) and
-//! `ufm.png` (accuracy on top, log10 of the loss below, one line per head) to `--out`.
+//! Writes `ufm.csv` (per-epoch loss, accuracy and neural-collapse metrics of every head),
+//! `ufm.svg` (accuracy on the left, log10 of the loss on the right, one line per head, with
+//! axis labels, legend and title) and `ufm.png` (the same curves without text: the bitmap
+//! backend has no font in this build) to `--out`.
 
 #[path = "ufm/train.rs"]
 mod train;
@@ -53,7 +55,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let cfg = match parse_args(std::env::args().skip(1))? {
         Command::Help => {
-            println!("{}", train::USAGE);
+            println!("{}", train::usage());
             return Ok(());
         }
         Command::Run(cfg) => cfg,
@@ -108,13 +110,20 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", csv.display()))?;
     let png = out.join("ufm.png");
     plot(&png, &runs, &cfg).map_err(|e| format!("cannot draw {}: {e}", png.display()))?;
+    let svg = out.join("ufm.svg");
+    plot_svg(&svg, &runs, &cfg).map_err(|e| format!("cannot draw {}: {e}", svg.display()))?;
     let legend: Vec<String> = runs
         .iter()
         .map(|r| format!("{}={}", r.kind, color_name(r.kind)))
         .collect();
-    println!("wrote {} and {}", csv.display(), png.display());
     println!(
-        "plot: top accuracy (grid every 25%), bottom log10(mean train loss) (grid every 0.1), x epochs 1..E; lines: {}",
+        "wrote {}, {} and {} (the SVG has axis labels, legend and title)",
+        csv.display(),
+        png.display(),
+        svg.display()
+    );
+    println!(
+        "PNG (no text): top accuracy (grid every 25%), bottom log10(mean train loss) (grid every 0.1), x epochs 1..E; lines: {}",
         legend.join(", ")
     );
     println!("output folder: {}", out.display());
@@ -237,6 +246,89 @@ fn plot(path: &Path, runs: &[HeadRun], cfg: &Config) -> Result<(), Box<dyn std::
             .map(|e| (e.epoch as f64, e.train_loss.max(1e-12).log10()));
         chart.draw_series(LineSeries::new(pts, color(r.kind).stroke_width(3)))?;
     }
+    root.present()?;
+    Ok(())
+}
+
+/// Accuracy (left) and log10 of the training loss (right) per epoch, one line per head, with
+/// axis labels, a legend and a title. An SVG renders its text without a bundled font.
+fn plot_svg(path: &Path, runs: &[HeadRun], cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "Unconstrained feature model: K = {}, d = {}, N = {}, seed {}",
+            cfg.classes, cfg.dim, cfg.samples, cfg.seed
+        ),
+        ("sans-serif", 22),
+    )?;
+    let (left, right) = root.split_horizontally(600);
+    let x_max = cfg.epochs.max(2) as f64;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("train accuracy", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1f64..x_max, 0f64..100.5f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("accuracy (%)")
+        .draw()?;
+    for r in runs {
+        let c = color(r.kind);
+        let pts = r.records.iter().map(|e| (e.epoch as f64, e.accuracy));
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(r.kind.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    let logs: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.records.iter().map(|e| e.train_loss.max(1e-12).log10()))
+        .collect();
+    let lo = logs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if lo.is_finite() && hi.is_finite() {
+        let pad = 0.05 * (hi - lo).max(0.1);
+        (lo - pad, hi + pad)
+    } else {
+        (-1.0, 1.0)
+    };
+    let mut chart = ChartBuilder::on(&right)
+        .caption("training loss", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(1f64..x_max, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc("log10(mean cross-entropy)")
+        .draw()?;
+    for r in runs {
+        let c = color(r.kind);
+        let pts = r
+            .records
+            .iter()
+            .map(|e| (e.epoch as f64, e.train_loss.max(1e-12).log10()));
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(r.kind.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }

@@ -4,6 +4,7 @@ the layers depend only downwards:
 
     error <- dense <- core, stiefel <- cpu, metrics, etf, head <- gpu
     error <- runtime <- kernels <- gpu
+    core, cpu, gpu, runtime <- candle (the candle adapter, on top of both heads)
 
 `runtime` knows nothing of the head (it may use only `error`), `core` and `stiefel` nothing of
 either backend. Reads the `crate::` and `super::` paths of every file (comments and strings
@@ -28,6 +29,7 @@ ALLOWED = {
     "runtime": {"error"},
     "kernels": {"error", "runtime"},
     "gpu": {"error", "core", "stiefel", "cpu", "runtime", "kernels", "dense"},
+    "candle": {"error", "core", "cpu", "gpu", "runtime"},
     "lib": None,  # the crate root re-exports everything
 }
 

@@ -8,6 +8,8 @@
 #  3. fails on any register spill (or static shared memory > 48 KiB) in the ptxas report;
 #  4. runs the README's test command (`cargo test`) with every test binary started under
 #     the ASan runtime (this script is its own cargo runner, see --asan-run).
+#  5. checks the `candle-cuda` feature with clippy: candle's own kernels need nvcc at build
+#     time (the same pinned one, CUDA_COMPUTE_CAP=90 since no GPU is asked).
 # No GPU needed. Prints its duration last.
 set -euo pipefail
 
@@ -51,5 +53,11 @@ fi
 step "cargo test under AddressSanitizer"
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$ROOT/scripts/ci-cuda.sh --asan-run"
 cargo test
+
+step "clippy: candle-cuda (candle's kernels built with $NVCC, CUDA_COMPUTE_CAP=90)"
+unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
+NVCC_DIR=$(dirname "$NVCC")
+PATH="$NVCC_DIR:$PATH" CUDA_ROOT="$(dirname "$NVCC_DIR")" CUDA_PATH="$(dirname "$NVCC_DIR")" \
+  CUDA_COMPUTE_CAP=90 cargo clippy --all-targets --features candle-cuda -- -D warnings
 
 step "done in $(( $(date +%s) - start ))s"

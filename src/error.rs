@@ -53,6 +53,34 @@ pub enum Error {
     EmptyBatch,
     /// `backward` was called with no pending `forward` (or twice for one forward).
     BackwardWithoutForward,
+    /// The backward of a forward that is not the head's latest: a later forward replaced it
+    /// (for example two `forward`s of the `candle` module's head, then candle's backward
+    /// through the first). The head is unchanged, and the latest forward's backward, if not
+    /// taken yet, still pends.
+    StaleBackward {
+        /// The forward whose backward was asked for (counted from 0 per head).
+        requested: u64,
+        /// The head's latest forward.
+        latest: u64,
+    },
+    /// A tensor of an element type the call does not take (a framework adapter's check; the
+    /// slice and buffer APIs enforce types at compile time or with [`Error::Device`]).
+    DType {
+        /// Which argument.
+        what: &'static str,
+        /// The types the call takes.
+        expected: &'static str,
+        /// The type it got.
+        got: String,
+    },
+    /// An error of the tensor framework below an adapter (candle), other than the misuses
+    /// above, which get their own variants.
+    Framework {
+        /// The operation that failed.
+        op: &'static str,
+        /// The framework's message.
+        message: String,
+    },
     /// Inference was asked of a head that has not taken a training step (no classifier yet).
     Untrained,
     /// A configuration value is out of its domain.
@@ -161,6 +189,16 @@ impl fmt::Display for Error {
             Error::BackwardWithoutForward => {
                 write!(f, "backward called without a pending forward")
             }
+            Error::StaleBackward { requested, latest } => write!(
+                f,
+                "backward of forward {requested} asked for, but a later forward ({latest}) has replaced it"
+            ),
+            Error::DType {
+                what,
+                expected,
+                got,
+            } => write!(f, "`{what}` has element type {got}, expected {expected}"),
+            Error::Framework { op, message } => write!(f, "tensor framework error in {op}: {message}"),
             Error::Untrained => write!(f, "the head has no classifier yet (no training step taken)"),
             Error::InvalidParameter { name, reason } => {
                 write!(f, "invalid parameter `{name}`: {reason}")

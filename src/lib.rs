@@ -51,6 +51,7 @@
 //! | runtime | [`runtime`] | device handle, buffers, launches, workspaces, graphs; CUDA through cudarc and the CPU execution of the CUDA sources; knows nothing of the head |
 //! | kernels | [`kernels`] | the CUDA sources of `kernels/` as typed (`unsafe`) launches, one module per file |
 //! | | [`metrics`] | neural-collapse metrics NC1-NC4 |
+//! | adapters | `candle` | the head on candle tensors, in candle's autograd (feature `candle`; CUDA tensors with `candle-cuda`) |
 //!
 //! | stage | CPU module | GPU module |
 //! |---|---|---|
@@ -77,6 +78,8 @@
 // `!(x > 0.0)` is used on purpose throughout: unlike `x <= 0.0` it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod core;
 pub mod cpu;
 pub(crate) mod dense;
@@ -109,3 +112,8 @@ pub use metrics::{nc_metrics, MetricsAccumulator, NcMetrics, SecondPass};
 #[cfg(all(doctest, feature = "cpu-exec"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// `docs/candle.md`'s training step, compiled and run as a doctest under the `candle` feature.
+#[cfg(all(doctest, feature = "candle"))]
+#[doc = include_str!("../docs/candle.md")]
+struct CandleDocDoctests;

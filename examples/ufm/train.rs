@@ -105,10 +105,52 @@ impl Default for Config {
     }
 }
 
-/// Command-line usage.
-pub const USAGE: &str = "usage: cargo run --release --example ufm -- [--classes K] [--dim D] \
-[--samples N] [--epochs E] [--batch B] [--lr LR] [--seed S] [--heads standard,fixed,implicit] \
-[--backend cpu|cuda] [--out DIR]";
+/// The command line (clap derive; `--help` is generated from these doc comments).
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "ufm",
+    about = "Unconstrained feature model: trains free features with the standard, fixed-ETF \
+             and implicit-ETF heads and compares them.",
+    override_usage = "cargo run --release --example ufm -- [OPTIONS]"
+)]
+struct Cli {
+    /// Number of classes K.
+    #[arg(long, value_name = "K", default_value_t = Config::default().classes, allow_hyphen_values = true)]
+    classes: usize,
+    /// Feature dimension d (at least K).
+    #[arg(long, value_name = "D", default_value_t = Config::default().dim, allow_hyphen_values = true)]
+    dim: usize,
+    /// Number of samples N (a multiple of K: balanced labels).
+    #[arg(long, value_name = "N", default_value_t = Config::default().samples, allow_hyphen_values = true)]
+    samples: usize,
+    /// Training epochs.
+    #[arg(long, value_name = "E", default_value_t = Config::default().epochs, allow_hyphen_values = true)]
+    epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, value_name = "B", default_value_t = Config::default().batch, allow_hyphen_values = true)]
+    batch: usize,
+    /// SGD learning rate.
+    #[arg(long, value_name = "LR", default_value_t = Config::default().lr, allow_hyphen_values = true)]
+    lr: f64,
+    /// Seed of the features, labels and initialisations.
+    #[arg(long, value_name = "S", default_value_t = Config::default().seed, allow_hyphen_values = true)]
+    seed: u64,
+    /// Heads to train, comma-separated.
+    #[arg(long, value_name = "LIST", default_value = "standard,fixed,implicit")]
+    heads: String,
+    /// Where the implicit head runs: cpu or cuda (CUDA device 0).
+    #[arg(long, value_name = "cpu|cuda", default_value = "cpu")]
+    backend: String,
+    /// Output folder (default: ufm-out/K{K}_d{D}_N{N}_seed{S}).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+/// The `--help` text.
+pub fn usage() -> String {
+    use clap::CommandFactory;
+    Cli::command().render_help().to_string()
+}
 
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,9 +159,26 @@ pub enum Command {
     Help,
 }
 
-fn parse_usize(flag: &str, v: &str) -> Result<usize, String> {
-    v.parse::<usize>()
-        .map_err(|_| format!("invalid value '{v}' for {flag}: expected a non-negative integer"))
+/// One line from a clap error, in this example's wording for the common cases.
+fn clap_message(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let ctx = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let text = e.to_string();
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("error: ");
+    let arg = ctx(ContextKind::InvalidArg);
+    let flag = arg.split_whitespace().next().unwrap_or("").to_string();
+    match e.kind() {
+        ErrorKind::UnknownArgument => format!("unknown argument '{arg}' (see --help)"),
+        _ if first.starts_with("a value is required") => format!("missing value for {flag}"),
+        _ => first.to_string(),
+    }
 }
 
 /// Parses the arguments (without the program name) and validates the result.
@@ -128,84 +187,50 @@ where
     I: IntoIterator<Item = S>,
     S: Into<String>,
 {
-    let mut cfg = Config::default();
-    let mut backend: Option<String> = None;
-    let mut it = args.into_iter().map(Into::into);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "--help" || flag == "-h" {
-            return Ok(Command::Help);
+    use clap::Parser;
+    let argv = std::iter::once("ufm".to_string()).chain(args.into_iter().map(Into::into));
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => return Ok(Command::Help),
+        Err(e) => return Err(clap_message(&e)),
+    };
+    let mut heads = Vec::new();
+    for h in cli
+        .heads
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+    {
+        let h = HeadKind::parse(h)?;
+        if heads.contains(&h) {
+            return Err(format!("head '{h}' given twice in --heads"));
         }
-        let known = [
-            "--classes",
-            "--dim",
-            "--samples",
-            "--epochs",
-            "--batch",
-            "--lr",
-            "--seed",
-            "--heads",
-            "--backend",
-            "--out",
-        ];
-        if !known.contains(&flag.as_str()) {
-            return Err(format!("unknown argument '{arg}' (see --help)"));
-        }
-        let v = match inline {
-            Some(v) => v,
-            None => it
-                .next()
-                .ok_or_else(|| format!("missing value for {flag}"))?,
-        };
-        match flag.as_str() {
-            "--classes" => cfg.classes = parse_usize(&flag, &v)?,
-            "--dim" => cfg.dim = parse_usize(&flag, &v)?,
-            "--samples" => cfg.samples = parse_usize(&flag, &v)?,
-            "--epochs" => cfg.epochs = parse_usize(&flag, &v)?,
-            "--batch" => cfg.batch = parse_usize(&flag, &v)?,
-            "--seed" => {
-                cfg.seed = v.parse::<u64>().map_err(|_| {
-                    format!("invalid value '{v}' for --seed: expected a non-negative integer")
-                })?
-            }
-            "--lr" => {
-                cfg.lr = v
-                    .parse::<f64>()
-                    .map_err(|_| format!("invalid value '{v}' for --lr: expected a number"))?
-            }
-            "--heads" => {
-                let mut heads = Vec::new();
-                for h in v.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-                    let h = HeadKind::parse(h)?;
-                    if heads.contains(&h) {
-                        return Err(format!("head '{h}' given twice in --heads"));
-                    }
-                    heads.push(h);
-                }
-                cfg.heads = heads;
-            }
-            "--backend" => backend = Some(v),
-            "--out" => {
-                if v.is_empty() {
-                    return Err("empty value for --out".into());
-                }
-                cfg.out = Some(PathBuf::from(v))
-            }
-            _ => unreachable!("flag checked against the known list"),
-        }
+        heads.push(h);
     }
-    cfg.backend = match backend.as_deref() {
-        // No CUDA head in this build: the default is the CPU.
-        None | Some("cpu") => Backend::Cpu,
-        Some("cuda") => Backend::Cuda,
-        Some(other) => {
+    let backend = match cli.backend.as_str() {
+        "cpu" => Backend::Cpu,
+        "cuda" => Backend::Cuda,
+        other => {
             return Err(format!(
                 "invalid value '{other}' for --backend: expected cpu or cuda"
             ))
         }
+    };
+    if cli.out.as_ref().is_some_and(|o| o.as_os_str().is_empty()) {
+        return Err("empty value for --out".into());
+    }
+    let cfg = Config {
+        classes: cli.classes,
+        dim: cli.dim,
+        samples: cli.samples,
+        epochs: cli.epochs,
+        batch: cli.batch,
+        lr: cli.lr,
+        seed: cli.seed,
+        heads,
+        backend,
+        out: cli.out,
+        ..Config::default()
     };
     validate(&cfg)?;
     Ok(Command::Run(cfg))

@@ -24,6 +24,56 @@ use crate::error::{Error, Result};
 /// it saves (measured with `benches/cpu.rs`).
 pub const PAR_MIN_WORK: usize = 1 << 21;
 
+thread_local! {
+    /// Whether this thread has run [`warm_this_thread`].
+    static WARM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs one large `f32` and one large `f64` product on this thread (once per thread): faer's
+/// x86 GEMM keeps a per-thread packing buffer (twice the L3 size, 64 MiB here) that it
+/// allocates on the thread's first large product.
+fn warm_this_thread() {
+    WARM.with(|w| {
+        if w.get() {
+            return;
+        }
+        w.set(true);
+        const S: usize = 256;
+        let a = faer::Mat::<f64>::zeros(S, S);
+        let mut c = faer::Mat::<f64>::zeros(S, S);
+        matmul(
+            c.as_mut(),
+            Accum::Replace,
+            a.as_ref(),
+            a.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+        let a = faer::Mat::<f32>::zeros(S, S);
+        let mut c = faer::Mat::<f32>::zeros(S, S);
+        matmul(
+            c.as_mut(),
+            Accum::Replace,
+            a.as_ref(),
+            a.as_ref(),
+            1.0,
+            Par::Seq,
+        );
+    });
+}
+
+/// Makes the per-thread memory of the products ahead of time, on the calling thread and, when
+/// products of `work` multiply-adds are split over threads, on every thread of the current
+/// rayon pool, so that a later step allocates nothing whichever thread runs which panel.
+/// Called when step memory is made (`Solver::new`, the CPU head's first forward); a thread
+/// already warmed costs a flag test.
+pub fn warm_threads(work: usize) {
+    warm_this_thread();
+    if panels(work, usize::MAX) > 1 {
+        rayon::broadcast(|_| warm_this_thread());
+    }
+}
+
 /// How many panels a product of `work` multiply-adds over `cols` output columns is cut into.
 fn panels(work: usize, cols: usize) -> usize {
     if work < PAR_MIN_WORK {

@@ -246,6 +246,8 @@ impl<T: Real> CpuHead<T> {
         let work = match self.work.as_mut() {
             Some(w) => w,
             None => {
+                // The products' per-thread memory too (the logits are N x d x K).
+                crate::dense::warm_threads(n.saturating_mul(d).saturating_mul(k));
                 self.work = Some(Box::new(Work {
                     slots: [Slot::new(d, k), Slot::new(d, k)],
                     scratch: Scratch::new(d, k)?,

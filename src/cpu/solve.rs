@@ -141,6 +141,7 @@ impl Solver {
         crate::core::validate::check_sizes(d, k)?;
         crate::core::validate::size2("d * K", d, k)
             .and_then(|dk| crate::core::validate::size2("d * K * 8 bytes", dk, 64))?;
+        crate::dense::warm_threads(d.saturating_mul(k).saturating_mul(k));
         Ok(Solver {
             d,
             k,

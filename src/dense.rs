@@ -99,9 +99,8 @@ fn for_each_panel<F: Fn(usize) + Sync>(lo: usize, hi: usize, f: &F) {
 }
 
 /// A raw view of a destination matrix that panels write disjoint columns of.
-#[derive(Clone, Copy)]
-struct SendMut {
-    ptr: *mut f64,
+struct SendMut<T> {
+    ptr: *mut T,
     nrows: usize,
     ncols: usize,
     row_stride: isize,
@@ -109,12 +108,19 @@ struct SendMut {
 }
 // SAFETY: the pointer is only turned back into views of pairwise disjoint column ranges,
 // each used by one thread, while the original `MatMut` borrow is held by the caller.
-unsafe impl Send for SendMut {}
+unsafe impl<T> Send for SendMut<T> {}
 // SAFETY: as above; shared references only copy the pointer.
-unsafe impl Sync for SendMut {}
+unsafe impl<T> Sync for SendMut<T> {}
 
-impl SendMut {
-    fn new(m: MatMut<'_, f64>) -> SendMut {
+impl<T> Clone for SendMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendMut<T> {}
+
+impl<T> SendMut<T> {
+    fn new(m: MatMut<'_, T>) -> SendMut<T> {
         SendMut {
             nrows: m.nrows(),
             ncols: m.ncols(),
@@ -129,7 +135,7 @@ impl SendMut {
     /// # Safety
     /// Callers use disjoint column ranges concurrently and none outlives the borrow `new`
     /// was made from.
-    unsafe fn cols<'a>(self, c0: usize, c1: usize) -> MatMut<'a, f64> {
+    unsafe fn cols<'a>(self, c0: usize, c1: usize) -> MatMut<'a, T> {
         debug_assert!(c0 <= c1 && c1 <= self.ncols);
         // SAFETY: in bounds (c0 <= c1 <= ncols, strides from a valid view); disjointness and
         // lifetime are the caller's contract.
@@ -159,6 +165,37 @@ pub fn gemm(
     b: MatRef<'_, f64>,
     alpha: f64,
 ) {
+    gemm_cols(dst, accum, a, b, alpha);
+}
+
+/// [`gemm`] for a generic element type (the head's `f32`/`f64` storage products), cut into
+/// row panels: the head's storage matrices are row-major views, so the product is taken as
+/// `dst^T = b^T a^T` with column panels of `dst^T`.
+pub fn gemm_t<T: faer::traits::ComplexField + Copy + Send + Sync>(
+    dst: MatMut<'_, T>,
+    accum: Accum,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
+) {
+    gemm_cols(
+        dst.transpose_mut(),
+        accum,
+        b.transpose(),
+        a.transpose(),
+        alpha,
+    );
+}
+
+/// The one panel loop: on one thread below [`PAR_MIN_WORK`] multiply-adds, else the columns
+/// of `dst` cut into one panel per thread, each a sequential faer product.
+fn gemm_cols<T: faer::traits::ComplexField + Copy + Send + Sync>(
+    dst: MatMut<'_, T>,
+    accum: Accum,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
+) {
     let (m, n, k) = (dst.nrows(), dst.ncols(), a.ncols());
     assert!(
         a.nrows() == m && b.nrows() == k && b.ncols() == n,
@@ -175,48 +212,6 @@ pub fn gemm(
         // SAFETY: panels cover disjoint column ranges; `dst` stays borrowed until we return.
         let d = unsafe { out.cols(c0, c1) };
         matmul(d, accum, a, b.subcols(c0, c1 - c0), alpha, Par::Seq);
-    });
-}
-
-/// [`gemm`] for a generic element type (the head's `f32`/`f64` storage products), on one
-/// thread below [`PAR_MIN_WORK`] multiply-adds and cut into row panels above it.
-pub fn gemm_t<T: faer::traits::ComplexField + Copy + Send + Sync>(
-    dst: MatMut<'_, T>,
-    accum: Accum,
-    a: MatRef<'_, T>,
-    b: MatRef<'_, T>,
-    alpha: T,
-) {
-    let (m, n, k) = (dst.nrows(), dst.ncols(), a.ncols());
-    assert!(
-        a.nrows() == m && b.nrows() == k && b.ncols() == n,
-        "gemm shapes"
-    );
-    let np = panels(m.saturating_mul(n).saturating_mul(k), m);
-    if np == 1 {
-        matmul(dst, accum, a, b, alpha, Par::Seq);
-        return;
-    }
-    // Row panels: the head's storage matrices are row-major views.
-    let (ptr, rs, cs) = (
-        dst.as_ptr_mut() as usize,
-        dst.row_stride(),
-        dst.col_stride(),
-    );
-    for_each_panel(0, np, &|i| {
-        let (r0, r1) = (cut(i, np, m), cut(i + 1, np, m));
-        // SAFETY: panels cover disjoint row ranges of `dst`, which stays mutably borrowed
-        // until we return; the view is in bounds (r0 <= r1 <= m, strides of a valid view).
-        let d = unsafe {
-            MatMut::<T>::from_raw_parts_mut(
-                (ptr as *mut T).offset(r0 as isize * rs),
-                r1 - r0,
-                n,
-                rs,
-                cs,
-            )
-        };
-        matmul(d, accum, a.subrows(r0, r1 - r0), b, alpha, Par::Seq);
     });
 }
 

@@ -5,9 +5,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Side};
 
 use crate::error::{Error, Result};
 
-/// Products below this many multiply-adds run sequentially: spreading them over threads
-/// costs more than it saves (measured with `benches/cpu.rs`).
-const PAR_MIN_WORK: usize = 1 << 21;
+use crate::dense::PAR_MIN_WORK;
 
 /// The parallelism for an `m x k` by `k x n` product: faer's global setting for large
 /// products, sequential for small ones.

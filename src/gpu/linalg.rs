@@ -207,6 +207,12 @@ pub enum EigenSolver {
         /// Column-block width.
         width: usize,
     },
+    /// Warm-started refinement made of products (large `K`): Ogita–Aishima iterations on the
+    /// previous step's eigenvectors, then the one-block Jacobi on what they leave (clusters
+    /// of nearly equal eigenvalues, or a start too far away), its sweep loop on the device.
+    /// Needs `K <=` [`MAX_JACOBI_K`]; a cold start (no previous eigenvectors) runs the
+    /// one-block Jacobi alone.
+    Refine,
 }
 
 impl EigenSolver {
@@ -228,7 +234,7 @@ impl EigenSolver {
     /// Checks the choice against `k`.
     pub fn validate(self, k: usize) -> Result<()> {
         match self {
-            EigenSolver::OneBlock if k > MAX_JACOBI_K => Err(Error::InvalidParameter {
+            EigenSolver::OneBlock | EigenSolver::Refine if k > MAX_JACOBI_K => Err(Error::InvalidParameter {
                 name: "eigensolver",
                 reason: format!(
                     "the one-block eigensolver takes K <= {MAX_JACOBI_K}, got {k} (use Blocked or Auto)"

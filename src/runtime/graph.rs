@@ -85,6 +85,8 @@ pub(super) enum GraphKind {
 pub struct Graph {
     pub(super) kind: GraphKind,
     pub(super) keep: Vec<Arc<Mem>>,
+    /// The recording device's counters (a launch is one stream operation).
+    pub(super) counters: Arc<super::memory::Counters>,
     /// Held only to be dropped after `kind` (fields drop in declaration order): the CUDA
     /// graph goes before the modules it calls.
     #[allow(dead_code)]
@@ -106,6 +108,7 @@ impl Graph {
     /// (asynchronous, ordered with the stream's other work); on the CPU execution every
     /// recorded operation in order, to completion.
     pub fn launch(&self) -> Result<()> {
+        self.counters.op(|| "graph launch".into());
         match &self.kind {
             GraphKind::Cuda(g) => cuda::launch_graph(g),
             GraphKind::Cpu(ops) => {

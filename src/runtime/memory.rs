@@ -71,6 +71,10 @@ impl Drop for Mem {
 pub(super) struct Counters {
     created: AtomicU64,
     released: AtomicU64,
+    /// Stream operations issued (kernel launches, memsets, copies, graph launches).
+    ops: AtomicU64,
+    /// When on, the name of every stream operation, in issue order (diagnostics).
+    trace: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl Counters {
@@ -82,6 +86,30 @@ impl Counters {
             bytes,
             counters: self.clone(),
         })
+    }
+
+    /// Counts one stream operation; `what` names it in the trace, if one is on.
+    pub(super) fn op(&self, what: impl FnOnce() -> String) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = t.as_mut() {
+            v.push(what());
+        }
+    }
+
+    /// Stream operations issued so far.
+    pub(super) fn ops(&self) -> u64 {
+        self.ops.load(Ordering::Relaxed)
+    }
+
+    /// Turns the trace on (emptied) or off; returns what it held.
+    pub(super) fn set_trace(&self, on: bool) -> Vec<String> {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        let old = t.take().unwrap_or_default();
+        if on {
+            *t = Some(Vec::new());
+        }
+        old
     }
 
     pub(super) fn stats(&self) -> MemoryStats {

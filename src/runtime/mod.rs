@@ -287,6 +287,32 @@ impl Device {
         }
     }
 
+    /// Stream operations issued on this device so far: kernel launches, memsets (including
+    /// the zero fill of a new [`alloc_zeros`](Self::alloc_zeros) allocation), copies in any
+    /// direction, and graph launches (one each; the operations recorded during a capture are
+    /// counted when recorded). The count is the same on both backends for the same work, so
+    /// a test on the CPU execution measures what a GPU step issues; the difference of two
+    /// readings around a step is its per-step count.
+    ///
+    /// ```
+    /// use implicit_etf::runtime::{DType, Device};
+    /// let dev = Device::cpu();
+    /// let before = dev.stream_ops();
+    /// let buf = dev.alloc_zeros(DType::F32, 16).unwrap(); // one memset
+    /// let _host: Vec<f32> = dev.download(&buf).unwrap(); // one copy
+    /// assert_eq!(dev.stream_ops() - before, 2);
+    /// ```
+    pub fn stream_ops(&self) -> u64 {
+        self.counters.ops()
+    }
+
+    /// Starts (`true`, emptied) or stops recording the name of every stream operation this
+    /// device issues, and returns what was recorded until now: which kernels, memsets and
+    /// copies a step is made of (diagnostics; the names are the kernels' C names).
+    pub fn trace_stream_ops(&self, on: bool) -> Vec<String> {
+        self.counters.set_trace(on)
+    }
+
     /// Allocations this device has created and released so far (see [`MemoryStats`]).
     pub fn memory_stats(&self) -> MemoryStats {
         self.counters.stats()
@@ -363,6 +389,8 @@ impl Device {
             DevInner::Cpu => BufInner::Cpu(cpu::CpuBuf::zeroed(bytes)?),
             DevInner::Cuda(c) => BufInner::Cuda(c.alloc_zeros(bytes)?),
         };
+        self.counters
+            .op(|| format!("memset {bytes} B (new allocation)"));
         Ok(self.counters.track(buf, bytes))
     }
 
@@ -377,6 +405,7 @@ impl Device {
         // Held until the work is queued: a capture begun meanwhile on another thread must not
         // pick it up.
         let mut capture = self.recording()?;
+        self.counters.op(|| format!("memset {} B", m.bytes()));
         if let Some(rec) = capture.as_mut() {
             rec.keep(m);
             if let DevInner::Cpu = self.inner {
@@ -408,6 +437,8 @@ impl Device {
         // Held until the work is queued: a capture begun meanwhile on another thread must not
         // pick it up.
         let mut capture = self.recording()?;
+        self.counters
+            .op(|| format!("copy {} B device to device", dst.bytes()));
         if let Some(rec) = capture.as_mut() {
             rec.keep(dst);
             rec.keep(src);
@@ -461,6 +492,8 @@ impl Device {
                 mem,
             });
         }
+        self.counters
+            .op(|| format!("copy {} B host to device", bytes.len()));
         let buf = match &self.inner {
             DevInner::Cpu => {
                 let b = cpu::CpuBuf::zeroed(bytes.len())?;
@@ -494,6 +527,8 @@ impl Device {
     /// Host bytes into an allocation of this device (of the same size).
     fn write_mem(&self, m: &Mem, bytes: &[u8], op: &str) -> Result<()> {
         self.own(m, op)?;
+        self.counters
+            .op(|| format!("copy {} B host to device", bytes.len()));
         if m.bytes() != bytes.len() {
             return Err(Error::ShapeMismatch {
                 what: "device write (bytes)",
@@ -516,6 +551,8 @@ impl Device {
         check_type::<T>(buf, "download")?;
         self.own(&buf.mem, "download")?;
         self.refuse_in_capture("download")?;
+        self.counters
+            .op(|| format!("copy {} B device to host", buf.bytes()));
         let mut out = vec![T::zeroed(); buf.len];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         match (&self.inner, &buf.mem.buf) {
@@ -539,6 +576,8 @@ impl Device {
             }
             None => {
                 self.refuse_in_capture("copy to a new buffer")?;
+                self.counters
+                    .op(|| format!("copy {} B device to device", buf.bytes()));
                 let inner = match (&self.inner, &buf.mem.buf) {
                     (DevInner::Cpu, BufInner::Cpu(b)) => BufInner::Cpu(b.clone_buf()?),
                     (DevInner::Cuda(c), BufInner::Cuda(b)) => BufInner::Cuda(c.copy(b)?),
@@ -639,6 +678,7 @@ impl Device {
         // Held until the work is queued: a capture begun meanwhile on another thread must not
         // pick it up.
         let mut capture = self.recording()?;
+        self.counters.op(|| name.to_string());
         if let Some(rec) = capture.as_mut() {
             for a in args {
                 if let Arg::Buf(b) = a {
@@ -757,6 +797,7 @@ impl Device {
         }
         Ok(Graph {
             kind,
+            counters: self.counters.clone(),
             keep: rec.keep,
             funcs: rec.funcs,
         })

@@ -31,7 +31,7 @@ pub fn solve_backward(
     status: &mut Status,
 ) -> Result<Buffer> {
     let u = tangent_solve(dev, gk, f, dl_dp, d, k, status, None)?;
-    let mut dy = dev.alloc_zeros(DType::F32, d * k)?;
+    let mut dy = dev.alloc(DType::F32, d * k)?;
     // SAFETY: `u` holds `d K` f64 (the tangent solve's output), `dy` `d K` (allocated here).
     unsafe {
         kernels::head::backward::dy_from_u_f64(

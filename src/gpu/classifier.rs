@@ -20,7 +20,7 @@ fn scale(k: usize) -> f64 {
 /// `W` (K x d f32) from `P` (d x K f64).
 pub fn weights(dev: &Device, p: &Buffer, d: usize, k: usize) -> Result<Buffer> {
     check_len("P", d * k, p.len())?;
-    let mut w = dev.alloc_zeros(DType::F32, k * d)?;
+    let mut w = dev.alloc(DType::F32, k * d)?;
     // SAFETY: `p` holds `d K` (checked above), `w` `K d` (allocated here).
     unsafe {
         kernels::head::classifier::weights_from_p_f64(
@@ -48,7 +48,7 @@ pub fn logits(
     d: usize,
     k: usize,
 ) -> Result<(Buffer, Buffer)> {
-    let mut z = dev.alloc_zeros(DType::F32, n * k)?;
+    let mut z = dev.alloc(DType::F32, n * k)?;
     let b = logits_into(dev, gk, x, w, mu, n, d, k, &mut z)?;
     Ok((z, b))
 }
@@ -70,7 +70,7 @@ pub fn logits_into(
     check_len("W", k * d, w.len())?;
     check_len("mu", d, mu.len())?;
     check_len("logits", n * k, z.len())?;
-    let mut b = dev.alloc_zeros(DType::F32, k)?;
+    let mut b = dev.alloc(DType::F32, k)?;
     // SAFETY: `w` holds `K d`, `mu` `d` (checked above), `b` `K` (allocated here).
     unsafe {
         kernels::head::classifier::bias_from_w_f32(
@@ -126,7 +126,7 @@ pub fn backward(
     check_len("dL/dlogits", n * k, dz.len())?;
     check_len("W", k * d, w.len())?;
     check_len("mu", d, mu.len())?;
-    let mut db = dev.alloc_zeros(DType::F32, k)?;
+    let mut db = dev.alloc(DType::F32, k)?;
     // SAFETY: the input holds `rows x cols` as checked above, the output `cols` (allocated here).
     unsafe {
         kernels::head::classifier::col_sums_f32(
@@ -139,9 +139,9 @@ pub fn backward(
             &mut db,
         )
     }?;
-    let mut dwt = dev.alloc_zeros(DType::F32, k * d)?;
+    let mut dwt = dev.alloc(DType::F32, k * d)?;
     Gemm::new(true, false, k, d, n).run(dev, gk, dz, x, &mut dwt)?;
-    let mut dp = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut dp = dev.alloc(DType::F64, d * k)?;
     // SAFETY: `dwt` holds `K d`, `db` `K` (allocated here), `mu` `d` (checked above), `dp` `d K`.
     unsafe {
         kernels::head::classifier::weights_backward_f32(
@@ -156,9 +156,9 @@ pub fn backward(
             &mut dp,
         )
     }?;
-    let mut dx = dev.alloc_zeros(DType::F32, n * d)?;
+    let mut dx = dev.alloc(DType::F32, n * d)?;
     Gemm::new(false, false, n, d, k).run(dev, gk, dz, w, &mut dx)?;
-    let mut dmu = dev.alloc_zeros(DType::F32, d)?;
+    let mut dmu = dev.alloc(DType::F32, d)?;
     // SAFETY: `w` holds `K d` (checked above), `db` `K`, `dmu` `d` (allocated here).
     unsafe {
         kernels::head::classifier::dmu_bias_f32(
@@ -177,7 +177,7 @@ pub fn backward(
 /// Column means of `x` (N x d f32): the batch mean `mu` (inference).
 pub fn col_means(dev: &Device, x: &Buffer, n: usize, d: usize) -> Result<Buffer> {
     check_len("x", n * d, x.len())?;
-    let mut mu = dev.alloc_zeros(DType::F32, d)?;
+    let mut mu = dev.alloc(DType::F32, d)?;
     // SAFETY: the input holds `rows x cols` as checked above, the output `cols` (allocated here).
     unsafe {
         kernels::head::classifier::col_sums_f32(
@@ -195,7 +195,7 @@ pub fn col_means(dev: &Device, x: &Buffer, n: usize, d: usize) -> Result<Buffer>
 
 /// `raw` (N x d, f32/f16/bf16) as f32: a copy for f32, widened otherwise.
 pub fn to_f32(dev: &Device, raw: &Buffer) -> Result<Buffer> {
-    let mut x = dev.alloc_zeros(DType::F32, raw.len())?;
+    let mut x = dev.alloc(DType::F32, raw.len())?;
     let (cfg, len) = (grid_stride(dev, raw.len()), raw.len() as i64);
     use kernels::head::classifier::{widen_bf16, widen_f16};
     // SAFETY: `x` has `raw.len()` elements, as many as the kernel reads from `raw` and

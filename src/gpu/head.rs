@@ -383,7 +383,7 @@ impl DeviceHead {
     pub fn forward(&mut self, raw: &Buffer, labels: &Buffer) -> Result<Buffer> {
         let mut logits = self
             .dev
-            .alloc_zeros(DType::F32, labels.len() * self.cfg.classes)?;
+            .alloc(DType::F32, labels.len() * self.cfg.classes)?;
         self.forward_into(raw, labels, &mut logits)?;
         Ok(logits)
     }
@@ -591,7 +591,7 @@ impl DeviceHead {
             .as_ref()
             .ok_or(Error::BackwardWithoutForward)?
             .n;
-        let mut d_raw = self.dev.alloc_zeros(DType::F32, n * self.cfg.dim)?;
+        let mut d_raw = self.dev.alloc(DType::F32, n * self.cfg.dim)?;
         self.backward_into(d_logits, &mut d_raw)?;
         Ok(d_raw)
     }

@@ -317,7 +317,7 @@ pub fn sym_eig(
     };
     let mut fl = dev.alloc_zeros(DType::F64, 1)?;
     let mut flags = dev.alloc_zeros(DType::I32, 3)?;
-    let mut rot = dev.alloc_zeros(DType::F64, npairs * n2 * n2)?;
+    let mut rot = dev.alloc(DType::F64, npairs * n2 * n2)?;
     let mut act = dev.alloc_zeros(DType::I32, npairs)?;
     let g = check_gate(gate)?;
     // SAFETY: `a` holds `K K` (checked above), `fl` 1, `flags` 3 (allocated here), the gate 1 i32.
@@ -407,9 +407,9 @@ pub fn congruence(
     q: &Buffer,
     k: usize,
 ) -> Result<Buffer> {
-    let mut t = dev.alloc_zeros(DType::F64, k * k)?;
+    let mut t = dev.alloc(DType::F64, k * k)?;
     Gemm::new(false, false, k, k, k).run_gated(dev, kernel, gate, x, q, &mut t)?;
-    let mut a = dev.alloc_zeros(DType::F64, k * k)?;
+    let mut a = dev.alloc(DType::F64, k * k)?;
     Gemm::new(true, false, k, k, k).run_gated(dev, kernel, gate, q, &t, &mut a)?;
     Ok(a)
 }

@@ -112,7 +112,7 @@ pub fn moving_update(
             got: s.d * s.k,
         });
     }
-    let mut w = dev.alloc_zeros(DType::F64, 4)?;
+    let mut w = dev.alloc(DType::F64, 4)?;
     // SAFETY: `state.scal` holds 2 f64, `w` 4 (allocated here); one thread.
     unsafe {
         kernels::head::moving::moving_weights_f64(
@@ -124,8 +124,8 @@ pub fn moving_update(
             &mut w,
         )
     }?;
-    let mut source = dev.alloc_zeros(DType::I32, k)?;
-    let mut seen_new = dev.alloc_zeros(DType::I32, k)?;
+    let mut source = dev.alloc(DType::I32, k)?;
+    let mut seen_new = dev.alloc(DType::I32, k)?;
     let pol = match policy {
         AbsentClassPolicy::Hold => 0,
         AbsentClassPolicy::Reference => 1,
@@ -144,7 +144,7 @@ pub fn moving_update(
             &mut source,
         )
     }?;
-    let mut e_new = dev.alloc_zeros(DType::F32, d * k)?;
+    let mut e_new = dev.alloc(DType::F32, d * k)?;
     if d * k > 0 {
         // SAFETY: `state.e`, `s.centred` and `e_new` hold `d K`, `s.mu` `d`, `source` `K`, `w` 4 (checked above / allocated here).
         unsafe {
@@ -184,13 +184,13 @@ pub fn moving_update_backward(
     check_len("sources", k, u.source.len())?;
     check_len("weights", 4, u.w.len())?;
     check_len("d_e_new", d * k, d_e_new.len())?;
-    let mut d_centred = dev.alloc_zeros(DType::F32, d * k)?;
+    let mut d_centred = dev.alloc(DType::F32, d * k)?;
     let mut d_mu = match d_mu_in {
         Some(m) => {
             check_len("d_mu", d, m.len())?;
             dev.copy(m)?
         }
-        None => dev.alloc_zeros(DType::F32, d)?,
+        None => dev.alloc(DType::F32, d)?,
     };
     if d > 0 {
         // SAFETY: `d_e_new` holds `d K`, `d_mu` `d` (checked above), `u.source` `K`, `u.w` 4, `d_centred` `d K` (allocated here).
@@ -232,7 +232,7 @@ pub fn frobenius_normalise_deferred(
 ) -> Result<(Buffer, Buffer)> {
     let len = e.len();
     let li = fits_i32(len, "d*K")?;
-    let mut norm = dev.alloc_zeros(DType::F32, 1)?;
+    let mut norm = dev.alloc(DType::F32, 1)?;
     // SAFETY: `e` holds `len` f32 (its length), `norm` one.
     unsafe {
         kernels::head::normalise::norm_single_block_f32(
@@ -252,7 +252,7 @@ pub fn frobenius_normalise_deferred(
             &mut status.buf,
         )
     }?;
-    let mut y = dev.alloc_zeros(DType::F32, len)?;
+    let mut y = dev.alloc(DType::F32, len)?;
     // SAFETY: `e` and `y` hold `len` f32 (`y` allocated here), `norm` 1.
     unsafe {
         kernels::head::normalise::frobenius_scale_f32(
@@ -278,7 +278,7 @@ pub fn frobenius_normalise_backward(
     check_len("dY", len, dy.len())?;
     check_len("norm", 1, norm.len())?;
     let li = fits_i32(len, "d*K")?;
-    let mut dot = dev.alloc_zeros(DType::F32, 1)?;
+    let mut dot = dev.alloc(DType::F32, 1)?;
     // SAFETY: `y` and `dy` hold `len` f32 (checked above), `dot` 1 (allocated here); one block.
     unsafe {
         kernels::head::normalise::dot_single_block_f32(
@@ -290,7 +290,7 @@ pub fn frobenius_normalise_backward(
             &mut dot,
         )
     }?;
-    let mut de = dev.alloc_zeros(DType::F32, len)?;
+    let mut de = dev.alloc(DType::F32, len)?;
     // SAFETY: `y`, `dy` and `de` hold `len` f32 (checked above / allocated here), `norm` and `dot` 1.
     unsafe {
         kernels::head::normalise::frobenius_normalise_backward_f32(

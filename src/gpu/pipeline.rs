@@ -120,7 +120,7 @@ pub fn backward(
     d_mu_extra: Option<&Buffer>,
     dx_extra: Option<&Buffer>,
 ) -> Result<Buffer> {
-    let mut out = dev.alloc_zeros(crate::runtime::DType::F32, f.stats.n * f.stats.d)?;
+    let mut out = dev.alloc(crate::runtime::DType::F32, f.stats.n * f.stats.d)?;
     backward_into(dev, f, raw, dy, d_mu_extra, dx_extra, &mut out)?;
     Ok(out)
 }

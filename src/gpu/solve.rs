@@ -42,7 +42,7 @@ pub fn build_g(
 ) -> Result<Buffer> {
     check_len("Y", d * k, y.len())?;
     check_len("Prox", d * k, prox.len())?;
-    let mut g = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut g = dev.alloc(DType::F64, d * k)?;
     // SAFETY: `y` (f32) and `prox` (f64) hold `d K` (checked above), `g` `d K` (allocated here).
     unsafe {
         kernels::head::solve::build_g_f64(
@@ -75,7 +75,7 @@ pub fn procrustes(
     max_sweeps: usize,
     status: &mut Status,
 ) -> Result<FactorDev> {
-    let mut gram = dev.alloc_zeros(DType::F64, k * k)?;
+    let mut gram = dev.alloc(DType::F64, k * k)?;
     Gemm::new(true, false, k, k, d).run(dev, gk, &g, &g, &mut gram)?;
     let (mut a, mut q) = match warm {
         Some(q0) => {
@@ -83,13 +83,13 @@ pub fn procrustes(
             (congruence(dev, gk, None, &gram, q0, k)?, dev.copy(q0)?)
         }
         None => {
-            let mut q = dev.alloc_zeros(DType::F64, k * k)?;
+            let mut q = dev.alloc(DType::F64, k * k)?;
             identity(dev, &mut q, k)?;
             (gram, q)
         }
     };
-    let mut lam = dev.alloc_zeros(DType::F64, k)?;
-    let mut sweeps = dev.alloc_zeros(DType::I32, 1)?;
+    let mut lam = dev.alloc(DType::F64, k)?;
+    let mut sweeps = dev.alloc(DType::I32, 1)?;
     sym_eig(
         dev,
         eig,
@@ -102,8 +102,8 @@ pub fn procrustes(
         status,
         None,
     )?;
-    let mut s = dev.alloc_zeros(DType::F64, k)?;
-    let mut s_inv = dev.alloc_zeros(DType::F64, k)?;
+    let mut s = dev.alloc(DType::F64, k)?;
+    let mut s_inv = dev.alloc(DType::F64, k)?;
     // SAFETY: `lam`, `s`, `s_inv` hold `K` (allocated here), the status word `LEN`; one block.
     unsafe {
         kernels::head::solve::singular_values_f64(
@@ -116,10 +116,10 @@ pub fn procrustes(
             &mut status.buf,
         )
     }?;
-    let mut u = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut u = dev.alloc(DType::F64, d * k)?;
     Gemm::new(false, false, d, k, k).run(dev, gk, &g, &q, &mut u)?;
     scale_cols(dev, &mut u, &s_inv, d, k)?;
-    let mut p = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut p = dev.alloc(DType::F64, d * k)?;
     Gemm::new(false, true, d, k, k).run(dev, gk, &u, &q, &mut p)?;
     Ok(FactorDev {
         p,
@@ -199,7 +199,7 @@ pub fn newton_polish(
         let mut gm = Gemm::new(false, true, d, k, k);
         gm.beta = -1.0;
         gm.run_gated(dev, gk, Some(&done), &us, &f.q, &mut v)?;
-        let mut ptp = dev.alloc_zeros(DType::F64, k * k)?;
+        let mut ptp = dev.alloc(DType::F64, k * k)?;
         Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &f.p, &f.p, &mut ptp)?;
         // SAFETY: `v`, `f.g` hold `d K`, `ptp` `K K`, `done` 1, `f.newton` 2 (checked by `f.check`), `hist` 3 (allocated here); one block.
         unsafe {
@@ -220,7 +220,7 @@ pub fn newton_polish(
         }?;
         // The step (every product and the eigensolver behind the flag).
         let x = tangent_solve(dev, gk, &f, &v, d, k, status, Some(&done))?;
-        let mut z = dev.alloc_zeros(DType::F64, d * k)?;
+        let mut z = dev.alloc(DType::F64, d * k)?;
         // SAFETY (this and the launches below): every buffer was allocated above, or checked
         // by `FactorDev`, at the `d x K` / `K x K` sizes the kernels are given.
         unsafe {
@@ -234,9 +234,9 @@ pub fn newton_polish(
             )
         }?;
         for _ in 0..NS_ITERS {
-            let mut ztz = dev.alloc_zeros(DType::F64, k * k)?;
+            let mut ztz = dev.alloc(DType::F64, k * k)?;
             Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &z, &z, &mut ztz)?;
-            let mut m = dev.alloc_zeros(DType::F64, k * k)?;
+            let mut m = dev.alloc(DType::F64, k * k)?;
             // SAFETY: `ztz` and `m` hold `K K` (allocated here).
             unsafe {
                 ksolve::newton_schulz_factor_f64(
@@ -247,19 +247,19 @@ pub fn newton_polish(
                     &mut m,
                 )
             }?;
-            let mut zn = dev.alloc_zeros(DType::F64, d * k)?;
+            let mut zn = dev.alloc(DType::F64, d * k)?;
             Gemm::new(false, false, d, k, k).run_gated(dev, gk, Some(&done), &z, &m, &mut zn)?;
             z = zn;
         }
         // B = sym(P^T G), factored from the previous eigenvectors.
-        let mut ptg = dev.alloc_zeros(DType::F64, k * k)?;
+        let mut ptg = dev.alloc(DType::F64, k * k)?;
         Gemm::new(true, false, k, k, d).run_gated(dev, gk, Some(&done), &z, &f.g, &mut ptg)?;
-        let mut b = dev.alloc_zeros(DType::F64, k * k)?;
+        let mut b = dev.alloc(DType::F64, k * k)?;
         // SAFETY: `ptg` and `b` hold `K K` (allocated here).
         unsafe { ksolve::symmetrise_f64(dev, grid_stride(dev, k * k), &ptg, k as i32, &mut b) }?;
         let mut a = congruence(dev, gk, Some(&done), &b, &f.q, k)?;
         let mut q = dev.copy(&f.q)?;
-        let mut lam = dev.alloc_zeros(DType::F64, k)?;
+        let mut lam = dev.alloc(DType::F64, k)?;
         sym_eig(
             dev,
             eig,
@@ -285,7 +285,7 @@ pub fn newton_polish(
                 Some(&done),
             )
         }?;
-        let mut u = dev.alloc_zeros(DType::F64, d * k)?;
+        let mut u = dev.alloc(DType::F64, d * k)?;
         Gemm::new(false, false, d, k, k).run_gated(dev, gk, Some(&done), &z, &q, &mut u)?;
         // Commit the step unless the check stopped the polish.
         for (dst, src, len) in [

@@ -42,7 +42,7 @@ pub fn labels_to_i32_deferred(
 ) -> Result<Buffer> {
     check_len("labels", n, labels.len())?;
     let (ni, ki) = (fits_i32(n, "N")?, fits_i32(k, "K")?);
-    let mut out = dev.alloc_zeros(DType::I32, n)?;
+    let mut out = dev.alloc(DType::I32, n)?;
     let (cfg, one) = (
         LaunchConfig::linear(n, block(dev)),
         LaunchConfig::new((1, 1, 1), (32, 1, 1)),
@@ -78,7 +78,7 @@ pub fn labels_to_i32_deferred(
 pub fn tau_normalise(dev: &Device, raw: &Buffer, n: usize, d: usize, tau: f64) -> Result<Buffer> {
     check_len("raw features", n * d, raw.len())?;
     let sfx = feat_suffix(raw, "raw features")?;
-    let mut x = dev.alloc_zeros(DType::F32, n * d)?;
+    let mut x = dev.alloc(DType::F32, n * d)?;
     if n == 0 || d == 0 {
         return Ok(x);
     }
@@ -109,7 +109,7 @@ pub fn tau_normalise_backward(
     d: usize,
     tau: f64,
 ) -> Result<Buffer> {
-    let mut dr = dev.alloc_zeros(DType::F32, n * d)?;
+    let mut dr = dev.alloc(DType::F32, n * d)?;
     tau_normalise_backward_into(dev, raw, dx, n, d, tau, &mut dr)?;
     Ok(dr)
 }
@@ -184,12 +184,12 @@ pub fn class_stats(
     check_len("labels", n, labels.len())?;
     let sfx = feat_suffix(x, "features")?;
     let (ni, di, ki) = (fits_i32(n, "N")?, fits_i32(d, "d")?, fits_i32(k, "K")?);
-    let mut counts = dev.alloc_zeros(DType::I32, k)?;
-    let mut offsets = dev.alloc_zeros(DType::I32, k + 1)?;
-    let mut members = dev.alloc_zeros(DType::I32, n)?;
-    let mut sums = dev.alloc_zeros(DType::F32, k * d)?;
-    let mut mu = dev.alloc_zeros(DType::F32, d)?;
-    let mut centred = dev.alloc_zeros(DType::F32, d * k)?;
+    let mut counts = dev.alloc(DType::I32, k)?;
+    let mut offsets = dev.alloc(DType::I32, k + 1)?;
+    let mut members = dev.alloc(DType::I32, n)?;
+    let mut sums = dev.alloc(DType::F32, k * d)?;
+    let mut mu = dev.alloc(DType::F32, d)?;
+    let mut centred = dev.alloc(DType::F32, d * k)?;
     let per_class = LaunchConfig::linear(k, block(dev));
     // SAFETY: `labels` holds `N` i32 (converted above), `counts` `K` (allocated here).
     unsafe {
@@ -267,7 +267,7 @@ pub fn class_stats_backward(
     let (n, d, k) = (s.n, s.d, s.k);
     check_len("d_centred", d * k, d_centred.len())?;
     check_len("d_mu", d, d_mu.len())?;
-    let mut dx = dev.alloc_zeros(DType::F32, n * d)?;
+    let mut dx = dev.alloc(DType::F32, n * d)?;
     class_stats_backward_into(dev, s, d_centred, d_mu, &mut dx)?;
     Ok(dx)
 }
@@ -288,7 +288,7 @@ pub fn class_stats_backward_into(
     if d == 0 {
         return Ok(());
     }
-    let mut g = dev.alloc_zeros(DType::F32, d)?;
+    let mut g = dev.alloc(DType::F32, d)?;
     // SAFETY: `d_centred` holds `d K`, `d_mu` `d` (checked above), `s.counts` `K`, `g` `d` (allocated here).
     unsafe {
         kernels::head::stats::class_stats_backward_prep_f32(

@@ -91,11 +91,11 @@ pub fn tangent_solve(
 ) -> Result<Buffer> {
     f.check(d, k)?;
     check_len("V", d * k, v.len())?;
-    let mut vq = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut vq = dev.alloc(DType::F64, d * k)?;
     Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, v, &f.q, &mut vq)?;
-    let mut z = dev.alloc_zeros(DType::F64, k * k)?;
+    let mut z = dev.alloc(DType::F64, k * k)?;
     Gemm::new(true, false, k, k, d).run_gated(dev, gk, gate, &f.u, &vq, &mut z)?;
-    let mut t = dev.alloc_zeros(DType::F64, k * k)?;
+    let mut t = dev.alloc(DType::F64, k * k)?;
     // SAFETY: `z`, `t` hold `K K` (allocated here), `f.s` `K` (checked above), the status word `LEN`.
     unsafe {
         kernels::head::backward::tangent_t_f64(
@@ -108,7 +108,7 @@ pub fn tangent_solve(
             &mut status.buf,
         )
     }?;
-    let mut w = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut w = dev.alloc(DType::F64, d * k)?;
     Gemm::new(false, false, d, k, k).run_gated(dev, gk, gate, &f.u, &t, &mut w)?;
     // SAFETY: `w`, `vq` hold `d K` (allocated here), `f.s_inv` `K` (checked above).
     unsafe {
@@ -122,7 +122,7 @@ pub fn tangent_solve(
             k as i32,
         )
     }?;
-    let mut u = dev.alloc_zeros(DType::F64, d * k)?;
+    let mut u = dev.alloc(DType::F64, d * k)?;
     Gemm::new(false, true, d, k, k).run_gated(dev, gk, gate, &w, &f.q, &mut u)?;
     Ok(u)
 }

@@ -83,6 +83,16 @@ impl CpuBuf {
         Ok(b)
     }
 
+    /// Fills with `0xFF` bytes (NaN in `f32`/`f64`, `-1` in integers): what an uninitialised
+    /// allocation holds on the CPU execution, so that a kernel reading memory nobody wrote
+    /// produces NaN in the tests instead of a plausible zero.
+    pub(super) fn fill_poison(&self) {
+        let _g = exclusive();
+        // SAFETY: `ptr` is valid for `bytes` bytes; no kernel runs concurrently (CPU launches
+        // are synchronous).
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), 0xFF, self.bytes) }
+    }
+
     pub(super) fn fill_zero(&self) {
         let _g = exclusive();
         // SAFETY: `ptr` is valid for `bytes` bytes; no kernel runs concurrently (CPU launches

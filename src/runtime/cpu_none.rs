@@ -33,6 +33,9 @@ impl CpuBuf {
     pub(super) fn fill_zero(&self) {
         match *self {}
     }
+    pub(super) fn fill_poison(&self) {
+        match *self {}
+    }
     pub(super) fn copy_from(&self, _src: &CpuBuf) {
         match *self {}
     }

@@ -178,8 +178,17 @@ impl CudaDevice {
         Ok(CudaBuf { slice, bytes })
     }
 
+    /// A stream-ordered allocation whose contents are unspecified (no memset).
+    pub(super) fn alloc(&self, bytes: usize) -> Result<CudaBuf> {
+        // SAFETY: the memory is only ever used as bytes through raw device pointers (kernels,
+        // copies); no `CudaSlice<T>` value of it is read before a write by this crate.
+        let slice =
+            unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| dev_err("alloc", e))?;
+        Ok(CudaBuf { slice, bytes })
+    }
+
     pub(super) fn upload(&self, data: &[u8]) -> Result<CudaBuf> {
-        let b = self.alloc_zeros(data.len())?;
+        let b = self.alloc(data.len())?;
         self.write(&b, data)?;
         Ok(b)
     }

@@ -394,6 +394,21 @@ impl Device {
         Ok(self.counters.track(buf, bytes))
     }
 
+    /// A new allocation with unspecified contents (no memset; poisoned with `0xFF` bytes on
+    /// the CPU execution, not counted as a stream operation there).
+    fn fresh_uninit(&self, bytes: usize) -> Result<Arc<Mem>> {
+        self.refuse_in_capture("allocate")?;
+        let buf = match &self.inner {
+            DevInner::Cpu => {
+                let b = cpu::CpuBuf::zeroed(bytes)?;
+                b.fill_poison();
+                BufInner::Cpu(b)
+            }
+            DevInner::Cuda(c) => BufInner::Cuda(c.alloc(bytes)?),
+        };
+        Ok(self.counters.track(buf, bytes))
+    }
+
     /// The next slot of the workspace in scope (`None` outside a scope).
     fn slot(&self, bytes: usize, site: &'static Location<'static>) -> Result<Option<Arc<Mem>>> {
         lock(&self.workspaces).take(bytes, site, || self.fresh(bytes))
@@ -473,6 +488,40 @@ impl Device {
                 m
             }
             None => self.fresh(bytes)?,
+        };
+        Ok(Buffer { dtype, len, mem })
+    }
+
+    /// A buffer of `len` elements whose contents are unspecified (a reused slot inside a
+    /// head's workspace): for outputs that a kernel overwrites completely, so that no memset
+    /// is issued for them. No stream operation. On the CPU execution every such request is
+    /// filled with `0xFF` bytes (NaN as `f32`/`f64`, `-1` as integers; not a stream
+    /// operation), so a kernel that reads an element nobody wrote shows up as NaN in the
+    /// tests rather than as a plausible zero.
+    ///
+    /// ```
+    /// use implicit_etf::runtime::{DType, Device};
+    /// let dev = Device::cpu();
+    /// let before = dev.stream_ops();
+    /// let buf = dev.alloc(DType::F64, 4).unwrap();
+    /// assert_eq!(dev.stream_ops(), before); // no memset
+    /// assert!(dev.download::<f64>(&buf).unwrap().iter().all(|v| v.is_nan())); // CPU poison
+    /// ```
+    #[track_caller]
+    pub fn alloc(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let site = Location::caller();
+        let bytes = len.checked_mul(dtype.size()).ok_or(Error::SizeOverflow {
+            what: "buffer bytes",
+        })?;
+        let mem = match lock(&self.workspaces).take(bytes, site, || self.fresh_uninit(bytes))? {
+            Some(m) => {
+                self.own(&m, "alloc")?;
+                if let BufInner::Cpu(b) = &m.buf {
+                    b.fill_poison();
+                }
+                m
+            }
+            None => self.fresh_uninit(bytes)?,
         };
         Ok(Buffer { dtype, len, mem })
     }

@@ -286,7 +286,8 @@ const RESERVED: &[&str] = &[
 ];
 
 /// One typed launch: `&Buffer` for `const T*`, `&mut Buffer` for `T*`, `Option<&Buffer>` for
-/// the optional `gate` pointer, Rust scalars for scalars.
+/// the optional `gate` pointer and for `const` pointers named `opt_*` (null when absent), Rust
+/// scalars for scalars.
 fn write_wrapper(rs: &mut String, k: &Kernel, key: &str) {
     let mut params = Vec::new();
     let mut args = Vec::new();
@@ -300,7 +301,7 @@ fn write_wrapper(rs: &mut String, k: &Kernel, key: &str) {
         csig.push(format!("{} {}", p.ctype, p.name));
         if p.ctype.ends_with('*') {
             let writable = !p.ctype.split_whitespace().any(|t| t == "const");
-            if p.name == "gate" {
+            if p.name == "gate" || (!writable && p.name.starts_with("opt_")) {
                 params.push(format!("{name}: Option<&Buffer>"));
                 args.push(format!(
                     "match {name} {{ Some(b) => Arg::Buf(b), None => Arg::Null }}"
@@ -509,9 +510,17 @@ fn strip_comments(src: &str) -> String {
     o
 }
 
-/// Finds `extern "C" __global__ void name(params)`.
+/// Finds `extern "C" __global__ void name(params)` (a `__launch_bounds__(...)` before the
+/// name is allowed).
 fn parse_kernels(src: &str, file: &Path) -> Vec<(String, Vec<Param>)> {
-    let s = strip_comments(src);
+    let mut s = strip_comments(src);
+    while let Some(pos) = s.find("__launch_bounds__(") {
+        let end = s[pos..]
+            .find(')')
+            .expect("closing parenthesis of __launch_bounds__")
+            + pos;
+        s.replace_range(pos..=end, " ");
+    }
     let mut out = Vec::new();
     let pat = "extern \"C\" __global__";
     let mut rest = s.as_str();

@@ -1,48 +1,14 @@
 // Moving class means (docs/head.md#moving-class-means) and their backward.
 //
-// The per-class column source is decided on the device by `moving_plan`:
+// The per-class column source is decided on the device by `step_begin_*` (stats.cu):
 //   0 UPDATE    E_new = a * c_k + b * E_k     (class present)
 //   1 UPDATE_MU E_new = a * mu  + b * E_k     (Reference policy, step 0, class absent)
 //   2 SET_MU    E_new = mu, with gradient     (Reference policy, later, absent and unseen)
 //   3 HOLD      E_new = E_k, no gradient      (Hold policy absent; Reference absent and seen)
 // (a, b) = (alpha, 1 - alpha) for the exponential average, (1/(t+1), t/(t+1)) cumulative.
-// They live on the device as `w` = [a, b, alpha_new, t] (f64), written by `moving_weights`
+// They live on the device as `w` = [a, b, alpha_new, t] (f64), written by `step_begin_*`
 // from the state scalars [t, alpha], so a step needs no host round trip.
 #include "etf_cuda.h"
-
-// One thread: w = [a, b, alpha_new, t] from scal = [t, alpha]. cumulative: 0 EMA, 1 CMA.
-// EMA: a = 2/(t+2) while alpha > floor, else floor (the reference's schedule).
-extern "C" __global__ void moving_weights_f64(const double* scal, int cumulative, double alpha_floor, double* w) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    double t = scal[0], alpha = scal[1], a;
-    if (cumulative) a = 1.0 / (t + 1.0);
-    else a = alpha > alpha_floor ? 2.0 / (t + 2.0) : alpha_floor;
-    w[0] = a;
-    w[1] = 1.0 - a;
-    w[2] = a;
-    w[3] = t;
-}
-
-// One block (any size <= 1024, a multiple of 32). policy: 0 = Hold, 1 = Reference.
-// seen_new = seen | present (Hold: always; Reference: only on batches in which some class is
-// absent, the reference's quirk). The step t is w[3].
-extern "C" __global__ void moving_plan_i32(const int* counts, int k, const double* w, int policy, const int* seen, int* seen_new, int* source) {
-    const bool first = w[3] == 0.0;
-    int absent = 0;
-    for (int c = threadIdx.x; c < k; c += blockDim.x) absent |= counts[c] == 0;
-    int any_absent = __syncthreads_or(absent);
-    for (int c = threadIdx.x; c < k; c += blockDim.x) {
-        bool present = counts[c] > 0;
-        int s;
-        if (present) s = 0;
-        else if (policy == 0) s = 3;
-        else if (first) s = 1;
-        else if (!seen[c]) s = 2;
-        else s = 3;
-        source[c] = s;
-        seen_new[c] = ((policy == 0 || any_absent) && present) ? 1 : seen[c];
-    }
-}
 
 // Elementwise over the d x K matrix.
 extern "C" __global__ void moving_update_f32(const float* e, const float* centred, const float* mu, const int* source, int d, int k, const double* w, float* e_new) {

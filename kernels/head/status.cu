@@ -6,7 +6,7 @@
 //   [0] first out-of-range label index        (INT_MAX: none)
 //   [1] first non-finite feature index         (INT_MAX: none)
 //   [2] moving means degenerate (||E|| = 0)    (0/1; 2: a replayed step of a head imported
-//                                               without a Prox, see require_prox_i32)
+//                                               without a Prox, set by step_begin_* in stats.cu)
 //   [3] numerical failure in the ETF solve     (0 none, 1 G rank deficient, 2 eigensolver did
 //                                               not converge, 3 singular Lagrangian Hessian)
 //   [4] first non-finite d_logits index        (INT_MAX: none; written by the backward)
@@ -29,13 +29,6 @@ extern "C" __global__ void status_reset_i32(int* status, int which) {
         status[4] = ETF_NONE;
         status[5] = 0;
     }
-}
-
-// status[2] <- 2 when armed[0] == 0: the head's state was imported without a Prox after this
-// step was captured, so its next step is a first step (solved on the host), which a replayed
-// graph cannot run; the step then fails and commits nothing. One thread.
-extern "C" __global__ void require_prox_i32(const int* armed, int* status) {
-    if (threadIdx.x == 0 && blockIdx.x == 0 && armed[0] == 0) status[2] = 2;
 }
 
 // status[entry] <- min(status[entry], first index of a NaN/Inf in x[0..len)). Grid-stride.

@@ -72,7 +72,7 @@ use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::solve::{objective, riemannian_gradient_norm};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{grid_stride, Buffer, DType, Device, LaunchConfig};
+use crate::runtime::{grid_stride, Buffer, DType, Device};
 use crate::stiefel::orthogonality_error;
 
 /// When data-dependent errors reach the host.
@@ -207,7 +207,7 @@ pub struct DeviceHead {
     /// writes its `P` there, so a graph captured earlier keeps addressing the head's `Prox`.
     spare_prox: Option<Buffer>,
     /// 1 i32 on the device: 1 while the head has a `Prox` (a captured step may replay), 0
-    /// after `import_state` without one (a replay then fails; see `require_prox_i32`).
+    /// after `import_state` without one (a replay then fails; see `step_begin_*` in `kernels/head/stats.cu`).
     armed: Buffer,
     /// The previous eigenvectors (K x K f64), for the warm start.
     q_warm: Option<Buffer>,
@@ -222,6 +222,9 @@ pub struct DeviceHead {
     /// The batch size, kept feature type (with `tau`) and first-step flag the backward
     /// workspace was filled with.
     bwd_filled: Option<(usize, Option<DType>, bool)>,
+    /// Whether the status word's backward half may hold a returned backward error (reset
+    /// before the next backward; a forward resets it anyway).
+    bwd_dirty: bool,
 }
 
 /// What decides the buffer requests of an ordinary forward: the batch size, the feature type
@@ -311,6 +314,7 @@ impl DeviceHead {
             arena: 0,
             filled: [None; 2],
             bwd_filled: None,
+            bwd_dirty: false,
         })
     }
 
@@ -430,18 +434,7 @@ impl DeviceHead {
         } else {
             self.arena
         });
-        self.status.reset(dev, Part::Forward)?;
-        if !first_step {
-            // SAFETY: `armed` holds 1 i32, the status word `LEN`.
-            unsafe {
-                kernels::head::status::require_prox_i32(
-                    dev,
-                    LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-                    &self.armed,
-                    &mut self.status.buf,
-                )
-            }?;
-        }
+        self.bwd_dirty = false;
         let mut sf = pipeline::forward_deferred(
             dev,
             raw,
@@ -449,6 +442,7 @@ impl DeviceHead {
             n,
             &self.moving,
             self.stats_options(),
+            (!first_step).then_some(&self.armed),
             &mut self.status,
         )?;
         let (factor, prox_used) = match &self.prox {
@@ -618,7 +612,12 @@ impl DeviceHead {
         let dev = &self.dev;
         let gk = self.opt.gemm;
         let scope = dev.workspace(BACKWARD_WORKSPACE);
-        self.status.reset(dev, Part::Backward)?;
+        if self.bwd_dirty {
+            // A backward since the last forward left its half of the status word set (its
+            // error was returned); the forward's `step_begin` resets both halves otherwise.
+            self.status.reset(dev, Part::Backward)?;
+        }
+        self.bwd_dirty = true;
         // SAFETY: `d_logits` holds `N K` f32 (checked above), the status word `LEN`.
         unsafe {
             kernels::head::status::check_finite_f32(
@@ -641,6 +640,7 @@ impl DeviceHead {
             self.status.read(dev)?.backward_error()?;
         }
         self.pending = None;
+        self.bwd_dirty = false;
         self.bwd_filled = Some(bwd_key);
         Ok(())
     }

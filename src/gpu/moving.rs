@@ -3,9 +3,8 @@
 //! `cpu::moving`. See `docs/head.md` for the definitions.
 
 use super::shape::{block, single_block};
-use super::stats::ClassStatsDev;
+use super::stats::{Bookkeeping, ClassStatsDev};
 use super::status::Status;
-use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::validate::{check_len, fits_i32};
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -87,24 +86,22 @@ pub struct MovingUpdateDev {
     pub w: Buffer,
 }
 
-/// One moving-mean update, without touching `state`: `moving_weights` (device scalars),
-/// `moving_plan` (per-class sources, new `seen` flags), then `moving_update` (element-wise
-/// over d x K). Commit it with [`MovingStateDev::commit`]. No host synchronisation.
+/// One moving-mean update, without touching `state`: `moving_update` (element-wise over
+/// d x K) with the weights and per-class plan that [`super::stats::step_begin`] put on the
+/// device. Commit it with [`MovingStateDev::commit`]. No host synchronisation.
 pub fn moving_update(
     dev: &Device,
     state: &MovingStateDev,
     s: &ClassStatsDev,
-    avg: MovingAverage,
-    policy: AbsentClassPolicy,
-    alpha_floor: f64,
+    bk: &Bookkeeping,
 ) -> Result<MovingUpdateDev> {
     let (d, k) = (state.d, state.k);
     check_len("E", d * k, state.e.len())?;
-    check_len("seen", k, state.seen.len())?;
-    check_len("t, alpha", 2, state.scal.len())?;
     check_len("centred means", d * k, s.centred.len())?;
     check_len("mu", d, s.mu.len())?;
-    check_len("counts", k, s.counts.len())?;
+    check_len("sources", k, bk.source.len())?;
+    check_len("seen_new", k, bk.seen_new.len())?;
+    check_len("weights", 4, bk.w.len())?;
     if s.d != d || s.k != k {
         return Err(Error::ShapeMismatch {
             what: "moving means (d x K)",
@@ -112,38 +109,7 @@ pub fn moving_update(
             got: s.d * s.k,
         });
     }
-    let mut w = dev.alloc(DType::F64, 4)?;
-    // SAFETY: `state.scal` holds 2 f64, `w` 4 (allocated here); one thread.
-    unsafe {
-        kernels::head::moving::moving_weights_f64(
-            dev,
-            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-            &state.scal,
-            i32::from(avg == MovingAverage::Cumulative),
-            alpha_floor,
-            &mut w,
-        )
-    }?;
-    let mut source = dev.alloc(DType::I32, k)?;
-    let mut seen_new = dev.alloc(DType::I32, k)?;
-    let pol = match policy {
-        AbsentClassPolicy::Hold => 0,
-        AbsentClassPolicy::Reference => 1,
-    };
-    // SAFETY: `s.counts`, `state.seen`, `seen_new`, `source` hold `K` (checked above / allocated here), `w` 4.
-    unsafe {
-        kernels::head::moving::moving_plan_i32(
-            dev,
-            LaunchConfig::new((1, 1, 1), (block(dev), 1, 1)),
-            &s.counts,
-            fits_i32(k, "K")?,
-            &w,
-            pol,
-            &state.seen,
-            &mut seen_new,
-            &mut source,
-        )
-    }?;
+    let (source, w) = (bk.source.share(), bk.w.share());
     let mut e_new = dev.alloc(DType::F32, d * k)?;
     if d * k > 0 {
         // SAFETY: `state.e`, `s.centred` and `e_new` hold `d K`, `s.mu` `d`, `source` `K`, `w` 4 (checked above / allocated here).
@@ -164,7 +130,7 @@ pub fn moving_update(
     }
     Ok(MovingUpdateDev {
         e_new,
-        seen_new,
+        seen_new: bk.seen_new.share(),
         source,
         w,
     })

@@ -8,8 +8,8 @@ use super::moving::{
 };
 use super::shape::feat_suffix;
 use super::stats::{
-    class_stats, class_stats_backward, class_stats_backward_into, labels_to_i32_deferred,
-    tau_normalise, tau_normalise_backward_into, ClassStatsDev,
+    class_stats, class_stats_backward, class_stats_backward_into, step_begin, tau_normalise,
+    tau_normalise_backward_into, ClassStatsDev,
 };
 use super::status::Status;
 use crate::core::config::{AbsentClassPolicy, MovingAverage};
@@ -49,8 +49,9 @@ pub struct StatsOptions {
 }
 
 /// The statistics stage (steps 1-4) without host synchronisation: `raw` (N x d,
-/// f32/f16/bf16) and `labels` (N, u32/i64) to `Y` (d x K). Label range, non-finite features
-/// and degenerate means are recorded in `status` (entries 0-2); `state` is not changed (commit
+/// f32/f16/bf16) and `labels` (N, u32/i64) to `Y` (d x K). Resets `status` (both halves; a
+/// missing `Prox` is recorded when `armed` holds 0, see [`super::stats::step_begin`]). Label
+/// range, non-finite features and degenerate means are recorded in `status` (entries 0-2); `state` is not changed (commit
 /// `update` with [`MovingStateDev::commit`]). Shape and type errors are returned at once.
 pub fn forward_deferred(
     dev: &Device,
@@ -59,6 +60,7 @@ pub fn forward_deferred(
     n: usize,
     state: &MovingStateDev,
     opt: StatsOptions,
+    armed: Option<&Buffer>,
     status: &mut Status,
 ) -> Result<StatsForward> {
     let (d, k) = (state.d, state.k);
@@ -68,14 +70,24 @@ pub fn forward_deferred(
     check_len("raw features", n * d, raw.len())?;
     feat_suffix(raw, "raw features")?;
     fits_i32(n * d, "N*d")?;
-    let lab = labels_to_i32_deferred(dev, labels, n, k, status)?;
+    let bk = step_begin(
+        dev,
+        labels,
+        n,
+        state,
+        opt.average,
+        opt.policy,
+        opt.alpha_floor,
+        armed,
+        status,
+    )?;
     super::status::check_finite(dev, raw, status, 1)?;
     let x = match opt.tau {
         Some(t) => Some(tau_normalise(dev, raw, n, d, t)?),
         None => None,
     };
-    let stats = class_stats(dev, x.as_ref().unwrap_or(raw), lab, n, d, k)?;
-    let update = moving_update(dev, state, &stats, opt.average, opt.policy, opt.alpha_floor)?;
+    let stats = class_stats(dev, x.as_ref().unwrap_or(raw), &bk, n, d, k)?;
+    let update = moving_update(dev, state, &stats, &bk)?;
     let (y, norm_buf) = frobenius_normalise_deferred(dev, &update.e_new, status)?;
     Ok(StatsForward {
         x,
@@ -101,7 +113,7 @@ pub fn forward(
     opt: StatsOptions,
 ) -> Result<StatsForward> {
     let mut status = Status::new(dev)?;
-    let f = forward_deferred(dev, raw, labels, n, state, opt, &mut status)?;
+    let f = forward_deferred(dev, raw, labels, n, state, opt, None, &mut status)?;
     let k = state.k;
     status.read(dev)?.forward_error(k, "raw features")?;
     state.commit(dev, &f.update, &status.buf)?;

@@ -7,8 +7,9 @@
 //! gradients are `f32`. Every reduction runs in a fixed order (no float atomics), so results
 //! are bitwise reproducible from run to run.
 
-use super::shape::{block, feat_suffix, Feat};
+use super::shape::{block, feat_suffix, single_block, Feat};
 use super::status::Status;
+use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::validate::{check_len, fits_i32, fits_u32};
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -21,57 +22,159 @@ fn cols(dev: &Device, d: usize) -> u32 {
 }
 
 #[cfg(test)]
-/// Validates labels (`u32` or `i64`, length `n`) and converts them to `i32` on the device.
-/// A label outside `0..k` gives [`Error::LabelOutOfRange`] (first offending position).
+/// Validates labels (`u32` or `i64`, length `n`) and converts them to `i32` on the device
+/// (through [`step_begin`] on a fresh state). A label outside `0..k` gives
+/// [`Error::LabelOutOfRange`] (first offending position).
 pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Result<Buffer> {
-    let mut status = Status::new(dev)?;
-    let out = labels_to_i32_deferred(dev, labels, n, k, &mut status)?;
-    status.read(dev)?.forward_error(k, "labels")?;
-    Ok(out)
+    Ok(bookkeeping(dev, labels, n, k)?.labels)
 }
 
-/// Deferred [`labels_to_i32`]: converts without checking on the host; the first offending
-/// position is recorded in entry 0 of the step status word (see [`super::status`]), and the
-/// converted label there is 0 (so later kernels stay in bounds). No host synchronisation.
-pub fn labels_to_i32_deferred(
+#[cfg(test)]
+/// [`step_begin`] on a fresh state, checked (the labels' errors returned).
+pub fn bookkeeping(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Result<Bookkeeping> {
+    let mut status = Status::new(dev)?;
+    let state = super::moving::MovingStateDev::new(dev, 1, k)?;
+    let bk = step_begin(
+        dev,
+        labels,
+        n,
+        &state,
+        MovingAverage::Exponential,
+        AbsentClassPolicy::Hold,
+        1e-4,
+        None,
+        &mut status,
+    )?;
+    status.read(dev)?.forward_error(k, "labels")?;
+    Ok(bk)
+}
+
+/// What a forward decides from the labels and the state scalars ([`step_begin`]), on the
+/// device.
+#[derive(Debug)]
+pub struct Bookkeeping {
+    /// Validated labels, `i32`, length N (an out-of-range label is 0 here).
+    pub labels: Buffer,
+    /// Class counts, `i32`, length K.
+    pub counts: Buffer,
+    /// Exclusive prefix sum of the counts, `i32`, length K + 1.
+    pub offsets: Buffer,
+    /// The samples of each class in increasing order, `i32`, length N.
+    pub members: Buffer,
+    /// Moving-mean weights `[a, b, alpha_new, t]`, f64 (see `kernels/head/moving.cu`).
+    pub w: Buffer,
+    /// Per-class source of the moving-mean update, `i32`, length K.
+    pub source: Buffer,
+    /// `seen` after the step, `i32`, length K.
+    pub seen_new: Buffer,
+}
+
+/// The forward's bookkeeping in one launch of one block (`step_begin_*` of
+/// `kernels/head/stats.cu`): resets the status word (both halves), records a missing `Prox`
+/// when `armed` is given and holds 0, validates and converts the labels (the first
+/// out-of-range position and its value go to the status word; no host synchronisation),
+/// builds the class counts, offsets and stable member lists, and the moving-mean weights and
+/// per-class plan from `state`.
+#[allow(clippy::too_many_arguments)]
+pub fn step_begin(
     dev: &Device,
     labels: &Buffer,
     n: usize,
-    k: usize,
+    state: &super::moving::MovingStateDev,
+    avg: MovingAverage,
+    policy: AbsentClassPolicy,
+    alpha_floor: f64,
+    armed: Option<&Buffer>,
     status: &mut Status,
-) -> Result<Buffer> {
+) -> Result<Bookkeeping> {
+    let k = state.k;
     check_len("labels", n, labels.len())?;
+    check_len("t, alpha", 2, state.scal.len())?;
+    check_len("seen", k, state.seen.len())?;
+    if let Some(a) = armed {
+        check_len("armed", 1, a.len())?;
+    }
     let (ni, ki) = (fits_i32(n, "N")?, fits_i32(k, "K")?);
-    let mut out = dev.alloc(DType::I32, n)?;
-    let (cfg, one) = (
-        LaunchConfig::linear(n, block(dev)),
-        LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-    );
-    let st = &mut status.buf;
-    // Entry 0 of the status word is the conversion's `bad` slot (it starts at i32::MAX); the
-    // second kernel records the offending label's value, for the error message (no host read
-    // of the labels).
-    // SAFETY: `labels` and `out` hold `n` elements (checked above and allocated here), the
-    // status word `LEN` i32.
+    let mut bk = Bookkeeping {
+        labels: dev.alloc(DType::I32, n)?,
+        counts: dev.alloc(DType::I32, k)?,
+        offsets: dev.alloc(DType::I32, k + 1)?,
+        members: dev.alloc(DType::I32, n)?,
+        w: dev.alloc(DType::F64, 4)?,
+        source: dev.alloc(DType::I32, k)?,
+        seen_new: dev.alloc(DType::I32, k)?,
+    };
+    let cfg = LaunchConfig::new((1, 1, 1), (single_block(dev), 1, 1));
+    let cum = i32::from(avg == MovingAverage::Cumulative);
+    let pol = match policy {
+        AbsentClassPolicy::Hold => 0,
+        AbsentClassPolicy::Reference => 1,
+    };
+    let Bookkeeping {
+        labels: lab,
+        counts,
+        offsets,
+        members,
+        w,
+        source,
+        seen_new,
+    } = &mut bk;
+    let (sc, seen, st) = (&state.scal, &state.seen, &mut status.buf);
+    // SAFETY: `labels` and `lab`, `members` hold `N`, `counts`, `source`, `seen_new` and
+    // `state.seen` `K`, `offsets` `K + 1`, `w` 4, `state.scal` 2 (checked above or allocated
+    // here), `armed` 1 (checked above), the status word `LEN`; one block of at most 1024
+    // threads, a multiple of 32.
     unsafe {
         match labels.dtype() {
-            DType::U32 => {
-                kstats::labels_to_i32_u32(dev, cfg, labels, ni, ki, &mut out, st)?;
-                kstats::record_bad_label_u32(dev, one, labels, ni, st)?;
-            }
-            DType::I64 => {
-                kstats::labels_to_i32_i64(dev, cfg, labels, ni, ki, &mut out, st)?;
-                kstats::record_bad_label_i64(dev, one, labels, ni, st)?;
-            }
-            other => {
-                return Err(Error::InvalidParameter {
-                    name: "labels",
-                    reason: format!("labels must be u32 or i64, got {other:?}"),
-                })
-            }
+            DType::U32 => kstats::step_begin_u32(
+                dev,
+                cfg,
+                labels,
+                ni,
+                ki,
+                armed,
+                sc,
+                cum,
+                alpha_floor,
+                pol,
+                seen,
+                st,
+                lab,
+                counts,
+                offsets,
+                members,
+                w,
+                seen_new,
+                source,
+            ),
+            DType::I64 => kstats::step_begin_i64(
+                dev,
+                cfg,
+                labels,
+                ni,
+                ki,
+                armed,
+                sc,
+                cum,
+                alpha_floor,
+                pol,
+                seen,
+                st,
+                lab,
+                counts,
+                offsets,
+                members,
+                w,
+                seen_new,
+                source,
+            ),
+            other => Err(Error::InvalidParameter {
+                name: "labels",
+                reason: format!("labels must be u32 or i64, got {other:?}"),
+            }),
         }
-    }
-    Ok(out)
+    }?;
+    Ok(bk)
 }
 
 /// `x_i = tau * r_i / max(||r_i||, 1e-12)`: `raw` N x d (f32/f16/bf16) to `x` N x d f32.
@@ -165,14 +268,13 @@ pub struct ClassStatsDev {
     pub centred: Buffer,
 }
 
-/// Class counts, global mean and centred class means of `x` (N x d, f32/f16/bf16) with
-/// validated `i32` labels (see [`labels_to_i32`]). Kernel order: `class_counts`,
-/// `class_offsets`, `class_members` (stable per-class member lists), `class_sums_*`
-/// (grid `ceil(d/256) x K`), `class_means` (one thread per feature).
+/// Global mean and centred class means of `x` (N x d, f32/f16/bf16) from the forward's
+/// [`Bookkeeping`]. Kernel order: `class_sums_*` (grid `ceil(d/256) x K`), `class_means`
+/// (one thread per feature).
 pub fn class_stats(
     dev: &Device,
     x: &Buffer,
-    labels: Buffer,
+    bk: &Bookkeeping,
     n: usize,
     d: usize,
     k: usize,
@@ -181,53 +283,25 @@ pub fn class_stats(
         return Err(Error::EmptyBatch);
     }
     check_len("features", n * d, x.len())?;
-    check_len("labels", n, labels.len())?;
+    check_len("labels", n, bk.labels.len())?;
+    check_len("members", n, bk.members.len())?;
+    check_len("counts", k, bk.counts.len())?;
+    check_len("offsets", k + 1, bk.offsets.len())?;
     let sfx = feat_suffix(x, "features")?;
     let (ni, di, ki) = (fits_i32(n, "N")?, fits_i32(d, "d")?, fits_i32(k, "K")?);
-    let mut counts = dev.alloc(DType::I32, k)?;
-    let mut offsets = dev.alloc(DType::I32, k + 1)?;
-    let mut members = dev.alloc(DType::I32, n)?;
+    let (offsets, members, counts) = (&bk.offsets, &bk.members, &bk.counts);
     let mut sums = dev.alloc(DType::F32, k * d)?;
     let mut mu = dev.alloc(DType::F32, d)?;
     let mut centred = dev.alloc(DType::F32, d * k)?;
-    let per_class = LaunchConfig::linear(k, block(dev));
-    // SAFETY: `labels` holds `N` i32 (converted above), `counts` `K` (allocated here).
-    unsafe {
-        kernels::head::stats::class_counts_i32(dev, per_class, &labels, ni, ki, &mut counts)
-    }?;
-    // SAFETY: `counts` holds `K`, `offsets` `K + 1` (allocated here); one thread.
-    unsafe {
-        kernels::head::stats::class_offsets_i32(
-            dev,
-            LaunchConfig::new((1, 1, 1), (1, 1, 1)),
-            &counts,
-            ki,
-            &mut offsets,
-        )
-    }?;
-    // SAFETY: `labels` and `members` hold `N`, `offsets` `K + 1` (allocated here).
-    unsafe {
-        kernels::head::stats::class_members_i32(
-            dev,
-            per_class,
-            &labels,
-            ni,
-            ki,
-            &offsets,
-            &mut members,
-        )
-    }?;
     if d > 0 {
         let cfg = LaunchConfig::new((cols(dev, d), fits_u32(k, "K")?, 1), (block(dev), 1, 1));
         // SAFETY: `x` holds `n d` elements (checked above), `offsets` `k + 1`, `members` `n`
         // and `sums` `k d` (allocated here).
         unsafe {
             match sfx {
-                Feat::F32 => kstats::class_sums_f32(dev, cfg, x, di, &offsets, &members, &mut sums),
-                Feat::F16 => kstats::class_sums_f16(dev, cfg, x, di, &offsets, &members, &mut sums),
-                Feat::BF16 => {
-                    kstats::class_sums_bf16(dev, cfg, x, di, &offsets, &members, &mut sums)
-                }
+                Feat::F32 => kstats::class_sums_f32(dev, cfg, x, di, offsets, members, &mut sums),
+                Feat::F16 => kstats::class_sums_f16(dev, cfg, x, di, offsets, members, &mut sums),
+                Feat::BF16 => kstats::class_sums_bf16(dev, cfg, x, di, offsets, members, &mut sums),
             }
         }?;
         // SAFETY: `sums` holds `K d`, `counts` `K`, `mu` `d`, `centred` `d K` (allocated here).
@@ -236,7 +310,7 @@ pub fn class_stats(
                 dev,
                 LaunchConfig::linear(d, block(dev)),
                 &sums,
-                &counts,
+                counts,
                 ni,
                 di,
                 ki,
@@ -249,8 +323,8 @@ pub fn class_stats(
         n,
         d,
         k,
-        labels,
-        counts,
+        labels: bk.labels.share(),
+        counts: bk.counts.share(),
         mu,
         centred,
     })

@@ -186,8 +186,8 @@ fn class_stats_and_backward_match_reference() {
                 let (xb, x64) = upload_features(&dev, &x, ft);
                 let y = labels_for(&mut rng, n, k, absent);
                 let yb = upload_labels(&dev, &y, wide);
-                let lab = dstats::labels_to_i32(&dev, &yb, n, k).unwrap();
-                let s = dstats::class_stats(&dev, &xb, lab, n, d, k).unwrap();
+                let bk = dstats::bookkeeping(&dev, &yb, n, k).unwrap();
+                let s = dstats::class_stats(&dev, &xb, &bk, n, d, k).unwrap();
                 let r = stats::class_stats(&x64, &y, n, d, k);
                 let what = format!("{} class_stats {ft:?} n={n} d={d} k={k}", dev.name());
                 let counts: Vec<usize> = dev
@@ -284,11 +284,23 @@ fn moving_means_and_frobenius_match_reference() {
                         // a different class absent: class 0
                         y.iter_mut().for_each(|v| *v = 1 + *v % (k - 1));
                     }
-                    let lab =
-                        dstats::labels_to_i32(&dev, &upload_labels(&dev, &y, false), n, k).unwrap();
-                    let s = dstats::class_stats(&dev, &xb, lab, n, d, k).unwrap();
+                    let mut status = crate::gpu::status::Status::new(&dev).unwrap();
+                    let yb = upload_labels(&dev, &y, false);
+                    let bk = dstats::step_begin(
+                        &dev,
+                        &yb,
+                        n,
+                        &st_dev,
+                        avg,
+                        policy,
+                        1e-4,
+                        None,
+                        &mut status,
+                    )
+                    .unwrap();
+                    let s = dstats::class_stats(&dev, &xb, &bk, n, d, k).unwrap();
                     let r = stats::class_stats(&x64, &y, n, d, k);
-                    let u = dmoving::moving_update(&dev, &st_dev, &s, avg, policy, 1e-4).unwrap();
+                    let u = dmoving::moving_update(&dev, &st_dev, &s, &bk).unwrap();
                     // A step whose status word records an error commits nothing.
                     let bad = crate::gpu::status::Status::new(&dev).unwrap();
                     // SAFETY: every buffer is allocated for the sizes and launch shape given.

@@ -2,15 +2,15 @@
 // B = sym(P^T G) = Q diag(s) Q^T, with U = P Q. Given V = dL/dP:
 //   Z = U^T V Q                      gemm, gemm
 //   T_ij = (Z_ij s_i + Z_ji s_j) / (s_i + s_j)            tangent_t
-//   u = (U T - V Q) diag(1/s) Q^T    gemm, sub_scale_cols_f64, gemm
+//   u = (U T - V Q) (Q diag(1/s))^T  gemm (beta = -1, in place), gemm
 //   dL/dY = -c u M                   dy_from_u (row-mean removal, to f32)
 // float64 up to dL/dY. Grid-stride loops: any launch shape.
 #include "etf_cuda.h"
 
 // status[5] <- 3 when some s_i + s_j is zero (singular Lagrangian Hessian; the CPU test).
-extern "C" __global__ void tangent_t_f64(const double* z, const double* s, int k, double* t, int* status) {
-    double scale = 0.0;
-    for (int i = 0; i < k; i++) scale = fmax(scale, fabs(s[i]));
+// s_max[0] = max |s| (written by jacobi_factor_f64).
+extern "C" __global__ void tangent_t_f64(const double* z, const double* s, const double* s_max, int k, double* t, int* status) {
+    const double scale = s_max[0];
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)k * k; e += stride) {
         int i = (int)(e / k), j = (int)(e % k);
@@ -22,13 +22,6 @@ extern "C" __global__ void tangent_t_f64(const double* z, const double* s, int k
         }
         t[e] = (z[e] * s[i] + z[(size_t)j * k + i] * s[j]) / den;
     }
-}
-
-// w[i][c] = (w[i][c] - vq[i][c]) * s_inv[c].
-extern "C" __global__ void sub_scale_cols_f64(double* w, const double* vq, const double* s_inv, int rows, int k) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)rows * k; e += stride)
-        w[e] = (w[e] - vq[e]) * s_inv[e % k];
 }
 
 // One thread per row j: dy[j][c] = -cc * (u[j][c] - mean_c u[j][.]), as f32.

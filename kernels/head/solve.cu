@@ -1,8 +1,8 @@
 // The nearest simplex ETF on the device (docs/solve.md), around the products of gemm.cu and
 // the eigensolver of jacobi.cu:
 //   G = c Y M + delta Prox           build_g (M = I - 11^T/K: row-mean removal, fused)
-//   G^T G = Q diag(s^2) Q^T          gemm + jacobi_eig_f64
-//   U = G Q diag(1/s), P = U Q^T     gemm + scale_cols_f64 + gemm
+//   G^T G = Q diag(s^2) Q^T          gemm + jacobi_factor_f64 (or refine.cu's iterations first)
+//   U = G (Q diag(1/s)), P = U Q^T   gemm + gemm
 // All float64. Grid-stride loops: any launch shape.
 #include "etf_cuda.h"
 
@@ -19,24 +19,6 @@ extern "C" __global__ void build_g_f64(const float* y, const double* prox, int d
             g[o] = cc * ((double)yr[c] - m) + delta * prox[o];
         }
     }
-}
-
-// One thread: s = sqrt(lam), s_inv = 1 / s. G is rank deficient (status[3] <- 1) when
-// lam_max <= 0 or lam_min <= 1e-28 lam_max (the CPU head's test).
-extern "C" __global__ void singular_values_f64(const double* lam, int k, double* s, double* s_inv, int* status) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    double lmax = 0.0, lmin = lam[0];
-    for (int i = 0; i < k; i++) {
-        lmax = fmax(lmax, lam[i]);
-        lmin = fmin(lmin, lam[i]);
-    }
-    bool ok = lmax > 0.0 && lmin > lmax * 1e-28;
-    for (int i = 0; i < k; i++) {
-        double v = sqrt(fmax(lam[i], 0.0));
-        s[i] = v;
-        s_inv[i] = ok ? 1.0 / v : 0.0;
-    }
-    if (!ok) status[3] = 1;
 }
 
 // x[i][c] *= s[c] for a rows x k matrix.
@@ -68,17 +50,6 @@ extern "C" __global__ void symmetrise_f64(const double* a, int k, double* b) {
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)k * k; e += stride) {
         long long i = e / k, j = e % k;
         b[e] = 0.5 * (a[e] + a[j * k + i]);
-    }
-}
-
-// One thread: s = lam, s_inv = 1 / lam (eigenvalues of B = sym(P^T G), any sign). A zero
-// eigenvalue is a numerical failure (status[3] <- 1). No-op when *gate != 0.
-extern "C" __global__ void eigenvalues_inv_f64(const double* lam, int k, double* s, double* s_inv, int* status, const int* gate) {
-    if (threadIdx.x != 0 || blockIdx.x != 0 || *gate) return;
-    for (int i = 0; i < k; i++) {
-        s[i] = lam[i];
-        s_inv[i] = lam[i] != 0.0 ? 1.0 / lam[i] : 0.0;
-        if (lam[i] == 0.0) status[3] = 1;
     }
 }
 

@@ -51,12 +51,11 @@ __device__ __forceinline__ void round_robin_pair(int r, int m, int i, int* p, in
 // absolute part of the rotation test. Returns the sweeps used; *converged tells whether the
 // last sweep rotated nothing. Every thread of the block must call it. MAXP >= (k + 1) / 2.
 template <int MAXP>
-__device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double floor_abs, bool* converged_out) {
+__device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double floor_abs, bool* converged_out, double tol_rel = 2.220446049250313e-16) {
     __shared__ int pp[MAXP], qq[MAXP];
     __shared__ double cs[MAXP], sn[MAXP];
     __shared__ double dp[MAXP], dq[MAXP];
     __shared__ int act[MAXP];
-    const double eps = 2.220446049250313e-16;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int m = k + (k & 1), half = m / 2;
     int sweep = 0;
@@ -65,6 +64,7 @@ __device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double
         int rotated = 0;
         for (int r = 0; r < m - 1; r++) {
             // 1. Rotations of this round.
+            int round_on = 0;
             for (int i = tid; i < half; i += nt) {
                 int p, q;
                 round_robin_pair(r, m, i, &p, &q);
@@ -75,7 +75,7 @@ __device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double
                 if (q < k) {
                     double apq = a[(size_t)p * k + q];
                     double app = a[(size_t)p * k + p], aqq = a[(size_t)q * k + q];
-                    if (fabs(apq) > floor_abs && fabs(apq) > eps * sqrt(fabs(app * aqq))) {
+                    if (fabs(apq) > floor_abs && fabs(apq) > tol_rel * sqrt(fabs(app * aqq))) {
                         // Symmetric Schur decomposition (Golub & Van Loan, Alg. 8.4.1).
                         double theta = (aqq - app) / (2.0 * apq);
                         double t = (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(1.0 + theta * theta));
@@ -89,9 +89,11 @@ __device__ int jacobi_sweeps(double* a, double* v, int k, int max_sweeps, double
                 cs[i] = c;
                 sn[i] = s;
                 act[i] = on;
-                rotated |= on;
+                round_on |= on;
             }
-            __syncthreads();
+            rotated |= round_on;
+            // A round in which no pair rotates leaves A and V as they are.
+            if (!__syncthreads_or(round_on)) continue;
             // 2. Rows p, q of A: A <- J^T A.
             for (long long e = tid; e < (long long)half * k; e += nt) {
                 int i = (int)(e / k), j = (int)(e % k);
@@ -161,6 +163,107 @@ extern "C" __global__ void jacobi_eig_f64(double* a, double* v, int k, int max_s
         info[0] = sweep;
         if (!converged) status[3] = 2;
     }
+}
+
+namespace etf {
+
+// The tail of jacobi_factor_f64 / jacobi_refined_f64 (see there), v already holding the start
+// basis; every thread of the block calls it. Returns nothing; writes the outputs.
+__device__ __forceinline__ void factor_tail(double* a, double* v, int k, int max_sweeps, double tol_rel, int mode, double* s, double* s_inv, double* vs, double* s_max, int* info, int* status) {
+    __shared__ double scratch[33];
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const long long kk = (long long)k * k;
+    const double floor_abs = rounding_floor(a, kk);
+    // One coalesced pass first: when no pair needs a rotation (a refined warm start), the
+    // sweeps, whose rounds each cost a barrier, are skipped.
+    int need = 0;
+    for (long long e = tid; e < kk && !need; e += nt) {
+        const long long p = e / k, q = e % k;
+        if (q <= p) continue;
+        const double apq = a[e];
+        need = fabs(apq) > floor_abs && fabs(apq) > tol_rel * sqrt(fabs(a[p * k + p] * a[q * k + q]));
+    }
+    bool converged = true;
+    int sweep = 0;
+    if (__syncthreads_or(need)) sweep = jacobi_sweeps<512>(a, v, k, max_sweeps, floor_abs, &converged, tol_rel);
+    double hi = -INFINITY, lo = INFINITY, amax = 0.0;
+    int zero = 0;
+    for (int i = tid; i < k; i += nt) {
+        const double l = a[(size_t)i * k + i];
+        hi = fmax(hi, l);
+        lo = fmin(lo, l);
+        amax = fmax(amax, fabs(l));
+        zero |= l == 0.0;
+    }
+    hi = block_reduce(hi, scratch, (double)-INFINITY, Max());
+    lo = -block_reduce(-lo, scratch, (double)-INFINITY, Max());
+    amax = block_reduce(amax, scratch, 0.0, Max());
+    zero = __syncthreads_or(zero);
+    const bool ok = mode ? (hi > 0.0 && lo > hi * 1e-28) : !zero;
+    for (int i = tid; i < k; i += nt) {
+        const double l = a[(size_t)i * k + i];
+        const double sv = mode ? sqrt(fmax(l, 0.0)) : l;
+        s[i] = sv;
+        s_inv[i] = ok && sv != 0.0 ? 1.0 / sv : 0.0;
+    }
+    __syncthreads();
+    for (long long e = tid; e < kk; e += nt) vs[e] = v[e] * s_inv[e % k];
+    if (tid == 0) {
+        info[0] = sweep;
+        s_max[0] = mode ? sqrt(fmax(hi, 0.0)) : amax;
+        if (!converged) status[3] = 2;
+        if (!ok) status[3] = 1;
+    }
+}
+
+}  // namespace etf
+
+// The factorisation a polar decomposition needs, in one launch of one block: the cyclic
+// Jacobi above on a (K x K, destroyed), then the spectrum's square roots and their inverses.
+//   v:      in: opt_v0 (the start basis; the identity when null); out: eigenvectors (columns).
+//   mode 1: a is a Gram matrix G^T G (or Q0^T G^T G Q0): s = sqrt(lambda); rank deficient
+//           (status[3] <- 1) when lambda_max <= 0 or lambda_min <= 1e-28 lambda_max.
+//   mode 0: a is symmetric B itself: s = lambda (any sign); a zero eigenvalue is a failure.
+//   s_inv = 1 / s (0 on failure), vs = v diag(s_inv) (K x K), s_max[0] = max |s|,
+//   info[0] = sweeps used, info[1] = 0 (jacobi_refined_f64's fallback flag); no convergence
+//   within max_sweeps: status[3] <- 2 (rank deficiency takes precedence).
+// tol_rel: the relative rotation test |a_pq| > tol_rel sqrt(|a_pp a_qq|) (eps: to rounding
+// level), with the absolute floor eps ||A||_F. A first pass over A skips the sweeps when no
+// pair fails the test (info[0] = 0).
+// One block, blockDim a multiple of 32 (<= 1024); K <= 1024. gate as in gemm.cu.
+extern "C" __global__ void __launch_bounds__(1024) jacobi_factor_f64(double* a, const double* opt_v0, double* v, int k, int max_sweeps, double tol_rel, int mode, double* s, double* s_inv, double* vs, double* s_max, int* info, int* status, const int* gate) {
+    if (gate && *gate) return;
+    const long long kk = (long long)k * k;
+    for (long long e = threadIdx.x; e < kk; e += blockDim.x) v[e] = opt_v0 ? opt_v0[e] : (e / k == e % k ? 1.0 : 0.0);
+    if (threadIdx.x == 0) info[1] = 0;
+    __syncthreads();
+    etf::factor_tail(a, v, k, max_sweeps, tol_rel, mode, s, s_inv, vs, s_max, info, status);
+}
+
+// The end of a refined eigensolve (refine.cu), with its fallback decided on the device:
+// x is the refined basis after its Newton–Schulz steps X (3 I - C) / 2, c = X^T X taken
+// before the first, sx = x^T A x; a0 = q0^T A q0 with q0 the unrefined start (null: the
+// identity, a0 = A). When ||c - I||_F <= 1e-3, x is orthonormal to rounding level (two
+// steps leave 3/4 (3/4 ||R||^2)^2 <= 4e-13) and the Jacobi tail runs on sx from v = x with the relative threshold
+// tol_rel (it rotates what the refinement left: pairs of nearly equal eigenvalues);
+// otherwise the refinement diverged (a start too far away) and it runs on a0 from v = q0 to
+// rounding level: the plain warm one-block solve. info[1] <- 1 when the fallback ran. Gram
+// mode (s = sqrt(lambda)). One block as jacobi_factor_f64.
+extern "C" __global__ void __launch_bounds__(1024) jacobi_refined_f64(double* sx, const double* x, const double* c, double* a0, const double* opt_q0, double* v, int k, int max_sweeps, double tol_rel, double* s, double* s_inv, double* vs, double* s_max, int* info, int* status) {
+    __shared__ double scratch[33];
+    const long long kk = (long long)k * k;
+    double dev = 0.0;
+    for (long long e = threadIdx.x; e < kk; e += blockDim.x) {
+        const double r = c[e] - (e / k == e % k ? 1.0 : 0.0);
+        dev += r * r;
+    }
+    dev = etf::block_sum(dev, scratch);
+    const bool refined = sqrt(dev) <= 1e-3;  // NaN fails too
+    for (long long e = threadIdx.x; e < kk; e += blockDim.x)
+        v[e] = refined ? x[e] : opt_q0 ? opt_q0[e] : (e / k == e % k ? 1.0 : 0.0);
+    __syncthreads();
+    if (threadIdx.x == 0) info[1] = refined ? 0 : 1;
+    etf::factor_tail(refined ? sx : a0, v, k, max_sweeps, refined ? tol_rel : 2.220446049250313e-16, 1, s, s_inv, vs, s_max, info, status);
 }
 
 // ---- block Jacobi (many blocks) -----------------------------------------------------------

@@ -17,6 +17,10 @@ pub struct SolveReport {
     /// Jacobi sweeps of the GPU head's eigensolver (0 for the CPU head, whose eigensolver
     /// is LAPACK-style, and for the first step, solved on the host).
     pub sweeps: usize,
+    /// `true` when the GPU head's refined eigensolver (`EigenSolver::Refine`) found its
+    /// refinement diverged (a warm start too far from this step's matrix) and solved with the
+    /// plain warm Jacobi instead (always `false` for the CPU head and the other solvers).
+    pub refine_fallback: bool,
 }
 
 /// The last training forward's solution, reported the same way by both heads

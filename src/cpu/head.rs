@@ -75,6 +75,7 @@ impl<T: Real> Slot<T> {
                 orthogonality: 0.0,
                 first_step: false,
                 sweeps: 0,
+                refine_fallback: false,
             },
         }
     }

@@ -254,6 +254,7 @@ impl Solver {
             orthogonality,
             first_step,
             sweeps: 0,
+            refine_fallback: false,
         })
     }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! Z = U^T (V Q)                                   gemm, gemm
 //! T_ij = (Z_ij s_i + Z_ji s_j) / (s_i + s_j)      tangent_t
-//! u = (U T - V Q) diag(1/s) Q^T                   gemm, sub_scale_cols_f64, gemm
+//! u = (U T - V Q) (Q diag(1/s))^T                 gemm (beta = -1), gemm
 //! dL/dY = -c u M                                  dy_from_u (to f32)
 //! ```
 //!

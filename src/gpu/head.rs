@@ -713,8 +713,14 @@ impl DeviceHead {
         let g = from_row_major(&dev.download::<f64>(&l.factor.g)?, d, k);
         let y = from_row_major(&dev.download::<f32>(&l.y)?, d, k);
         let prox = from_row_major(&dev.download::<f64>(&l.prox_used)?, d, k);
-        let sweeps = dev.download::<i32>(&l.factor.sweeps)?[0].max(0) as usize;
-        let newton = dev.download::<i32>(&l.factor.newton)?[0].max(0) as usize;
+        let info = dev.download::<i32>(&l.factor.sweeps)?;
+        let sweeps = info[0].max(0) as usize;
+        // The polish's counters exist only when it runs (they are not written otherwise).
+        let newton = if self.opt.max_newton_steps > 0 && !l.first_step {
+            dev.download::<i32>(&l.factor.newton)?[0].max(0) as usize
+        } else {
+            0
+        };
         Ok(Some(SolveReport {
             steps: newton,
             grad_norm: riemannian_gradient_norm(p.as_ref(), g.as_ref())?,
@@ -722,6 +728,7 @@ impl DeviceHead {
             orthogonality: orthogonality_error(p.as_ref()),
             first_step: l.first_step,
             sweeps,
+            refine_fallback: info[1] == 1,
         }))
     }
 

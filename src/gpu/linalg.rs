@@ -182,24 +182,41 @@ pub const MAX_JACOBI_K: usize = 1024;
 /// Widest column block of the block-Jacobi eigensolver (its `2b x 2b` sub-problems and tiles
 /// live in shared memory: `2 (2b)^2` doubles = 36 KiB at `b = 24`).
 pub const MAX_BLOCK_WIDTH: usize = 24;
-/// Largest `K` that [`EigenSolver::Auto`] gives to the one-block solver on a GPU.
-pub const AUTO_ONE_BLOCK_MAX_K: usize = 96;
+/// Largest `K` that [`EigenSolver::Auto`] gives to the one-block solver; above it (up to
+/// [`MAX_JACOBI_K`]) it picks [`EigenSolver::Refine`]. At `K <= 128` a warm one-block Jacobi
+/// is one launch of one or two sweeps over a matrix that fits in an SM's cache; above, its
+/// `K - 1` rounds per sweep (a barrier each) on one SM cost more than the refinement's
+/// products on the whole GPU (`BENCHMARKS.md`, the GPU cost model).
+pub const AUTO_ONE_BLOCK_MAX_K: usize = 128;
+/// Ogita–Aishima iterations of [`EigenSolver::Refine`] per solve (each takes the error `e`
+/// of a well-separated pair to about `e^2 / gap`: two take a warm start's `1e-3` to `1e-12`;
+/// the Jacobi after them rotates the rest).
+pub const REFINE_ITERATIONS: usize = 2;
+/// Newton–Schulz orthonormalisation steps after the iterations (each takes a defect `r` to
+/// `3/4 r^2`: two take `1e-3` to `4e-13`).
+pub const REFINE_NS_STEPS: usize = 2;
+/// Relative rotation threshold of the Jacobi that finishes [`EigenSolver::Refine`]: pairs
+/// whose off-diagonal is below `1e-10 sqrt(|a_pp a_qq|)` after the refinement are left, which
+/// changes `P` by about as much relative (far inside the head's `1e-8` agreement with the CPU
+/// head), and lets a converged refinement skip the sweeps (a one-pass check instead).
+pub const REFINE_JACOBI_TOL: f64 = 1e-10;
 
 /// Which symmetric eigensolver runs (`kernels/linalg/jacobi.cu`). Both are cyclic Jacobi with the
 /// same rotation test, so they end at the same accuracy; they differ in how the work is
 /// spread over the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EigenSolver {
-    /// On a GPU: one block for `K <=` [`AUTO_ONE_BLOCK_MAX_K`], blocks of width
-    /// [`MAX_BLOCK_WIDTH`] above. On the CPU execution: one block up to [`MAX_JACOBI_K`]
-    /// (its real-thread barriers make the block solver's many small launches slow there),
-    /// blocks above.
+    /// One block for `K <=` [`AUTO_ONE_BLOCK_MAX_K`], [`EigenSolver::Refine`] up to
+    /// [`MAX_JACOBI_K`], blocks of width [`MAX_BLOCK_WIDTH`] above (the same on both
+    /// backends, so CI runs the GPU's path).
     #[default]
     Auto,
     /// The whole matrix in one CUDA block (`K <=` [`MAX_JACOBI_K`]). A round streams all of
     /// `A` through one SM.
     OneBlock,
-    /// Block Jacobi over many CUDA blocks, any `K`: column blocks of `width` (1 to
+    /// Block Jacobi over many CUDA blocks, any `K` (the only solver above
+    /// [`MAX_JACOBI_K`]; its sweeps are launched from the host, `2 nb - 1` launches each, so it
+    /// is far from the stream-operation budget): column blocks of `width` (1 to
     /// [`MAX_BLOCK_WIDTH`]) are paired round-robin; each pair's `2 width` square
     /// sub-problem is diagonalised in its own block, then every tile of `A` is rotated in
     /// its own block. `2 (ceil(K / width) rounded up to even) - 1` launches per sweep.
@@ -216,14 +233,13 @@ pub enum EigenSolver {
 }
 
 impl EigenSolver {
-    /// The solver that runs for a `k x k` problem on `dev`.
+    /// The solver that runs for a `k x k` problem on `dev` (with a warm start available; a
+    /// cold start runs [`EigenSolver::Refine`]'s Jacobi alone).
     pub fn resolve(self, dev: &Device, k: usize) -> EigenSolver {
-        let one_block_max = match dev.backend() {
-            Backend::Cuda => AUTO_ONE_BLOCK_MAX_K,
-            Backend::Cpu => MAX_JACOBI_K,
-        };
+        let _ = dev;
         match self {
-            EigenSolver::Auto if k <= one_block_max => EigenSolver::OneBlock,
+            EigenSolver::Auto if k <= AUTO_ONE_BLOCK_MAX_K => EigenSolver::OneBlock,
+            EigenSolver::Auto if k <= MAX_JACOBI_K => EigenSolver::Refine,
             EigenSolver::Auto => EigenSolver::Blocked {
                 width: MAX_BLOCK_WIDTH,
             },
@@ -420,5 +436,230 @@ pub fn identity(dev: &Device, v: &mut Buffer, k: usize) -> Result<()> {
     // SAFETY: `v` holds `K K` f64 (checked above).
     unsafe {
         kernels::elementwise::ops::identity_f64(dev, grid_stride(dev, k * k), v, fits_i32(k, "K")?)
+    }
+}
+
+/// The factorisation a polar decomposition needs, in one launch of one block
+/// (`jacobi_factor_f64` of `kernels/linalg/jacobi.cu`): cyclic Jacobi on `a` (K x K,
+/// destroyed) from the basis `v0` (`None`: the identity) with the rotation test
+/// `|a_pq| > tol_rel sqrt(|a_pp a_qq|)`, then, per `gram`, `s = sqrt(lambda)` (`a` a Gram
+/// matrix) or `s = lambda` (`a` symmetric), `s_inv = 1/s`, `vs = V diag(1/s)` and
+/// `s_max = max |s|`. `v` gets the eigenvectors (columns), `info[0]` the sweeps (0 when a
+/// first pass found nothing to rotate). Failures go to entry 3 of `status` (1: singular, 2: no
+/// convergence within `max_sweeps`). A nonzero `gate` at run time makes it a no-op.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn jacobi_factor(
+    dev: &Device,
+    a: &mut Buffer,
+    v0: Option<&Buffer>,
+    k: usize,
+    max_sweeps: usize,
+    tol_rel: f64,
+    gram: bool,
+    out: FactorOut<'_>,
+    status: &mut Status,
+    gate: Option<&Buffer>,
+) -> Result<()> {
+    if k > MAX_JACOBI_K {
+        return Err(Error::InvalidParameter {
+            name: "eigensolver",
+            reason: format!("the one-block eigensolver takes K <= {MAX_JACOBI_K}, got {k}"),
+        });
+    }
+    check_buffer(a, "eig A", k * k, DType::F64)?;
+    if let Some(v0) = v0 {
+        check_buffer(v0, "eig V0", k * k, DType::F64)?;
+    }
+    check_buffer(out.v, "eig V", k * k, DType::F64)?;
+    check_buffer(out.s, "s", k, DType::F64)?;
+    check_buffer(out.s_inv, "1/s", k, DType::F64)?;
+    check_buffer(out.vs, "V diag(1/s)", k * k, DType::F64)?;
+    check_buffer(out.s_max, "max |s|", 1, DType::F64)?;
+    check_buffer(out.info, "eig info", 2, DType::I32)?;
+    let threads = factor_threads(dev, k);
+    // SAFETY: `a`, `v0`, `v`, `vs` hold `K K`, `s`, `s_inv` `K`, `s_max` 1, `info` 2 (checked
+    // above), the status word `LEN`, the gate 1 i32 (`check_gate`); one block of a multiple of
+    // 32 threads and `K <= 1024`, as the kernel requires.
+    unsafe {
+        kernels::linalg::jacobi::jacobi_factor_f64(
+            dev,
+            LaunchConfig::new((1, 1, 1), (threads, 1, 1)),
+            a,
+            v0,
+            out.v,
+            fits_i32(k, "K")?,
+            fits_i32(max_sweeps, "max_sweeps")?,
+            tol_rel,
+            i32::from(gram),
+            out.s,
+            out.s_inv,
+            out.vs,
+            out.s_max,
+            out.info,
+            &mut status.buf,
+            check_gate(gate)?,
+        )
+    }
+}
+
+/// Threads of the one-block factor kernels.
+fn factor_threads(dev: &Device, k: usize) -> u32 {
+    match dev.backend() {
+        // Real host threads: a barrier costs ~0.1 ms, so keep the block small.
+        Backend::Cpu => 32,
+        Backend::Cuda if k <= 64 => 64,
+        Backend::Cuda if k <= 256 => 256,
+        Backend::Cuda => 1024,
+    }
+}
+
+/// The outputs of [`jacobi_factor`].
+#[derive(Debug)]
+pub(crate) struct FactorOut<'a> {
+    /// Eigenvectors (K x K, columns).
+    pub v: &'a mut Buffer,
+    /// `s` (K).
+    pub s: &'a mut Buffer,
+    /// `1/s` (K).
+    pub s_inv: &'a mut Buffer,
+    /// `V diag(1/s)` (K x K).
+    pub vs: &'a mut Buffer,
+    /// `max |s|` (1).
+    pub s_max: &'a mut Buffer,
+    /// Sweeps used and whether the refinement's fallback ran (2 i32).
+    pub info: &'a mut Buffer,
+}
+
+/// [`REFINE_ITERATIONS`] Ogita–Aishima iterations (`kernels/linalg/refine.cu`) on the
+/// symmetric `a` (K x K) from the identity, then the one-block Jacobi on what they leave
+/// (`jacobi_refined_f64`), writing the factor of `a` into `out` (Gram mode:
+/// `s = sqrt(lambda)`). The head hands it `a = (G Q0)^T (G Q0)`, the Gram matrix in the
+/// previous step's eigenbasis: nearly diagonal, and formed from nearly orthogonal columns, so
+/// its small eigenvalues keep their relative accuracy (forming `G^T G` first and rotating it
+/// would not). The first iteration (`X = I`) is the correction alone; each later one is four
+/// products (`X^T X`, `A X`, `X^T A X`, `X (I + E)`) and the correction; then
+/// [`REFINE_NS_STEPS`] Newton–Schulz orthonormalisations (`X^T X`, the correction,
+/// `X (3I - X^T X)/2`), `A X`, `X^T A X` and the Jacobi: a fixed sequence of
+/// `5 REFINE_ITERATIONS + 3 REFINE_NS_STEPS - 1` launches, no host decision.
+/// The Jacobi rotates the pairs of nearly equal eigenvalues that the iterations leave, to
+/// [`REFINE_JACOBI_TOL`]. When the basis before the Newton–Schulz steps is not orthonormal
+/// to `1e-3` in Frobenius norm (the iterations diverged: a start too far away) it runs on `a`
+/// itself from the identity instead, to rounding level: the plain warm solve; `info[1]`
+/// records that fallback. Failures go to entry 3 of `status`.
+pub(crate) fn refine(
+    dev: &Device,
+    kernel: GemmKernel,
+    a: &mut Buffer,
+    k: usize,
+    max_sweeps: usize,
+    out: FactorOut<'_>,
+    status: &mut Status,
+) -> Result<()> {
+    check_buffer(a, "refine A", k * k, DType::F64)?;
+    if k > MAX_JACOBI_K {
+        return Err(Error::InvalidParameter {
+            name: "eigensolver",
+            reason: format!("the refinement's Jacobi takes K <= {MAX_JACOBI_K}, got {k}"),
+        });
+    }
+    check_buffer(out.v, "eig V", k * k, DType::F64)?;
+    check_buffer(out.s, "s", k, DType::F64)?;
+    check_buffer(out.s_inv, "1/s", k, DType::F64)?;
+    check_buffer(out.vs, "V diag(1/s)", k * k, DType::F64)?;
+    check_buffer(out.s_max, "max |s|", 1, DType::F64)?;
+    check_buffer(out.info, "eig info", 2, DType::I32)?;
+    let ki = fits_i32(k, "K")?;
+    let mut xs = [dev.alloc(DType::F64, k * k)?, dev.alloc(DType::F64, k * k)?];
+    let mut c = dev.alloc(DType::F64, k * k)?;
+    let mut ax = dev.alloc(DType::F64, k * k)?;
+    let mut sx = dev.alloc(DType::F64, k * k)?;
+    let mut f = dev.alloc(DType::F64, k * k)?;
+    let square = |ta| Gemm::new(ta, false, k, k, k);
+    // First iteration, X = I: C = I and S = A, so X_1 = I + E is the correction itself.
+    // SAFETY: `a` and `xs[0]` hold `K K` f64 (checked above, allocated here); grid-stride.
+    unsafe {
+        kernels::linalg::refine::refine_correction_f64(
+            dev,
+            grid_stride(dev, k * k),
+            None,
+            a,
+            ki,
+            0,
+            &mut xs[0],
+        )
+    }?;
+    for it in 1..REFINE_ITERATIONS {
+        let [xa, xb] = &mut xs;
+        let (x, next) = if it % 2 == 1 { (&*xa, xb) } else { (&*xb, xa) };
+        square(true).run(dev, kernel, x, x, &mut c)?;
+        square(false).run(dev, kernel, a, x, &mut ax)?;
+        square(true).run(dev, kernel, x, &ax, &mut sx)?;
+        // SAFETY: `c`, `sx`, `f` hold `K K` f64 (allocated here); grid-stride.
+        unsafe {
+            kernels::linalg::refine::refine_correction_f64(
+                dev,
+                grid_stride(dev, k * k),
+                Some(&c),
+                &sx,
+                ki,
+                0,
+                &mut f,
+            )
+        }?;
+        square(false).run(dev, kernel, x, &f, next)?;
+    }
+    // Newton–Schulz steps, X <- X (3 I - X^T X) / 2, make the basis orthonormal to rounding
+    // level: what the Jacobi's rotations preserve. The first step's `X^T X` stays in `c`
+    // for the Jacobi's acceptance test.
+    let mut c2 = dev.alloc(DType::F64, k * k)?;
+    for step in 0..REFINE_NS_STEPS {
+        let [xa, xb] = &mut xs;
+        let (x, next) = if (REFINE_ITERATIONS - 1 + step) % 2 == 0 {
+            (&*xa, xb)
+        } else {
+            (&*xb, xa)
+        };
+        let cs = if step == 0 { &mut c } else { &mut c2 };
+        square(true).run(dev, kernel, x, x, cs)?;
+        // SAFETY: `cs`, `f` hold `K K` f64 (allocated here); `orth_only` reads only `cs`.
+        unsafe {
+            kernels::linalg::refine::refine_correction_f64(
+                dev,
+                grid_stride(dev, k * k),
+                Some(cs),
+                cs,
+                ki,
+                1,
+                &mut f,
+            )
+        }?;
+        square(false).run(dev, kernel, x, &f, next)?;
+    }
+    let x = &xs[(REFINE_ITERATIONS - 1 + REFINE_NS_STEPS) % 2];
+    square(false).run(dev, kernel, a, x, &mut ax)?;
+    square(true).run(dev, kernel, x, &ax, &mut sx)?;
+    // SAFETY: `sx`, `x`, `c`, `a`, `out.v`, `out.vs` hold `K K`, `out.s`, `out.s_inv`
+    // `K`, `out.s_max` 1, `out.info` 2 (allocated here or checked above), the status word
+    // `LEN`; one block of a multiple of 32 threads and `K <= 1024`.
+    unsafe {
+        kernels::linalg::jacobi::jacobi_refined_f64(
+            dev,
+            LaunchConfig::new((1, 1, 1), (factor_threads(dev, k), 1, 1)),
+            &mut sx,
+            x,
+            &c,
+            a,
+            None,
+            out.v,
+            ki,
+            fits_i32(max_sweeps, "max_sweeps")?,
+            REFINE_JACOBI_TOL,
+            out.s,
+            out.s_inv,
+            out.vs,
+            out.s_max,
+            out.info,
+            &mut status.buf,
+        )
     }
 }

@@ -53,6 +53,7 @@ pub struct StatsOptions {
 /// missing `Prox` is recorded when `armed` holds 0, see [`super::stats::step_begin`]). Label
 /// range, non-finite features and degenerate means are recorded in `status` (entries 0-2); `state` is not changed (commit
 /// `update` with [`MovingStateDev::commit`]). Shape and type errors are returned at once.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_deferred(
     dev: &Device,
     raw: &Buffer,

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! G   = c Y M + delta Prox                       build_g (row-mean removal fused)
-//! G^T G = Q diag(s^2) Q^T                        gemm, Jacobi (warm: Q0^T G^T G Q0)
-//! U   = G Q diag(1/s),  P = U Q^T                gemm, scale_cols_f64, gemm
+//! G^T G = Q diag(s^2) Q^T                        gemms, one-block Jacobi (warm: (G Q0)^T G Q0),
+//!                                                or Ogita–Aishima refinement + Jacobi (large K)
+//! U   = G (Q diag(1/s)),  P = U Q^T              gemm, gemm
 //! ```
 //!
 //! This is the CPU head's Procrustes (Gram) route without its polish: `P` is the polar factor
@@ -19,7 +20,9 @@ use crate::kernels;
 use crate::kernels::elementwise::ops as elementwise;
 use crate::kernels::head::solve as ksolve;
 
-use super::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
+use super::linalg::{
+    congruence, identity, jacobi_factor, refine, sym_eig, EigenSolver, FactorOut, Gemm, GemmKernel,
+};
 use super::status::Status;
 use super::stiefel::{tangent_solve, FactorDev};
 use crate::core::validate::check_len;
@@ -63,6 +66,18 @@ pub fn build_g(
 /// The Procrustes solve of `G` (d x K f64): the polar factor and the factor of `B`.
 /// `warm`: the previous eigenvectors `Q0` (K x K), or `None` for a cold start. Failures
 /// (rank-deficient `G`, no convergence) are recorded in entry 3 of `status`.
+///
+/// Per eigensolver (after [`EigenSolver::resolve`]):
+/// - one block, warm: `H = G Q0`, `A = H^T H` (two products), then `jacobi_factor` from
+///   `V = Q0` (one launch; it also writes `s`, `1/s`, `Q diag(1/s)`, `max |s|`);
+/// - one block, cold (and [`EigenSolver::Refine`] without a warm start): `A = G^T G`, then
+///   `jacobi_factor` from the identity;
+/// - refinement, warm: `A = G^T G`, the Ogita–Aishima iterations from `Q0`
+///   ([`super::linalg::refine`]), then `jacobi_factor` on what they leave;
+/// - blocks: `A` as above, the host-driven block Jacobi, then `jacobi_factor` on its diagonal
+///   result (a check pass and the singular values);
+///
+/// then `U = G (Q diag(1/s))` and `P = U Q^T` (two products).
 #[allow(clippy::too_many_arguments)]
 pub fn procrustes(
     dev: &Device,
@@ -75,50 +90,117 @@ pub fn procrustes(
     max_sweeps: usize,
     status: &mut Status,
 ) -> Result<FactorDev> {
-    let mut gram = dev.alloc(DType::F64, k * k)?;
-    Gemm::new(true, false, k, k, d).run(dev, gk, &g, &g, &mut gram)?;
-    let (mut a, mut q) = match warm {
-        Some(q0) => {
-            // A' = Q0^T (G^T G) Q0, V = Q0.
-            (congruence(dev, gk, None, &gram, q0, k)?, dev.copy(q0)?)
-        }
-        None => {
-            let mut q = dev.alloc(DType::F64, k * k)?;
-            identity(dev, &mut q, k)?;
-            (gram, q)
-        }
+    let solver = eig.resolve(dev, k);
+    solver.validate(k)?;
+    let gram = |dev: &Device| -> Result<Buffer> {
+        let mut a = dev.alloc(DType::F64, k * k)?;
+        Gemm::new(true, false, k, k, d).run(dev, gk, &g, &g, &mut a)?;
+        Ok(a)
     };
-    let mut lam = dev.alloc(DType::F64, k)?;
-    let mut sweeps = dev.alloc(DType::I32, 1)?;
-    sym_eig(
-        dev,
-        eig,
-        &mut a,
-        &mut q,
-        k,
-        max_sweeps,
-        &mut lam,
-        &mut sweeps,
-        status,
-        None,
-    )?;
+    let mut q = dev.alloc(DType::F64, k * k)?;
     let mut s = dev.alloc(DType::F64, k)?;
     let mut s_inv = dev.alloc(DType::F64, k)?;
-    // SAFETY: `lam`, `s`, `s_inv` hold `K` (allocated here), the status word `LEN`; one block.
-    unsafe {
-        kernels::head::solve::singular_values_f64(
-            dev,
-            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-            &lam,
-            k as i32,
-            &mut s,
-            &mut s_inv,
-            &mut status.buf,
-        )
-    }?;
+    let mut vs = dev.alloc(DType::F64, k * k)?;
+    let mut s_max = dev.alloc(DType::F64, 1)?;
+    let mut sweeps = dev.alloc(DType::I32, 2)?;
+    let out = FactorOut {
+        v: &mut q,
+        s: &mut s,
+        s_inv: &mut s_inv,
+        vs: &mut vs,
+        s_max: &mut s_max,
+        info: &mut sweeps,
+    };
+    let eps = f64::EPSILON;
+    match (solver, warm) {
+        (EigenSolver::Refine, Some(q0)) => {
+            // In the previous eigenbasis: H = G Q0, A' = H^T H; refined from the identity to
+            // A' = V diag(s^2) V^T; then Q = Q0 V and Q diag(1/s) = Q0 (V diag(1/s)).
+            let mut h = dev.alloc(DType::F64, d * k)?;
+            Gemm::new(false, false, d, k, k).run(dev, gk, &g, q0, &mut h)?;
+            let mut a = dev.alloc(DType::F64, k * k)?;
+            Gemm::new(true, false, k, k, d).run(dev, gk, &h, &h, &mut a)?;
+            let mut v = dev.alloc(DType::F64, k * k)?;
+            let mut v_s = dev.alloc(DType::F64, k * k)?;
+            let out = FactorOut {
+                v: &mut v,
+                vs: &mut v_s,
+                ..out
+            };
+            refine(dev, gk, &mut a, k, max_sweeps, out, status)?;
+            let square = Gemm::new(false, false, k, k, k);
+            square.run(dev, gk, q0, &v, &mut q)?;
+            square.run(dev, gk, q0, &v_s, &mut vs)?;
+            // U = G Q diag(1/s) = H (V diag(1/s)).
+            let mut u = dev.alloc(DType::F64, d * k)?;
+            Gemm::new(false, false, d, k, k).run(dev, gk, &h, &v_s, &mut u)?;
+            return finish(dev, gk, g, u, q, s, s_inv, vs, s_max, sweeps, d, k);
+        }
+        (EigenSolver::Blocked { .. }, _) => {
+            // The host-driven block solver, then the factor from its (diagonal) result.
+            let mut a = gram(dev)?;
+            let mut v = dev.alloc(DType::F64, k * k)?;
+            match warm {
+                Some(q0) => {
+                    a = congruence(dev, gk, None, &a, q0, k)?;
+                    dev.copy_into(&mut v, q0)?;
+                }
+                None => identity(dev, &mut v, k)?,
+            }
+            let mut lam = dev.alloc(DType::F64, k)?;
+            let mut info = dev.alloc(DType::I32, 1)?;
+            sym_eig(
+                dev, solver, &mut a, &mut v, k, max_sweeps, &mut lam, &mut info, status, None,
+            )?;
+            jacobi_factor(dev, &mut a, Some(&v), k, 1, eps, true, out, status, None)?;
+        }
+        (_, Some(q0)) => {
+            // A' = (G Q0)^T (G Q0), from V = Q0.
+            let mut h = dev.alloc(DType::F64, d * k)?;
+            Gemm::new(false, false, d, k, k).run(dev, gk, &g, q0, &mut h)?;
+            let mut a = dev.alloc(DType::F64, k * k)?;
+            Gemm::new(true, false, k, k, d).run(dev, gk, &h, &h, &mut a)?;
+            jacobi_factor(
+                dev,
+                &mut a,
+                Some(q0),
+                k,
+                max_sweeps,
+                eps,
+                true,
+                out,
+                status,
+                None,
+            )?;
+        }
+        (_, None) => {
+            let mut a = gram(dev)?;
+            jacobi_factor(
+                dev, &mut a, None, k, max_sweeps, eps, true, out, status, None,
+            )?;
+        }
+    }
     let mut u = dev.alloc(DType::F64, d * k)?;
-    Gemm::new(false, false, d, k, k).run(dev, gk, &g, &q, &mut u)?;
-    scale_cols(dev, &mut u, &s_inv, d, k)?;
+    Gemm::new(false, false, d, k, k).run(dev, gk, &g, &vs, &mut u)?;
+    finish(dev, gk, g, u, q, s, s_inv, vs, s_max, sweeps, d, k)
+}
+
+/// `P = U Q^T` and the factor.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    dev: &Device,
+    gk: GemmKernel,
+    g: Buffer,
+    u: Buffer,
+    q: Buffer,
+    s: Buffer,
+    s_inv: Buffer,
+    vs: Buffer,
+    s_max: Buffer,
+    sweeps: Buffer,
+    d: usize,
+    k: usize,
+) -> Result<FactorDev> {
     let mut p = dev.alloc(DType::F64, d * k)?;
     Gemm::new(false, true, d, k, k).run(dev, gk, &u, &q, &mut p)?;
     Ok(FactorDev {
@@ -127,9 +209,11 @@ pub fn procrustes(
         q,
         s,
         s_inv,
+        vs,
+        s_max,
         g,
         sweeps,
-        newton: dev.alloc_zeros(DType::I32, 2)?,
+        newton: dev.alloc(DType::I32, 2)?,
     })
 }
 
@@ -184,6 +268,8 @@ pub fn newton_polish(
     if max_steps == 0 {
         return Ok(f);
     }
+    let _ = eig;
+    f.newton = dev.alloc_zeros(DType::I32, 2)?;
     let mut done = dev.alloc_zeros(DType::I32, 1)?;
     let mut hist = dev.alloc_zeros(DType::F64, 3)?;
     let grad_rel = crate::core::constants::grad_tol_rel(d, k);
@@ -258,33 +344,28 @@ pub fn newton_polish(
         // SAFETY: `ptg` and `b` hold `K K` (allocated here).
         unsafe { ksolve::symmetrise_f64(dev, grid_stride(dev, k * k), &ptg, k as i32, &mut b) }?;
         let mut a = congruence(dev, gk, Some(&done), &b, &f.q, k)?;
-        let mut q = dev.copy(&f.q)?;
-        let mut lam = dev.alloc(DType::F64, k)?;
-        sym_eig(
+        let mut q = dev.alloc(DType::F64, k * k)?;
+        // `B`'s eigenvalues are `s` itself (mode 0), written into the factor directly: the
+        // gate keeps them when the polish has stopped.
+        jacobi_factor(
             dev,
-            eig,
             &mut a,
-            &mut q,
+            Some(&f.q),
             k,
             max_sweeps,
-            &mut lam,
-            &mut f.sweeps,
+            f64::EPSILON,
+            false,
+            FactorOut {
+                v: &mut q,
+                s: &mut f.s,
+                s_inv: &mut f.s_inv,
+                vs: &mut f.vs,
+                s_max: &mut f.s_max,
+                info: &mut f.sweeps,
+            },
             status,
             Some(&done),
         )?;
-        // SAFETY: `lam` holds `K` (allocated here), `f.s`, `f.s_inv` `K` (checked by `f.check`), the status word `LEN`, `done` 1.
-        unsafe {
-            kernels::head::solve::eigenvalues_inv_f64(
-                dev,
-                LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-                &lam,
-                k as i32,
-                &mut f.s,
-                &mut f.s_inv,
-                &mut status.buf,
-                Some(&done),
-            )
-        }?;
         let mut u = dev.alloc(DType::F64, d * k)?;
         Gemm::new(false, false, d, k, k).run_gated(dev, gk, Some(&done), &z, &q, &mut u)?;
         // Commit the step unless the check stopped the polish.

@@ -79,6 +79,13 @@ pub(super) struct CudaBuf {
     bytes: usize,
 }
 
+impl CudaBuf {
+    /// The allocation (for cuBLAS, `blas.rs`).
+    pub(super) fn slice(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
 /// One CUDA context and stream, with the kernel modules loaded on first use.
 pub(super) struct CudaDevice {
     ctx: Arc<CudaContext>,

@@ -18,7 +18,14 @@
 //! that every buffer belongs to this device. Sizes cannot be checked from a signature, so
 //! [`Device::launch`] is `unsafe`; the typed wrappers of [`crate::kernels`] are the usual way
 //! in.
+//!
+//! Dense products can also go through cuBLAS ([`blas`]): [`Device::blas_gemm`] runs a
+//! row-major f32/f64 product on the device's stream, capturable in a graph, and returns `false`
+//! where there is no cuBLAS (the CPU execution, or no loadable libcublas, which cudarc loads at
+//! run time like the driver), so the caller launches its own kernel; [`Device::blas_name`] says
+//! which library is in use.
 
+pub mod blas;
 pub mod buffer;
 #[cfg_attr(not(feature = "cpu-exec"), path = "cpu_none.rs")]
 mod cpu;
@@ -63,6 +70,8 @@ pub struct Device {
     counters: Arc<Counters>,
     workspaces: Mutex<Workspaces>,
     capture: Mutex<Option<Recording>>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    blas: blas::BlasState,
 }
 
 #[derive(Debug)]
@@ -96,6 +105,7 @@ impl Device {
             counters: Arc::default(),
             workspaces: Mutex::default(),
             capture: Mutex::default(),
+            blas: blas::BlasState::default(),
         }
     }
 
@@ -273,7 +283,9 @@ impl Device {
         }
     }
 
-    /// A short description ("CPU execution", or the GPU's name).
+    /// A short description: "CPU execution", or the GPU's name with the BLAS its products go
+    /// through when there is one ("NVIDIA H200 (sm_90) + cuBLAS 13.0"; asking sets cuBLAS up,
+    /// see [`Device::blas_name`]).
     pub fn name(&self) -> String {
         match &self.inner {
             DevInner::Cpu => {
@@ -283,7 +295,10 @@ impl Device {
                     "CPU execution".into()
                 }
             }
-            DevInner::Cuda(c) => c.name(),
+            DevInner::Cuda(c) => match self.blas_name() {
+                Some(blas) => format!("{} + {blas}", c.name()),
+                None => c.name(),
+            },
         }
     }
 

@@ -12,7 +12,10 @@ use crate::runtime::{grid_stride, Backend, Buffer, DType, Device, LaunchConfig};
 /// Which product kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmKernel {
-    /// Tiled on a GPU, direct on the CPU execution.
+    /// cuBLAS on a GPU when libcublas loads ([`Device::blas_name`]; `Dgemm` on Hopper's FP64
+    /// tensor cores, `Sgemm` without TF32), for every product that is not behind a device
+    /// gate (the Newton polish's); else the tiled kernel on a GPU, the direct one on the CPU
+    /// execution.
     #[default]
     Auto,
     /// 64 x 64 shared-memory tiles, 256 threads per block (the GPU path).
@@ -108,6 +111,14 @@ impl Gemm {
         check_buffer(b, "gemm B", self.l * self.n, dt)?;
         check_buffer(c, "gemm C", self.m * self.n, dt)?;
         if self.m == 0 || self.n == 0 {
+            return Ok(());
+        }
+        if kernel == GemmKernel::Auto
+            && gate.is_none()
+            && dev.blas_gemm(
+                self.ta, self.tb, self.m, self.n, self.l, self.alpha, a, b, self.beta, c,
+            )?
+        {
             return Ok(());
         }
         let kind = kernel.resolve(dev);

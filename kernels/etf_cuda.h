@@ -110,3 +110,33 @@ __device__ __forceinline__ bool forward_ok(const int* status) {
     return status[0] == 2147483647 && status[1] == 2147483647 && status[2] == 0 && status[3] == 0;
 }
 }  // namespace etf
+
+namespace etf {
+// Deterministic grid-wide sum in one launch: every block passes its block-reduced partial
+// (valid in thread 0). Thread 0 stores it in partials[blockIdx.x] and takes a ticket; the last
+// block to arrive sums the partials in block order (the same order on every run, whatever the
+// blocks' timing), writes *result, resets *ticket to 0 for the next launch, and returns true
+// in all its threads; every other block returns false. ticket: an int that is 0 between
+// launches (zero-filled once when allocated). partials: gridDim.x doubles.
+__device__ __forceinline__ bool grid_sum_last(double part, double* partials, int* ticket, double* result) {
+    __shared__ int s_last;
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = part;
+        __threadfence();
+        const int t = atomicAdd(ticket, 1);
+        s_last = t == (int)(gridDim.x * gridDim.y * gridDim.z) - 1;
+    }
+    __syncthreads();
+    if (!s_last) return false;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        double s = 0.0;
+        const volatile double* p = partials;
+        for (int b = 0; b < (int)(gridDim.x * gridDim.y * gridDim.z); b++) s += p[b];
+        *result = s;
+        *ticket = 0;
+    }
+    __syncthreads();
+    return true;
+}
+}  // namespace etf

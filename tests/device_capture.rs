@@ -364,7 +364,8 @@ fn capture_refuses_what_cannot_be_replayed() {
     head.forward_into(&x, &y, &mut z).unwrap();
     expect_capture_error(head.backward(&dz), "allocate");
     let graph = head.device().end_capture().unwrap();
-    assert!(graph.recorded_ops().unwrap() > 20);
+    // A steady-state forward is 14 to 16 stream operations (`tests/stream_ops.rs`).
+    assert!(graph.recorded_ops().unwrap() >= 14);
     drop(graph); // never launched: the step did not run, though the host saw it
                  // A trainer abandoning a capture resynchronises the state; then the heads agree again.
     head.import_state(twin.export_state().unwrap()).unwrap();

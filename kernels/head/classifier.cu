@@ -22,23 +22,6 @@ extern "C" __global__ void weights_from_p_f64(const double* p, int d, int k, dou
     }
 }
 
-// One thread per class c: b[c] = -sum_j w[c][j] mu[j].
-extern "C" __global__ void bias_from_w_f32(const float* w, const float* mu, int k, int d, float* b) {
-    const int stride = gridDim.x * blockDim.x;
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < k; c += stride) {
-        etf::Kahan acc;
-        for (int j = 0; j < d; j++) acc.add(w[(size_t)c * d + j] * mu[j]);
-        b[c] = -acc.s;
-    }
-}
-
-// z[i][c] += b[c] for an n x k matrix.
-extern "C" __global__ void add_bias_rows_f32(float* z, const float* b, int n, int k) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < (long long)n * k; e += stride)
-        z[e] += b[e % k];
-}
-
 // One thread per column c: s[c] = scale * sum_i z[i][c].
 extern "C" __global__ void col_sums_f32(const float* z, int n, int k, float scale, float* s) {
     const int stride = gridDim.x * blockDim.x;
@@ -49,37 +32,54 @@ extern "C" __global__ void col_sums_f32(const float* z, int n, int k, float scal
     }
 }
 
-// One thread per feature j: dW[c][j] = dwt[c][j] - db[c] mu[j];
-// v[j][c] = a (dW[c][j] - mean_c dW[.][j])  (f64, d x K).
-extern "C" __global__ void weights_backward_f32(const float* dwt, const float* db, const float* mu, int k, int d, double a, double* v) {
+// One block per class c (blockDim a multiple of 32): b[c] = -sum_j w[c][j] mu[j] (fixed-order
+// block sum), and column c of the n x k logits pre-filled with b[c], so that the logits
+// product adds X W^T onto it (beta = 1): bias_from_w_f32 and add_bias_rows_f32 in one launch.
+extern "C" __global__ void bias_prefill_f32(const float* w, const float* mu, int k, int d, int n, float* b, float* z) {
+    __shared__ float scratch[33];
+    const int c = blockIdx.x;
+    etf::Kahan acc;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) acc.add(w[(size_t)c * d + j] * mu[j]);
+    const float bc = -etf::block_sum(acc.s, scratch);
+    if (threadIdx.x == 0) b[c] = bc;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) z[(size_t)i * k + c] = bc;
+}
+
+// One thread per column c of dZ = dL/dlogits (n x k, grid-stride): s[c] = scale sum_i z[i][c]
+// (col_sums_f32), and a non-finite entry's flat index into status[entry] (atomicMin: the
+// first), as check_finite_f32 does.
+extern "C" __global__ void dlogits_prep_f32(const float* z, int n, int k, float scale, float* s, int* status, int entry) {
+    const int stride = gridDim.x * blockDim.x;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < k; c += stride) {
+        etf::Kahan acc;
+        int bad = -1;
+        for (int i = 0; i < n; i++) {
+            const float v = z[(size_t)i * k + c];
+            if (!(fabsf(v) <= 1e30f) && bad < 0) bad = i * k + c;
+            acc.add(v);
+        }
+        s[c] = scale * acc.s;
+        if (bad >= 0) atomicMin(status + entry, bad);
+    }
+}
+
+// weights_backward_f32 and dmu_bias_f32 in one pass, one thread per feature j:
+// v[j][c] = a (dW[c][j] - mean_c dW[.][j]) with dW = dwt - db mu^T (f64, d x K), and
+// dmu[j] = -sum_c w[c][j] db[c].
+extern "C" __global__ void weights_backward_dmu_f32(const float* dwt, const float* db, const float* mu, const float* w, int k, int d, double a, double* v, float* dmu) {
     const int stride = gridDim.x * blockDim.x;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
         double m = 0.0;
-        for (int c = 0; c < k; c++) m += (double)dwt[(size_t)c * d + j] - (double)db[c] * (double)mu[j];
+        etf::Kahan acc;
+        for (int c = 0; c < k; c++) {
+            m += (double)dwt[(size_t)c * d + j] - (double)db[c] * (double)mu[j];
+            acc.add(w[(size_t)c * d + j] * db[c]);
+        }
         m /= k;
         for (int c = 0; c < k; c++) {
             double g = (double)dwt[(size_t)c * d + j] - (double)db[c] * (double)mu[j];
             v[(size_t)j * k + c] = a * (g - m);
         }
-    }
-}
-
-// One thread per feature j: dmu[j] = -sum_c w[c][j] db[c].
-extern "C" __global__ void dmu_bias_f32(const float* w, const float* db, int k, int d, float* dmu) {
-    const int stride = gridDim.x * blockDim.x;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
-        etf::Kahan acc;
-        for (int c = 0; c < k; c++) acc.add(w[(size_t)c * d + j] * db[c]);
         dmu[j] = -acc.s;
     }
-}
-
-// x[i] = float(raw[i]): f16/bf16 features widened for the f32 products.
-extern "C" __global__ void widen_f16(const __half* raw, long long len, float* x) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) x[e] = __half2float(raw[e]);
-}
-extern "C" __global__ void widen_bf16(const __nv_bfloat16* raw, long long len, float* x) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < len; e += stride) x[e] = __bfloat162float(raw[e]);
 }

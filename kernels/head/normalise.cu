@@ -1,61 +1,8 @@
-// Normalisations: feature rows to norm tau (docs/head.md#feature-normalisation) and the Frobenius
-// normalisation Y = E / ||E|| (step 4), with their backward. Deterministic reductions.
+// Normalisations: feature rows to norm tau (docs/head.md#feature-normalisation), with the
+// finiteness check of the features, and the backward's per-row gradient through every path;
+// the Frobenius normalisation Y = E / ||E|| of the first step (later steps fuse it into
+// solve.cu's build_g; its norm comes from moving.cu). Deterministic reductions.
 #include "etf_cuda.h"
-
-// One block per row (blockDim.x a multiple of 32); x = tau * r / max(||r||, 1e-12), x in f32.
-template <typename F>
-__device__ __forceinline__ void tau_normalise(const F* raw, int d, float tau, float* x) {
-    __shared__ float scratch[33];
-    const F* r = raw + (size_t)blockIdx.x * d;
-    etf::ScaledSumSq q = etf::block_sumsq_scaled(r, d, scratch);
-    float nrm = q.m * sqrtf(q.ss);
-    float s = tau / fmaxf(nrm, 1e-12f);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) x[(size_t)blockIdx.x * d + j] = s * etf::to_f32(r[j]);
-}
-extern "C" __global__ void tau_normalise_f32(const float* raw, int d, float tau, float* x) { tau_normalise(raw, d, tau, x); }
-extern "C" __global__ void tau_normalise_f16(const __half* raw, int d, float tau, float* x) { tau_normalise(raw, d, tau, x); }
-extern "C" __global__ void tau_normalise_bf16(const __nv_bfloat16* raw, int d, float tau, float* x) { tau_normalise(raw, d, tau, x); }
-
-// dr = tau / ||r|| * (dx - r (r . dx) / ||r||^2) if ||r|| > 1e-12, else tau / 1e-12 * dx.
-// With r = m r' (m = 1 unless the plain sum of squares over- or underflows):
-// r (r . dx) / ||r||^2 = r' (r' . dx) / ||r'||^2.
-template <typename F>
-__device__ __forceinline__ void tau_normalise_backward(const F* raw, const float* dx, int d, float tau, float* dr) {
-    __shared__ float scratch[33];
-    size_t row = (size_t)blockIdx.x * d;
-    etf::ScaledSumSq q = etf::block_sumsq_scaled(raw + row, d, scratch);
-    etf::Kahan dot;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) dot.add(etf::to_f32(raw[row + j]) / q.m * dx[row + j]);
-    float rd = etf::block_sum(dot.s, scratch);
-    float nrm = q.m * sqrtf(q.ss);
-    if (nrm > 1e-12f) {
-        float s = tau / nrm, p = rd / q.ss;
-        for (int j = threadIdx.x; j < d; j += blockDim.x)
-            dr[row + j] = s * (dx[row + j] - etf::to_f32(raw[row + j]) / q.m * p);
-    } else {
-        for (int j = threadIdx.x; j < d; j += blockDim.x) dr[row + j] = tau / 1e-12f * dx[row + j];
-    }
-}
-extern "C" __global__ void tau_normalise_backward_f32(const float* raw, const float* dx, int d, float tau, float* dr) { tau_normalise_backward(raw, dx, d, tau, dr); }
-extern "C" __global__ void tau_normalise_backward_f16(const __half* raw, const float* dx, int d, float tau, float* dr) { tau_normalise_backward(raw, dx, d, tau, dr); }
-extern "C" __global__ void tau_normalise_backward_bf16(const __nv_bfloat16* raw, const float* dx, int d, float tau, float* dr) { tau_normalise_backward(raw, dx, d, tau, dr); }
-
-// out[0] = ||a||, overflow-free (see etf::block_sumsq_scaled). One block, blockDim.x a multiple
-// of 32.
-extern "C" __global__ void norm_single_block_f32(const float* a, int len, float* out) {
-    __shared__ float scratch[33];
-    etf::ScaledSumSq q = etf::block_sumsq_scaled(a, len, scratch);
-    if (threadIdx.x == 0) out[0] = q.m * sqrtf(q.ss);
-}
-
-// out[0] = sum_i a_i b_i. One block, blockDim.x a multiple of 32.
-extern "C" __global__ void dot_single_block_f32(const float* a, const float* b, int len, float* out) {
-    __shared__ float scratch[33];
-    etf::Kahan acc;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) acc.add(a[i] * b[i]);
-    float s = etf::block_sum(acc.s, scratch);
-    if (threadIdx.x == 0) out[0] = s;
-}
 
 // y = e / norm[0], elementwise.
 extern "C" __global__ void frobenius_scale_f32(const float* e, const float* norm, int len, float* y) {
@@ -63,8 +10,72 @@ extern "C" __global__ void frobenius_scale_f32(const float* e, const float* norm
     if (i < len) y[i] = e[i] / norm[0];
 }
 
-// de = (dy - y * dot[0]) / norm[0], with dot[0] = <y, dy>.
-extern "C" __global__ void frobenius_normalise_backward_f32(const float* y, const float* dy, const float* norm, const float* dot, int len, float* de) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < len) de[i] = (dy[i] - y[i] * dot[0]) / norm[0];
+// ---- the forward's feature rows and the backward's per-row gradient (one block per row) ---
+
+// One block per row i (blockDim.x a multiple of 32): x_i = s_i r_i in f32, with
+//   tau > 0: s_i = tau / max(||r_i||, 1e-12) (the feature normalisation), stored as
+//            scale[i] = s_i, or -s_i when the 1e-12 floor applied (the backward needs it);
+//   tau = 0: s_i = 1 (a conversion to f32; scale not written).
+// A non-finite element (or |v| > 1e30, MAX_MAGNITUDE of src/core/validate.rs) records its
+// flat index in status[1] (atomicMin: the first one), the first in row-major order.
+template <typename F>
+__device__ __forceinline__ void prepare_rows(const F* raw, int d, float tau, float* x, float* scale, int* status) {
+    __shared__ float scratch[33];
+    __shared__ int s_bad;
+    const size_t row = (size_t)blockIdx.x * d;
+    const F* r = raw + row;
+    if (threadIdx.x == 0) s_bad = 2147483647;
+    __syncthreads();
+    int bad = 2147483647;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        const float v = etf::to_f32(r[j]);
+        if (!(fabsf(v) <= 1e30f) && bad == 2147483647) bad = j;
+    }
+    if (bad != 2147483647) atomicMin(&s_bad, bad);
+    float s = 1.0f;
+    if (tau > 0.0f) {
+        const etf::ScaledSumSq q = etf::block_sumsq_scaled(r, d, scratch);
+        const float nrm = q.m * sqrtf(q.ss);
+        s = tau / fmaxf(nrm, 1e-12f);
+        if (threadIdx.x == 0) scale[blockIdx.x] = nrm > 1e-12f ? s : -s;
+    } else {
+        __syncthreads();
+    }
+    for (int j = threadIdx.x; j < d; j += blockDim.x) x[row + j] = s * etf::to_f32(r[j]);
+    if (threadIdx.x == 0 && s_bad != 2147483647) atomicMin(status + 1, (int)(row + s_bad));
+}
+extern "C" __global__ void prepare_rows_f32(const float* raw, int d, float tau, float* x, float* scale, int* status) { prepare_rows(raw, d, tau, x, scale, status); }
+extern "C" __global__ void prepare_rows_f16(const __half* raw, int d, float tau, float* x, float* scale, int* status) { prepare_rows(raw, d, tau, x, scale, status); }
+extern "C" __global__ void prepare_rows_bf16(const __nv_bfloat16* raw, int d, float tau, float* x, float* scale, int* status) { prepare_rows(raw, d, tau, x, scale, status); }
+
+// One block per row i: the gradient on the raw features, every path summed in one pass:
+//   g_ij = dx[i][j] + dct[y_i][j] / n_{y_i} + gm[j]
+// (the classifier's direct gradient, the class-mean term, and the global-mean term
+// gm = (d_mu - sum_{c present} d_centred[:, c]) / N from moving_backward_f32), then the
+// feature normalisation's backward with the forward's x and scale (tau > 0):
+//   dr = s (g - x (x . g) / tau^2)    (x / tau is the unit row r / ||r||)
+//   dr = s g                          (the 1e-12 floor applied: scale < 0)
+// or dr = g (tau = 0). dct: K x d (the class-mean gradient, transposed for coalesced rows).
+extern "C" __global__ void rows_backward_f32(const float* dx, const float* dct, const float* gm, const int* labels, const int* counts, const float* x, const float* scale, int d, float tau, float* dr) {
+    __shared__ float scratch[33];
+    const size_t row = (size_t)blockIdx.x * d;
+    const int y = labels[blockIdx.x];
+    const float inv = 1.0f / (float)counts[y];
+    const float* dc = dct + (size_t)y * d;
+    if (tau > 0.0f) {
+        etf::Kahan dot;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            const float g = dx[row + j] + dc[j] * inv + gm[j];
+            dot.add(x[row + j] * g);
+        }
+        const float xg = etf::block_sum(dot.s, scratch);
+        const float sc = scale[blockIdx.x];
+        const float s = fabsf(sc), p = sc > 0.0f ? xg / (tau * tau) : 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            const float g = dx[row + j] + dc[j] * inv + gm[j];
+            dr[row + j] = s * (g - x[row + j] * p);
+        }
+    } else {
+        for (int j = threadIdx.x; j < d; j += blockDim.x) dr[row + j] = dx[row + j] + dc[j] * inv + gm[j];
+    }
 }

@@ -1,18 +1,26 @@
 // The nearest simplex ETF on the device (docs/solve.md), around the products of gemm.cu and
 // the eigensolver of jacobi.cu:
-//   G = c Y M + delta Prox           build_g (M = I - 11^T/K: row-mean removal, fused)
+//   Y = E / ||E||, G = c Y M + delta Prox   build_g (M = I - 11^T/K: row-mean removal, fused)
 //   G^T G = Q diag(s^2) Q^T          gemm + jacobi_factor_f64 (or refine.cu's iterations first)
 //   U = G (Q diag(1/s)), P = U Q^T   gemm + gemm
 // All float64. Grid-stride loops: any launch shape.
 #include "etf_cuda.h"
 
-// One thread per row j: g[j][c] = cc * (y[j][c] - mean_c y[j][.]) + delta * prox[j][c].
-extern "C" __global__ void build_g_f64(const float* y, const double* prox, int d, int k, double cc, double delta, double* g) {
+// One thread per row j: the Frobenius normalisation Y = E_new / ||E_new|| (f32, written for
+// the backward and the report) and g[j][c] = cc * (y[j][c] - mean_c y[j][.]) +
+// delta * prox[j][c] (f64).
+extern "C" __global__ void build_g_f64(const float* e, const float* norm, const double* prox, int d, int k, double cc, double delta, float* y, double* g) {
+    const float nv = norm[0];
     const int stride = gridDim.x * blockDim.x;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
-        const float* yr = y + (size_t)j * k;
+        const float* er = e + (size_t)j * k;
+        float* yr = y + (size_t)j * k;
         double m = 0.0;
-        for (int c = 0; c < k; c++) m += (double)yr[c];
+        for (int c = 0; c < k; c++) {
+            const float v = er[c] / nv;
+            yr[c] = v;
+            m += (double)v;
+        }
         m /= k;
         for (int c = 0; c < k; c++) {
             size_t o = (size_t)j * k + c;

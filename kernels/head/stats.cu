@@ -41,26 +41,6 @@ extern "C" __global__ void class_means_f32(const float* sums, const int* counts,
     }
 }
 
-// ---- backward ----------------------------------------------------------------------------
-// g_j = (d_mu_j - sum_{c present} d_centred[j][c]) / n; one thread per feature j.
-extern "C" __global__ void class_stats_backward_prep_f32(const float* d_centred, const float* d_mu, const int* counts, int n, int d, int k, float* g) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= d) return;
-    etf::Kahan acc;
-    for (int c = 0; c < k; c++)
-        if (counts[c] > 0) acc.add(d_centred[(size_t)j * k + c]);
-    g[j] = (d_mu[j] - acc.s) / (float)n;
-}
-
-// dx[i][j] = d_centred[j][y_i] / n_{y_i} + g_j; grid (ceil(d / blockDim.x), N).
-extern "C" __global__ void class_stats_backward_scatter_f32(const int* labels, const int* counts, const float* d_centred, const float* g, int d, int k, float* dx) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    int i = blockIdx.y;
-    if (j >= d) return;
-    int y = labels[i];
-    dx[(size_t)i * d + j] = d_centred[(size_t)j * k + y] / (float)counts[y] + g[j];
-}
-
 // ---- the step's bookkeeping in one block ---------------------------------------------------
 // Everything a forward decides from the labels and the state scalars, fused into one launch of
 // one block (blockDim.x a multiple of 32, at most 1024), in order:

@@ -12,7 +12,7 @@
 //   [4] first non-finite d_logits index        (INT_MAX: none; written by the backward)
 //   [5] numerical failure in the backward      (0/3)
 //   [6] [7] the label at index [0], as a 64-bit value (low, high 32 bits; valid only when
-//           [0] records an index; written by record_bad_label_* in stats.cu)
+//           [0] records an index; written by step_begin_* in stats.cu)
 #include "etf_cuda.h"
 
 #define ETF_NONE 2147483647
@@ -29,30 +29,4 @@ extern "C" __global__ void status_reset_i32(int* status, int which) {
         status[4] = ETF_NONE;
         status[5] = 0;
     }
-}
-
-// status[entry] <- min(status[entry], first index of a NaN/Inf in x[0..len)). Grid-stride.
-// "Non-finite" includes a magnitude above 1e30 (MAX_MAGNITUDE of src/core/validate.rs), past
-// which the head's f32 arithmetic could overflow.
-template <typename T>
-__device__ __forceinline__ void check_finite(const T* x, long long len, int* status, int entry) {
-    int* slot = status + entry;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
-        float v = etf::to_f32(x[i]);
-        if (!(fabsf(v) <= 1e30f)) {
-            atomicMin(slot, (int)i);
-            return;
-        }
-    }
-}
-extern "C" __global__ void check_finite_f32(const float* x, long long len, int* status, int entry) { check_finite(x, len, status, entry); }
-extern "C" __global__ void check_finite_f16(const __half* x, long long len, int* status, int entry) { check_finite(x, len, status, entry); }
-extern "C" __global__ void check_finite_bf16(const __nv_bfloat16* x, long long len, int* status, int entry) { check_finite(x, len, status, entry); }
-
-// status[2] <- 1 when the Frobenius norm is not a positive finite number.
-extern "C" __global__ void norm_check_f32(const float* norm, int* status) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    float v = norm[0];
-    if (!(v > 0.0f) || !isfinite(v)) status[2] = 1;
 }

@@ -1,13 +1,15 @@
 //! The classifier stage on the device (`docs/head.md#the-classifier-and-logits`), f32 with f64 `V`:
 //!
 //! ```text
-//! W = sqrt(K/(K-1)) (P M)^T (K x d)    b = -W mu     logits = X W^T + b
+//! W = sqrt(K/(K-1)) (P M)^T (K x d)    b = -W mu (with the logits pre-filled with it)
+//! logits = X W^T + b (one product, beta = 1)
 //! backward: db = 1^T dZ,  dW = dZ^T X - db mu^T,  V = dL/dP = a dW^T M (f64),
 //!           dX = dZ W (direct path),  dmu = -W^T db (bias path)
 //! ```
 
 use super::linalg::{Gemm, GemmKernel};
-use crate::core::validate::check_len;
+use super::status::Status;
+use crate::core::validate::{check_len, fits_u32};
 use crate::error::Result;
 use crate::kernels;
 use crate::runtime::{grid_stride, Buffer, DType, Device};
@@ -71,30 +73,28 @@ pub fn logits_into(
     check_len("mu", d, mu.len())?;
     check_len("logits", n * k, z.len())?;
     let mut b = dev.alloc(DType::F32, k)?;
-    // SAFETY: `w` holds `K d`, `mu` `d` (checked above), `b` `K` (allocated here).
+    // SAFETY: `w` holds `K d`, `mu` `d`, `z` `N K` (checked above), `b` `K` (allocated here);
+    // one block per class.
     unsafe {
-        kernels::head::classifier::bias_from_w_f32(
+        kernels::head::classifier::bias_prefill_f32(
             dev,
-            grid_stride(dev, k),
+            crate::runtime::LaunchConfig::new(
+                (fits_u32(k, "K")?, 1, 1),
+                (super::shape::block(dev), 1, 1),
+            ),
             w,
             mu,
             k as i32,
             d as i32,
-            &mut b,
-        )
-    }?;
-    Gemm::new(false, true, n, k, d).run(dev, gk, x, w, z)?;
-    // SAFETY: `z` holds `N K` (checked above), `b` `K` (allocated here).
-    unsafe {
-        kernels::head::classifier::add_bias_rows_f32(
-            dev,
-            grid_stride(dev, n * k),
-            z,
-            &b,
             n as i32,
-            k as i32,
+            &mut b,
+            z,
         )
     }?;
+    // logits = X W^T + (the bias rows already in z).
+    let mut g = Gemm::new(false, true, n, k, d);
+    g.beta = 1.0;
+    g.run(dev, gk, x, w, z)?;
     Ok(b)
 }
 
@@ -109,7 +109,8 @@ pub struct ClassifierGradsDev {
     pub dmu: Buffer,
 }
 
-/// Backward of [`weights`] and [`logits`] from `dz = dL/dlogits` (N x K f32).
+/// Backward of [`weights`] and [`logits`] from `dz = dL/dlogits` (N x K f32). A non-finite
+/// `dz` entry is recorded in entry 4 of `status` (its first flat index).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dev: &Device,
@@ -121,15 +122,17 @@ pub fn backward(
     n: usize,
     d: usize,
     k: usize,
+    status: &mut Status,
 ) -> Result<ClassifierGradsDev> {
     check_len("x", n * d, x.len())?;
     check_len("dL/dlogits", n * k, dz.len())?;
     check_len("W", k * d, w.len())?;
     check_len("mu", d, mu.len())?;
     let mut db = dev.alloc(DType::F32, k)?;
-    // SAFETY: the input holds `rows x cols` as checked above, the output `cols` (allocated here).
+    // SAFETY: `dz` holds `N K` (checked above), `db` `K` (allocated here), the status word
+    // `LEN` (entry 4 is the backward's first non-finite `d_logits` index).
     unsafe {
-        kernels::head::classifier::col_sums_f32(
+        kernels::head::classifier::dlogits_prep_f32(
             dev,
             grid_stride(dev, k),
             dz,
@@ -137,40 +140,33 @@ pub fn backward(
             k as i32,
             1.0,
             &mut db,
+            &mut status.buf,
+            4,
         )
     }?;
     let mut dwt = dev.alloc(DType::F32, k * d)?;
     Gemm::new(true, false, k, d, n).run(dev, gk, dz, x, &mut dwt)?;
     let mut dp = dev.alloc(DType::F64, d * k)?;
-    // SAFETY: `dwt` holds `K d`, `db` `K` (allocated here), `mu` `d` (checked above), `dp` `d K`.
+    let mut dmu = dev.alloc(DType::F32, d)?;
+    // SAFETY: `dwt` holds `K d`, `db` `K`, `dp` `d K`, `dmu` `d` (allocated here), `mu` `d`
+    // and `w` `K d` (checked above).
     unsafe {
-        kernels::head::classifier::weights_backward_f32(
+        kernels::head::classifier::weights_backward_dmu_f32(
             dev,
             grid_stride(dev, d),
             &dwt,
             &db,
             mu,
+            w,
             k as i32,
             d as i32,
             scale(k),
             &mut dp,
+            &mut dmu,
         )
     }?;
     let mut dx = dev.alloc(DType::F32, n * d)?;
     Gemm::new(false, false, n, d, k).run(dev, gk, dz, w, &mut dx)?;
-    let mut dmu = dev.alloc(DType::F32, d)?;
-    // SAFETY: `w` holds `K d` (checked above), `db` `K`, `dmu` `d` (allocated here).
-    unsafe {
-        kernels::head::classifier::dmu_bias_f32(
-            dev,
-            grid_stride(dev, d),
-            w,
-            &db,
-            k as i32,
-            d as i32,
-            &mut dmu,
-        )
-    }?;
     Ok(ClassifierGradsDev { dx, dp, dmu })
 }
 
@@ -191,25 +187,4 @@ pub fn col_means(dev: &Device, x: &Buffer, n: usize, d: usize) -> Result<Buffer>
         )
     }?;
     Ok(mu)
-}
-
-/// `raw` (N x d, f32/f16/bf16) as f32: a copy for f32, widened otherwise.
-pub fn to_f32(dev: &Device, raw: &Buffer) -> Result<Buffer> {
-    let mut x = dev.alloc(DType::F32, raw.len())?;
-    let (cfg, len) = (grid_stride(dev, raw.len()), raw.len() as i64);
-    use kernels::head::classifier::{widen_bf16, widen_f16};
-    // SAFETY: `x` has `raw.len()` elements, as many as the kernel reads from `raw` and
-    // writes.
-    match raw.dtype() {
-        DType::F32 => return dev.copy(raw),
-        DType::F16 => unsafe { widen_f16(dev, cfg, raw, len, &mut x) }?,
-        DType::BF16 => unsafe { widen_bf16(dev, cfg, raw, len, &mut x) }?,
-        other => {
-            return Err(crate::error::Error::InvalidParameter {
-                name: "raw features",
-                reason: format!("features must be f32, f16 or bf16, got {other:?}"),
-            })
-        }
-    }
-    Ok(x)
 }

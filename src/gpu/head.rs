@@ -184,11 +184,7 @@ struct LastSolve {
 #[derive(Debug)]
 struct Pending {
     n: usize,
-    /// The caller's features (a device copy, kept only for the `tau` backward; its type is
-    /// part of the backward's workspace key).
-    raw: Option<Buffer>,
-    /// The features the classifier saw (f32).
-    x: Buffer,
+    /// The statistics stage's forward (with the features the classifier saw, f32).
     stats: StatsForward,
 }
 
@@ -219,9 +215,8 @@ pub struct DeviceHead {
     /// What filled each forward workspace last: the ordinary step it served (see
     /// [`StepKey`]); a step with the same key reuses every slot.
     filled: [Option<StepKey>; 2],
-    /// The batch size, kept feature type (with `tau`) and first-step flag the backward
-    /// workspace was filled with.
-    bwd_filled: Option<(usize, Option<DType>, bool)>,
+    /// The batch size and first-step flag the backward workspace was filled with.
+    bwd_filled: Option<(usize, bool)>,
     /// Whether the status word's backward half may hold a returned backward error (reset
     /// before the next backward; a forward resets it anyway).
     bwd_dirty: bool,
@@ -417,7 +412,7 @@ impl DeviceHead {
             self.check_capturable()?;
             // A warm start not yet kept would be allocated (after the first step, or after
             // `import_state`).
-            let keeps_warm = !self.opt.warm_start || self.q_warm.is_some();
+            let keeps_warm = self.q_warm.is_some();
             if first_step || !keeps_warm || self.filled[self.arena] != Some(key) {
                 return Err(not_filled());
             }
@@ -448,6 +443,7 @@ impl DeviceHead {
         let (factor, prox_used) = match &self.prox {
             None => {
                 // First step: the gauge rule on the host (reads Y back once).
+                pipeline::write_y(dev, &mut sf)?;
                 self.status.read(dev)?.forward_error(k, "raw")?;
                 let y: Vec<f32> = dev.download(&sf.y)?;
                 let sol = crate::cpu::solve::solve(
@@ -461,7 +457,16 @@ impl DeviceHead {
                 (f, prox)
             }
             Some(prox) => {
-                let g = solve::build_g(dev, &sf.y, prox, d, k, self.cfg.delta)?;
+                let g = solve::build_g(
+                    dev,
+                    &sf.update.e_new,
+                    &sf.norm_buf,
+                    prox,
+                    &mut sf.y,
+                    d,
+                    k,
+                    self.cfg.delta,
+                )?;
                 let warm = if self.opt.warm_start {
                     self.q_warm.as_ref()
                 } else {
@@ -490,47 +495,60 @@ impl DeviceHead {
                     self.opt.max_sweeps,
                     &mut self.status,
                 )?;
-                (f, dev.copy(prox)?)
+                // Written by the commit below (the Prox this step solved with).
+                let used = match &self.q_warm {
+                    Some(_) => dev.alloc(DType::F64, d * k)?,
+                    None => dev.copy(prox)?,
+                };
+                (f, used)
             }
-        };
-        // The normalised features move to the pending backward (the stats backward does not
-        // read them), so no copy.
-        let x = match sf.x.take() {
-            Some(x) => x,
-            None => classifier::to_f32(dev, raw)?,
         };
         let w = classifier::weights(dev, &factor.p, d, k)?;
-        let b = classifier::logits_into(dev, gk, &x, &w, &sf.stats.mu, n, d, k, logits)?;
-        // `Y` is only read from here on: the last solve shares the pending backward's. The
-        // caller's features are needed again only by the `tau` normalisation's backward.
+        let b = classifier::logits_into(dev, gk, &sf.x, &w, &sf.stats.mu, n, d, k, logits)?;
+        // `Y` and `mu` are only read from here on: the last solve shares the pending
+        // backward's.
         let y_kept = sf.y.share();
         let mu_kept = sf.stats.mu.share();
-        let raw_kept = match self.cfg.tau {
-            Some(_) => Some(dev.copy(raw)?),
-            None => None,
-        };
+        let mut prox_used = prox_used;
         // The state below outlives every workspace.
         drop(scope);
-        // Commit (the kernels skip it when the status word records an error).
-        self.moving.commit(dev, &sf.update, &self.status.buf)?;
         // Ownership moves only after every fallible call, so an error keeps the buffers that
         // a captured graph may address.
-        if let Some(p) = self.prox.as_mut() {
-            commit(dev, p, &factor.p, &self.status)?;
-        } else {
-            // The first step (its status was checked above): into the buffer kept from an
-            // import without a `Prox`, if any.
-            match self.spare_prox.as_mut() {
-                Some(p) => dev.copy_into(p, &factor.p)?,
-                None => self.spare_prox = Some(dev.copy(&factor.p)?),
+        match (self.prox.as_mut(), self.q_warm.as_mut()) {
+            (Some(p), Some(q)) => {
+                // The steady state: one launch commits everything (skipped by the kernel when
+                // the status word records an error) and keeps the Prox this step used.
+                commit_step(
+                    dev,
+                    &mut self.moving,
+                    &sf.update,
+                    p,
+                    &factor.p,
+                    &mut prox_used,
+                    q,
+                    &factor.q,
+                    &self.status,
+                )?;
             }
-            dev.write(&mut self.armed, &[1i32])?;
-            self.prox = self.spare_prox.take();
-        }
-        if self.opt.warm_start {
-            match &mut self.q_warm {
-                Some(q) => commit(dev, q, &factor.q, &self.status)?,
-                None => self.q_warm = Some(dev.copy(&factor.q)?),
+            (prox, _) => {
+                self.moving.commit(dev, &sf.update, &self.status.buf)?;
+                if let Some(p) = prox {
+                    commit(dev, p, &factor.p, &self.status)?;
+                } else {
+                    // The first step (its status was checked above): into the buffer kept
+                    // from an import without a `Prox`, if any.
+                    match self.spare_prox.as_mut() {
+                        Some(p) => dev.copy_into(p, &factor.p)?,
+                        None => self.spare_prox = Some(dev.copy(&factor.p)?),
+                    }
+                    dev.write(&mut self.armed, &[1i32])?;
+                    self.prox = self.spare_prox.take();
+                }
+                // The warm start's buffer (kept also without warm starts: the steady-state
+                // commit writes it).
+                if self.q_warm.is_none() {
+                    self.q_warm = Some(dev.copy(&factor.q)?);
+                }
             }
         }
         if self.opt.validation == Validation::Eager && !first_step {
@@ -546,12 +564,7 @@ impl DeviceHead {
             w,
             b,
         });
-        self.pending = Some(Pending {
-            n,
-            raw: raw_kept,
-            x,
-            stats: sf,
-        });
+        self.pending = Some(Pending { n, stats: sf });
         if !first_step {
             self.filled[self.arena] = Some(key);
             self.arena = 1 - self.arena;
@@ -600,7 +613,7 @@ impl DeviceHead {
         let (d, k, n) = (self.cfg.dim, self.cfg.classes, p.n);
         check_buffer(d_logits, "d_logits", n * k, DType::F32)?;
         check_buffer(d_raw, "d_raw", n * d, DType::F32)?;
-        let bwd_key = (n, p.raw.as_ref().map(Buffer::dtype), last.first_step);
+        let bwd_key = (n, last.first_step);
         if self.dev.is_capturing() {
             self.check_capturable()?;
             if self.bwd_filled != Some(bwd_key) {
@@ -618,23 +631,22 @@ impl DeviceHead {
             self.status.reset(dev, Part::Backward)?;
         }
         self.bwd_dirty = true;
-        // SAFETY: `d_logits` holds `N K` f32 (checked above), the status word `LEN`.
-        unsafe {
-            kernels::head::status::check_finite_f32(
-                dev,
-                grid_stride(dev, n * k),
-                d_logits,
-                (n * k) as i64,
-                &mut self.status.buf,
-                4,
-            )
-        }?;
-        let ClassifierGradsDev { dx, dp, dmu } =
-            classifier::backward(dev, gk, &p.x, d_logits, &last.w, &p.stats.stats.mu, n, d, k)?;
-        let dy = backward::solve_backward(dev, gk, &last.factor, &dp, d, k, &mut self.status)?;
-        // Without `tau`, `stats::backward_into` does not read the raw features.
-        let raw = p.raw.as_ref().unwrap_or(&p.x);
-        pipeline::backward_into(dev, &p.stats, raw, &dy, Some(&dmu), Some(&dx), d_raw)?;
+        let sf = &p.stats;
+        let ClassifierGradsDev { dx, dp, dmu } = classifier::backward(
+            dev,
+            gk,
+            &sf.x,
+            d_logits,
+            &last.w,
+            &sf.stats.mu,
+            n,
+            d,
+            k,
+            &mut self.status,
+        )?;
+        let (dy, dot) =
+            backward::solve_backward(dev, gk, &last.factor, &sf.y, &dp, d, k, &mut self.status)?;
+        pipeline::backward_into(dev, sf, &dy, &dot, &dmu, &dx, d_raw)?;
         drop(scope);
         if self.opt.validation == Validation::Eager {
             self.status.read(dev)?.backward_error()?;
@@ -664,12 +676,8 @@ impl DeviceHead {
         let prox = self.prox.as_ref().ok_or(Error::Untrained)?;
         let dev = &self.dev;
         let mut st = Status::new(dev)?;
-        super::status::check_finite(dev, raw, &mut st, 1)?;
+        let (x, _) = stats::prepare_rows(dev, raw, n, d, self.cfg.tau, &mut st)?;
         st.read(dev)?.forward_error(k, "raw")?;
-        let x = match self.cfg.tau {
-            Some(t) => stats::tau_normalise(dev, raw, n, d, t)?,
-            None => classifier::to_f32(dev, raw)?,
-        };
         let mu = classifier::col_means(dev, &x, n, d)?;
         let w = classifier::weights(dev, prox, d, k)?;
         Ok(classifier::logits(dev, self.opt.gemm, &x, &w, &mu, n, d, k)?.0)
@@ -818,6 +826,62 @@ fn not_filled() -> Error {
                  after two uncaptured steps when the batch size or feature type changes, or after \
                  import_state)"
             .into(),
+    }
+}
+
+/// The steady-state commit in one launch (`commit_step_f32` of `kernels/head/moving.cu`):
+/// the moving means, `Prox <- P` and the warm start `q_warm <- Q`, unless the status word
+/// records a forward error; `prox_used` receives the `Prox` the step solved with either way.
+#[allow(clippy::too_many_arguments)]
+fn commit_step(
+    dev: &Device,
+    moving: &mut MovingStateDev,
+    u: &crate::gpu::moving::MovingUpdateDev,
+    prox: &mut Buffer,
+    p: &Buffer,
+    prox_used: &mut Buffer,
+    q_warm: &mut Buffer,
+    q: &Buffer,
+    status: &Status,
+) -> Result<()> {
+    let (d, k) = (moving.d, moving.k);
+    for (what, b, len) in [
+        ("E", &moving.e, d * k),
+        ("E_new", &u.e_new, d * k),
+        ("seen", &moving.seen, k),
+        ("seen_new", &u.seen_new, k),
+        ("t, alpha", &moving.scal, 2),
+        ("weights", &u.w, 4),
+        ("Prox", &*prox, d * k),
+        ("P", p, d * k),
+        ("Prox used", &*prox_used, d * k),
+        ("warm start", &*q_warm, k * k),
+        ("Q", q, k * k),
+        ("status", &status.buf, super::status::LEN),
+    ] {
+        check_len(what, len, b.len())?;
+    }
+    // SAFETY: every buffer holds the length checked above, which is all the kernel touches
+    // at these `d`, `K` (grid-stride).
+    unsafe {
+        kernels::head::moving::commit_step_f32(
+            dev,
+            grid_stride(dev, (d * k).max(k * k).max(k)),
+            &mut moving.e,
+            &mut moving.seen,
+            &mut moving.scal,
+            &u.e_new,
+            &u.seen_new,
+            &u.w,
+            d as i32,
+            k as i32,
+            prox,
+            p,
+            prox_used,
+            q_warm,
+            q,
+            &status.buf,
+        )
     }
 }
 

@@ -2,13 +2,13 @@
 //! and their Frobenius normalisation `Y = E / ||E||_F`, with their backward; the mirror of
 //! `cpu::moving`. See `docs/head.md` for the definitions.
 
-use super::shape::{block, single_block};
+use super::shape::block;
 use super::stats::{Bookkeeping, ClassStatsDev};
 use super::status::Status;
 use crate::core::validate::{check_len, fits_i32};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{Buffer, DType, Device, LaunchConfig};
+use crate::runtime::{grid_stride, Buffer, DType, Device, LaunchConfig};
 
 /// Moving class means state on the device (`docs/head.md#moving-class-means`). The step count and the
 /// EMA weight live on the device too (`scal`), so a step needs no host round trip.
@@ -84,16 +84,21 @@ pub struct MovingUpdateDev {
     pub source: Buffer,
     /// `[a, b, alpha_new, t]` (f64): `E_new = a C + b E` on the updated columns.
     pub w: Buffer,
+    /// `||E_new||_F` (1 f32).
+    pub norm: Buffer,
 }
 
-/// One moving-mean update, without touching `state`: `moving_update` (element-wise over
-/// d x K) with the weights and per-class plan that [`super::stats::step_begin`] put on the
-/// device. Commit it with [`MovingStateDev::commit`]. No host synchronisation.
+/// One moving-mean update, without touching `state`: `moving_update_norm_f32` (one launch,
+/// element-wise over d x K, with the weights and per-class plan that
+/// [`super::stats::step_begin`] put on the device) gives `E_new` and `||E_new||_F` (a zero or
+/// non-finite norm is recorded in entry 2 of `status`). Commit it with
+/// [`MovingStateDev::commit`]. No host synchronisation.
 pub fn moving_update(
     dev: &Device,
     state: &MovingStateDev,
     s: &ClassStatsDev,
     bk: &Bookkeeping,
+    status: &mut Status,
 ) -> Result<MovingUpdateDev> {
     let (d, k) = (state.d, state.k);
     check_len("E", d * k, state.e.len())?;
@@ -111,164 +116,85 @@ pub fn moving_update(
     }
     let (source, w) = (bk.source.share(), bk.w.share());
     let mut e_new = dev.alloc(DType::F32, d * k)?;
-    if d * k > 0 {
-        // SAFETY: `state.e`, `s.centred` and `e_new` hold `d K`, `s.mu` `d`, `source` `K`, `w` 4 (checked above / allocated here).
-        unsafe {
-            kernels::head::moving::moving_update_f32(
-                dev,
-                LaunchConfig::linear(d * k, block(dev)),
-                &state.e,
-                &s.centred,
-                &s.mu,
-                &source,
-                fits_i32(d, "d")?,
-                fits_i32(k, "K")?,
-                &w,
-                &mut e_new,
-            )
-        }?;
-    }
+    let mut norm = dev.alloc(DType::F32, 1)?;
+    let cfg = grid_stride(dev, (d * k).max(1));
+    let mut partials = dev.alloc(DType::F64, cfg.grid.0 as usize)?;
+    // SAFETY: `state.e`, `s.centred`, `e_new` hold `d K`, `s.mu` `d`, `source` `K`, `w` 4
+    // (checked above or allocated here), `partials` one per block of this 1D launch, `norm` 1,
+    // the ticket (zero between launches) and the status word from `status`.
+    unsafe {
+        kernels::head::moving::moving_update_norm_f32(
+            dev,
+            cfg,
+            &state.e,
+            &s.centred,
+            &s.mu,
+            &source,
+            fits_i32(d, "d")?,
+            fits_i32(k, "K")?,
+            &w,
+            &mut e_new,
+            &mut partials,
+            &mut status.ticket,
+            &mut norm,
+            &mut status.buf,
+        )
+    }?;
     Ok(MovingUpdateDev {
         e_new,
         seen_new: bk.seen_new.share(),
         source,
         w,
+        norm,
     })
 }
 
-/// Backward of [`moving_update`]: `d_e_new` (d x K) to `(d_centred, d_mu)`. When
-/// `d_mu_in` is given (e.g. the gradient reaching `mu` through the bias), the result is added
-/// to it.
-pub fn moving_update_backward(
+/// The backward of the Frobenius normalisation, the moving-mean update and the batch mean
+/// (`moving_backward_f32`, one launch): from `dY` (d x K), `dot = <Y, dY>` (1 f64) and the
+/// gradient reaching `mu` by other paths, `d_mu` (d), to `dct` (K x d, the gradient on the
+/// centred class means, transposed) and `gm` (d, the per-row share of the batch mean's
+/// gradient: `(d_mu_total - sum_{c present} dct[c]) / N`).
+pub fn moving_backward(
     dev: &Device,
-    u: &MovingUpdateDev,
-    d_e_new: &Buffer,
-    d_mu_in: Option<&Buffer>,
-    d: usize,
-    k: usize,
+    f: &super::pipeline::StatsForward,
+    dy: &Buffer,
+    dot: &Buffer,
+    d_mu: &Buffer,
 ) -> Result<(Buffer, Buffer)> {
+    let (n, d, k) = (f.stats.n, f.stats.d, f.stats.k);
+    let u = &f.update;
+    check_len("dY", d * k, dy.len())?;
+    check_len("Y", d * k, f.y.len())?;
+    check_len("norm", 1, u.norm.len())?;
+    check_len("dot", 1, dot.len())?;
     check_len("sources", k, u.source.len())?;
+    check_len("counts", k, f.stats.counts.len())?;
     check_len("weights", 4, u.w.len())?;
-    check_len("d_e_new", d * k, d_e_new.len())?;
-    let mut d_centred = dev.alloc(DType::F32, d * k)?;
-    let mut d_mu = match d_mu_in {
-        Some(m) => {
-            check_len("d_mu", d, m.len())?;
-            dev.copy(m)?
-        }
-        None => dev.alloc(DType::F32, d)?,
-    };
+    check_len("d_mu", d, d_mu.len())?;
+    let mut dct = dev.alloc(DType::F32, k * d)?;
+    let mut gm = dev.alloc(DType::F32, d)?;
     if d > 0 {
-        // SAFETY: `d_e_new` holds `d K`, `d_mu` `d` (checked above), `u.source` `K`, `u.w` 4, `d_centred` `d K` (allocated here).
+        // SAFETY: `dy`, `f.y` hold `d K`, `dct` `K d`, `gm` and `d_mu` `d`, `source` and
+        // `counts` `K`, `w` 4, `norm` and `dot` 1 (checked above or allocated here).
         unsafe {
-            kernels::head::moving::moving_update_backward_f32(
+            kernels::head::moving::moving_backward_f32(
                 dev,
-                LaunchConfig::linear(d, block(dev)),
-                d_e_new,
+                grid_stride(dev, d),
+                dy,
+                &f.y,
+                &u.norm,
+                dot,
                 &u.source,
+                &f.stats.counts,
+                &u.w,
+                d_mu,
+                fits_i32(n, "N")?,
                 fits_i32(d, "d")?,
                 fits_i32(k, "K")?,
-                &u.w,
-                i32::from(d_mu_in.is_some()),
-                &mut d_centred,
-                &mut d_mu,
+                &mut dct,
+                &mut gm,
             )
         }?;
     }
-    Ok((d_centred, d_mu))
-}
-
-#[cfg(test)]
-/// `Y = E / ||E||_F`. Returns `(Y, norm buffer (1 f32), norm)`; [`Error::DegenerateMeans`] if
-/// the norm is zero.
-pub fn frobenius_normalise(dev: &Device, e: &Buffer) -> Result<(Buffer, Buffer, f32)> {
-    let mut status = Status::new(dev)?;
-    let (y, norm) = frobenius_normalise_deferred(dev, e, &mut status)?;
-    status.read(dev)?.forward_error(1, "E")?;
-    let nv = dev.download::<f32>(&norm)?[0];
-    Ok((y, norm, nv))
-}
-
-/// Deferred [`frobenius_normalise`]: `(Y, norm buffer)`; a zero or non-finite norm is
-/// recorded in entry 2 of the step status word instead of returned. No host synchronisation.
-pub fn frobenius_normalise_deferred(
-    dev: &Device,
-    e: &Buffer,
-    status: &mut Status,
-) -> Result<(Buffer, Buffer)> {
-    let len = e.len();
-    let li = fits_i32(len, "d*K")?;
-    let mut norm = dev.alloc(DType::F32, 1)?;
-    // SAFETY: `e` holds `len` f32 (its length), `norm` one.
-    unsafe {
-        kernels::head::normalise::norm_single_block_f32(
-            dev,
-            LaunchConfig::new((1, 1, 1), (single_block(dev), 1, 1)),
-            e,
-            li,
-            &mut norm,
-        )
-    }?;
-    // SAFETY: `norm` holds 1 f32 (allocated here), the status word `LEN`.
-    unsafe {
-        kernels::head::status::norm_check_f32(
-            dev,
-            LaunchConfig::new((1, 1, 1), (32, 1, 1)),
-            &norm,
-            &mut status.buf,
-        )
-    }?;
-    let mut y = dev.alloc(DType::F32, len)?;
-    // SAFETY: `e` and `y` hold `len` f32 (`y` allocated here), `norm` 1.
-    unsafe {
-        kernels::head::normalise::frobenius_scale_f32(
-            dev,
-            LaunchConfig::linear(len, block(dev)),
-            e,
-            &norm,
-            li,
-            &mut y,
-        )
-    }?;
-    Ok((y, norm))
-}
-
-/// Backward of [`frobenius_normalise`]: `dE = (dY - Y <Y, dY>) / ||E||`.
-pub fn frobenius_normalise_backward(
-    dev: &Device,
-    y: &Buffer,
-    norm: &Buffer,
-    dy: &Buffer,
-) -> Result<Buffer> {
-    let len = y.len();
-    check_len("dY", len, dy.len())?;
-    check_len("norm", 1, norm.len())?;
-    let li = fits_i32(len, "d*K")?;
-    let mut dot = dev.alloc(DType::F32, 1)?;
-    // SAFETY: `y` and `dy` hold `len` f32 (checked above), `dot` 1 (allocated here); one block.
-    unsafe {
-        kernels::head::normalise::dot_single_block_f32(
-            dev,
-            LaunchConfig::new((1, 1, 1), (single_block(dev), 1, 1)),
-            y,
-            dy,
-            li,
-            &mut dot,
-        )
-    }?;
-    let mut de = dev.alloc(DType::F32, len)?;
-    // SAFETY: `y`, `dy` and `de` hold `len` f32 (checked above / allocated here), `norm` and `dot` 1.
-    unsafe {
-        kernels::head::normalise::frobenius_normalise_backward_f32(
-            dev,
-            LaunchConfig::linear(len, block(dev)),
-            y,
-            dy,
-            norm,
-            &dot,
-            li,
-            &mut de,
-        )
-    }?;
-    Ok(de)
+    Ok((dct, gm))
 }

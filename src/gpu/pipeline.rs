@@ -1,33 +1,34 @@
-//! Stages 1-4 composed on the device: raw features and labels to `Y = E_new / ||E_new||_F`
-//! (feature normalisation, class statistics, moving means, Frobenius normalisation), and the
-//! backward of the composition. The head calls this between its label check and the solve.
+//! Stages 1-4 composed on the device: raw features and labels to `E_new` and its norm
+//! (bookkeeping, feature rows, class statistics, moving means), and the backward of the
+//! composition. The head calls this before the solve, whose `build_g` writes
+//! `Y = E_new / ||E_new||_F` together with `G` (the first step, solved on the host, writes it
+//! with [`write_y`]).
 
-use super::moving::{
-    frobenius_normalise_backward, frobenius_normalise_deferred, moving_update,
-    moving_update_backward, MovingStateDev, MovingUpdateDev,
-};
-use super::shape::feat_suffix;
-use super::stats::{
-    class_stats, class_stats_backward, class_stats_backward_into, step_begin, tau_normalise,
-    tau_normalise_backward_into, ClassStatsDev,
-};
+use super::moving::{moving_backward, moving_update, MovingStateDev, MovingUpdateDev};
+use super::shape::{block, feat_suffix};
+use super::stats::{class_stats, prepare_rows, step_begin, ClassStatsDev};
 use super::status::Status;
 use crate::core::config::{AbsentClassPolicy, MovingAverage};
-use crate::core::validate::{check_len, fits_i32};
+use crate::core::validate::{check_len, fits_i32, fits_u32};
 use crate::error::{Error, Result};
-use crate::kernels::elementwise::ops as elementwise;
-use crate::runtime::{grid_stride, Buffer, Device};
+use crate::kernels;
+use crate::runtime::{Buffer, DType, Device, LaunchConfig};
 
 /// Everything the statistics stage's forward leaves on the device for its backward.
 #[derive(Debug)]
 pub struct StatsForward {
-    /// Normalised features `x` (f32, N x d) when `tau` was given.
-    pub x: Option<Buffer>,
+    /// The features the classifier sees (f32, N x d): normalised with `tau`, else `raw` as
+    /// f32.
+    pub x: Buffer,
+    /// The rows' normalisation scales (N f32, negative where the `1e-12` floor applied), with
+    /// `tau`.
+    pub scale: Option<Buffer>,
     /// Batch statistics.
     pub stats: ClassStatsDev,
     /// The moving-mean update (not yet committed to the state).
     pub update: MovingUpdateDev,
-    /// `Y = E_new / ||E_new||`, f32, d x K.
+    /// `Y = E_new / ||E_new||`, f32, d x K: written by the solve's `build_g` (or by
+    /// [`write_y`]), not by [`forward_deferred`].
     pub y: Buffer,
     /// `||E_new||` on the device (1 f32).
     pub norm_buf: Buffer,
@@ -82,22 +83,39 @@ pub fn forward_deferred(
         armed,
         status,
     )?;
-    super::status::check_finite(dev, raw, status, 1)?;
-    let x = match opt.tau {
-        Some(t) => Some(tau_normalise(dev, raw, n, d, t)?),
-        None => None,
-    };
-    let stats = class_stats(dev, x.as_ref().unwrap_or(raw), &bk, n, d, k)?;
-    let update = moving_update(dev, state, &stats, &bk)?;
-    let (y, norm_buf) = frobenius_normalise_deferred(dev, &update.e_new, status)?;
+    let (x, scale) = prepare_rows(dev, raw, n, d, opt.tau, status)?;
+    let stats = class_stats(dev, &x, &bk, n, d, k)?;
+    let update = moving_update(dev, state, &stats, &bk, status)?;
+    let norm_buf = update.norm.share();
+    let y = dev.alloc(DType::F32, d * k)?;
     Ok(StatsForward {
         x,
+        scale,
         stats,
         update,
         y,
         norm_buf,
         tau: opt.tau,
     })
+}
+
+/// `Y = E_new / ||E_new||` into `f.y` (one launch): the first step's, whose solve runs on the
+/// host (the steady-state solve's `build_g` writes `Y` itself).
+pub fn write_y(dev: &Device, f: &mut StatsForward) -> Result<()> {
+    let len = f.update.e_new.len();
+    check_len("Y", len, f.y.len())?;
+    check_len("norm", 1, f.norm_buf.len())?;
+    // SAFETY: `e_new` and `y` hold `len` f32 (checked above), `norm` 1.
+    unsafe {
+        kernels::head::normalise::frobenius_scale_f32(
+            dev,
+            LaunchConfig::linear(len.max(1), block(dev)),
+            &f.update.e_new,
+            &f.norm_buf,
+            fits_i32(len, "d*K")?,
+            &mut f.y,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -114,7 +132,8 @@ pub fn forward(
     opt: StatsOptions,
 ) -> Result<StatsForward> {
     let mut status = Status::new(dev)?;
-    let f = forward_deferred(dev, raw, labels, n, state, opt, None, &mut status)?;
+    let mut f = forward_deferred(dev, raw, labels, n, state, opt, None, &mut status)?;
+    write_y(dev, &mut f)?;
     let k = state.k;
     status.read(dev)?.forward_error(k, "raw features")?;
     state.commit(dev, &f.update, &status.buf)?;
@@ -124,59 +143,87 @@ pub fn forward(
 #[cfg(test)]
 /// Backward of [`forward`]: `dY` (d x K) and an optional extra gradient on `mu` (d) to the
 /// gradient on `raw` (N x d, f32). Gradients reaching `x` by other paths (e.g. logits) are
-/// added through `dx_extra` (N x d f32) before the feature normalisation's backward.
+/// added through `dx_extra` (N x d f32) before the feature normalisation's backward. The dot
+/// `<Y, dY>` (which the head's `dy_from_u` computes on the device) is taken on the host.
 pub fn backward(
     dev: &Device,
     f: &StatsForward,
-    raw: &Buffer,
     dy: &Buffer,
     d_mu_extra: Option<&Buffer>,
     dx_extra: Option<&Buffer>,
 ) -> Result<Buffer> {
-    let mut out = dev.alloc(crate::runtime::DType::F32, f.stats.n * f.stats.d)?;
-    backward_into(dev, f, raw, dy, d_mu_extra, dx_extra, &mut out)?;
+    let (n, d) = (f.stats.n, f.stats.d);
+    let yv = dev.download::<f32>(&f.y)?;
+    let dyv = dev.download::<f32>(dy)?;
+    let dot: f64 = yv
+        .iter()
+        .zip(&dyv)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum();
+    let dot = dev.upload(&[dot])?;
+    let zeros_mu = dev.upload(&vec![0.0f32; d])?;
+    let zeros_x = dev.upload(&vec![0.0f32; n * d])?;
+    let mut out = dev.alloc(DType::F32, n * d)?;
+    backward_into(
+        dev,
+        f,
+        dy,
+        &dot,
+        d_mu_extra.unwrap_or(&zeros_mu),
+        dx_extra.unwrap_or(&zeros_x),
+        &mut out,
+    )?;
     Ok(out)
 }
 
-/// [`backward`] into an existing `d_raw` (N x d f32, overwritten). Without `tau`, `raw` is
-/// not read.
+/// The statistics stage's backward into `d_raw` (N x d f32, overwritten), in two launches:
+/// `moving_backward_f32` (the Frobenius normalisation's, the moving means' and the batch
+/// mean's backward, from `dY`, `dot = <Y, dY>` (1 f64) and the classifier's gradient on `mu`,
+/// `d_mu` (d)), then `rows_backward_f32` (one block per row: `dx` (N x d, the classifier's
+/// direct gradient) plus the class-mean and mean terms, through the feature normalisation).
 pub fn backward_into(
     dev: &Device,
     f: &StatsForward,
-    raw: &Buffer,
     dy: &Buffer,
-    d_mu_extra: Option<&Buffer>,
-    dx_extra: Option<&Buffer>,
+    dot: &Buffer,
+    d_mu: &Buffer,
+    dx: &Buffer,
     d_raw: &mut Buffer,
 ) -> Result<()> {
     let (n, d, k) = (f.stats.n, f.stats.d, f.stats.k);
     check_len("d_raw", n * d, d_raw.len())?;
-    let de = frobenius_normalise_backward(dev, &f.y, &f.norm_buf, dy)?;
-    let (dc, dmu) = moving_update_backward(dev, &f.update, &de, d_mu_extra, d, k)?;
-    if let Some(extra) = dx_extra {
-        check_len("dx_extra", n * d, extra.len())?;
+    check_len("dx", n * d, dx.len())?;
+    check_len("x", n * d, f.x.len())?;
+    check_len("labels", n, f.stats.labels.len())?;
+    check_len("counts", k, f.stats.counts.len())?;
+    let (dct, gm) = moving_backward(dev, f, dy, dot, d_mu)?;
+    if d == 0 {
+        return Ok(());
     }
-    // `dx += dx_extra` (N x d f32).
-    let add_extra = |dx: &mut Buffer| -> Result<()> {
-        match dx_extra {
-            // SAFETY: `dx` and `extra` hold `n d` elements (checked above and by the callee
-            // that produced `dx`).
-            Some(extra) => unsafe {
-                elementwise::add_assign_f32(dev, grid_stride(dev, n * d), dx, extra, (n * d) as i64)
-            },
-            None => Ok(()),
+    let (tau, scale) = match (&f.tau, &f.scale) {
+        (Some(t), Some(s)) => {
+            check_len("scale", n, s.len())?;
+            (*t as f32, s)
         }
+        _ => (0.0, &f.x),
     };
-    match f.tau {
-        Some(t) => {
-            let mut dx = class_stats_backward(dev, &f.stats, &dc, &dmu)?;
-            add_extra(&mut dx)?;
-            tau_normalise_backward_into(dev, raw, &dx, n, d, t, d_raw)
-        }
-        None => {
-            // Without `tau` the class statistics' gradient is the result: written in place.
-            class_stats_backward_into(dev, &f.stats, &dc, &dmu, d_raw)?;
-            add_extra(d_raw)
-        }
+    // SAFETY: `dx`, `f.x`, `d_raw` hold `N d`, `dct` `K d`, `gm` `d` (moving_backward's
+    // outputs), `labels` `N` (each in `0..K`: the bookkeeping's conversion), `counts` `K`, the
+    // scales `N` (read only with `tau`); one block per row.
+    unsafe {
+        kernels::head::normalise::rows_backward_f32(
+            dev,
+            LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (block(dev), 1, 1)),
+            dx,
+            &dct,
+            &gm,
+            &f.stats.labels,
+            &f.stats.counts,
+            &f.x,
+            scale,
+            fits_i32(d, "d")?,
+            tau,
+            d_raw,
+        )
     }
 }

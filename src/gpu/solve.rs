@@ -1,7 +1,7 @@
 //! The nearest simplex ETF on the device (`docs/solve.md`), float64 throughout:
 //!
 //! ```text
-//! G   = c Y M + delta Prox                       build_g (row-mean removal fused)
+//! Y = E/||E||, G = c Y M + delta Prox            build_g (row-mean removal fused)
 //! G^T G = Q diag(s^2) Q^T                        gemms, one-block Jacobi (warm: (G Q0)^T G Q0),
 //!                                                or Ogita–Aishima refinement + Jacobi (large K)
 //! U   = G (Q diag(1/s)),  P = U Q^T              gemm, gemm
@@ -34,29 +34,38 @@ fn c_of(k: usize) -> f64 {
     crate::core::constants::c_of(k)
 }
 
-/// `G = c Y M + delta Prox` (`y` f32 d x K, `prox` f64 d x K) into a new f64 buffer.
+/// `Y = E_new / ||E_new||` into `y` (f32 d x K) and `G = c Y M + delta Prox` (`prox` f64
+/// d x K) into a new f64 buffer, in one launch; `norm` is `||E_new||` (1 f32).
+#[allow(clippy::too_many_arguments)]
 pub fn build_g(
     dev: &Device,
-    y: &Buffer,
+    e_new: &Buffer,
+    norm: &Buffer,
     prox: &Buffer,
+    y: &mut Buffer,
     d: usize,
     k: usize,
     delta: f64,
 ) -> Result<Buffer> {
+    check_len("E_new", d * k, e_new.len())?;
+    check_len("norm", 1, norm.len())?;
     check_len("Y", d * k, y.len())?;
     check_len("Prox", d * k, prox.len())?;
     let mut g = dev.alloc(DType::F64, d * k)?;
-    // SAFETY: `y` (f32) and `prox` (f64) hold `d K` (checked above), `g` `d K` (allocated here).
+    // SAFETY: `e_new`, `y` (f32) and `prox` (f64) hold `d K` (checked above), `norm` 1, `g`
+    // `d K` (allocated here).
     unsafe {
         kernels::head::solve::build_g_f64(
             dev,
-            grid_stride(dev, d),
-            y,
+            grid_stride(dev, d.max(1)),
+            e_new,
+            norm,
             prox,
             d as i32,
             k as i32,
             c_of(k),
             delta,
+            y,
             &mut g,
         )
     }?;

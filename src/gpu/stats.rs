@@ -177,76 +177,49 @@ pub fn step_begin(
     Ok(bk)
 }
 
-/// `x_i = tau * r_i / max(||r_i||, 1e-12)`: `raw` N x d (f32/f16/bf16) to `x` N x d f32.
-pub fn tau_normalise(dev: &Device, raw: &Buffer, n: usize, d: usize, tau: f64) -> Result<Buffer> {
+/// The forward's features in one launch (`prepare_rows_*`, one block per row): `raw`
+/// (N x d, f32/f16/bf16) to `x` (N x d f32), `x_i = tau r_i / max(||r_i||, 1e-12)` with
+/// `tau`, else `x = raw` as f32; the first non-finite element (or one above `1e30`) is
+/// recorded in entry 1 of `status`. Returns `x` and, with `tau`, the rows' scales (N f32,
+/// negative where the `1e-12` floor applied), which the backward uses instead of `raw`.
+pub fn prepare_rows(
+    dev: &Device,
+    raw: &Buffer,
+    n: usize,
+    d: usize,
+    tau: Option<f64>,
+    status: &mut Status,
+) -> Result<(Buffer, Option<Buffer>)> {
     check_len("raw features", n * d, raw.len())?;
     let sfx = feat_suffix(raw, "raw features")?;
     let mut x = dev.alloc(DType::F32, n * d)?;
+    let mut scale = dev.alloc(DType::F32, if tau.is_some() { n } else { 1 })?;
     if n == 0 || d == 0 {
-        return Ok(x);
+        return Ok((x, tau.map(|_| scale)));
     }
     let (cfg, di, t) = (
         LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (block(dev), 1, 1)),
         fits_i32(d, "d")?,
-        tau as f32,
+        tau.unwrap_or(0.0) as f32,
     );
-    // SAFETY: `raw` and `x` hold `n d` elements (checked above, allocated here); one block
+    let st = &mut status.buf;
+    // SAFETY: `raw` and `x` hold `n d` elements (checked above, allocated here), `scale` `n`
+    // when `tau` is given (the kernel writes it only then), the status word `LEN`; one block
     // per row.
     unsafe {
         match sfx {
-            Feat::F32 => kstats_norm::tau_normalise_f32(dev, cfg, raw, di, t, &mut x),
-            Feat::F16 => kstats_norm::tau_normalise_f16(dev, cfg, raw, di, t, &mut x),
-            Feat::BF16 => kstats_norm::tau_normalise_bf16(dev, cfg, raw, di, t, &mut x),
+            Feat::F32 => {
+                kstats_norm::prepare_rows_f32(dev, cfg, raw, di, t, &mut x, &mut scale, st)
+            }
+            Feat::F16 => {
+                kstats_norm::prepare_rows_f16(dev, cfg, raw, di, t, &mut x, &mut scale, st)
+            }
+            Feat::BF16 => {
+                kstats_norm::prepare_rows_bf16(dev, cfg, raw, di, t, &mut x, &mut scale, st)
+            }
         }
     }?;
-    Ok(x)
-}
-
-#[cfg(test)]
-/// Backward of [`tau_normalise`]: `dx` N x d f32 to `d_raw` N x d f32.
-pub fn tau_normalise_backward(
-    dev: &Device,
-    raw: &Buffer,
-    dx: &Buffer,
-    n: usize,
-    d: usize,
-    tau: f64,
-) -> Result<Buffer> {
-    let mut dr = dev.alloc(DType::F32, n * d)?;
-    tau_normalise_backward_into(dev, raw, dx, n, d, tau, &mut dr)?;
-    Ok(dr)
-}
-
-/// [`tau_normalise_backward`] into an existing `dr` (N x d f32, overwritten).
-pub fn tau_normalise_backward_into(
-    dev: &Device,
-    raw: &Buffer,
-    dx: &Buffer,
-    n: usize,
-    d: usize,
-    tau: f64,
-    dr: &mut Buffer,
-) -> Result<()> {
-    check_len("raw features", n * d, raw.len())?;
-    check_len("dx", n * d, dx.len())?;
-    check_len("d_raw", n * d, dr.len())?;
-    let sfx = feat_suffix(raw, "raw features")?;
-    if n == 0 || d == 0 {
-        return Ok(());
-    }
-    let (cfg, di, t) = (
-        LaunchConfig::new((fits_u32(n, "N")?, 1, 1), (block(dev), 1, 1)),
-        fits_i32(d, "d")?,
-        tau as f32,
-    );
-    // SAFETY: `raw`, `dx` and `dr` hold `n d` elements (checked above); one block per row.
-    unsafe {
-        match sfx {
-            Feat::F32 => kstats_norm::tau_normalise_backward_f32(dev, cfg, raw, dx, di, t, dr),
-            Feat::F16 => kstats_norm::tau_normalise_backward_f16(dev, cfg, raw, dx, di, t, dr),
-            Feat::BF16 => kstats_norm::tau_normalise_backward_bf16(dev, cfg, raw, dx, di, t, dr),
-        }
-    }
+    Ok((x, tau.map(|_| scale)))
 }
 
 /// Batch statistics on the device (all buffers stay there).
@@ -328,67 +301,4 @@ pub fn class_stats(
         mu,
         centred,
     })
-}
-
-/// Backward of [`class_stats`]: `d_centred` (d x K) and `d_mu` (d) to `dx` (N x d, f32):
-/// `dx_i = d_centred[:, y_i] / n_{y_i} + (d_mu - sum_{k present} d_centred[:, k]) / N`.
-pub fn class_stats_backward(
-    dev: &Device,
-    s: &ClassStatsDev,
-    d_centred: &Buffer,
-    d_mu: &Buffer,
-) -> Result<Buffer> {
-    let (n, d, k) = (s.n, s.d, s.k);
-    check_len("d_centred", d * k, d_centred.len())?;
-    check_len("d_mu", d, d_mu.len())?;
-    let mut dx = dev.alloc(DType::F32, n * d)?;
-    class_stats_backward_into(dev, s, d_centred, d_mu, &mut dx)?;
-    Ok(dx)
-}
-
-/// [`class_stats_backward`] into an existing `dx` (N x d f32, overwritten).
-pub fn class_stats_backward_into(
-    dev: &Device,
-    s: &ClassStatsDev,
-    d_centred: &Buffer,
-    d_mu: &Buffer,
-    dx: &mut Buffer,
-) -> Result<()> {
-    let (n, d, k) = (s.n, s.d, s.k);
-    check_len("d_centred", d * k, d_centred.len())?;
-    check_len("d_mu", d, d_mu.len())?;
-    check_len("dx", n * d, dx.len())?;
-    let (ni, di, ki) = (fits_i32(n, "N")?, fits_i32(d, "d")?, fits_i32(k, "K")?);
-    if d == 0 {
-        return Ok(());
-    }
-    let mut g = dev.alloc(DType::F32, d)?;
-    // SAFETY: `d_centred` holds `d K`, `d_mu` `d` (checked above), `s.counts` `K`, `g` `d` (allocated here).
-    unsafe {
-        kernels::head::stats::class_stats_backward_prep_f32(
-            dev,
-            LaunchConfig::linear(d, block(dev)),
-            d_centred,
-            d_mu,
-            &s.counts,
-            ni,
-            di,
-            ki,
-            &mut g,
-        )
-    }?;
-    // SAFETY: `s.labels` holds `N`, `s.counts` `K`, `d_centred` `d K`, `g` `d`, `dx` `N d` (checked above).
-    unsafe {
-        kernels::head::stats::class_stats_backward_scatter_f32(
-            dev,
-            LaunchConfig::new((cols(dev, d), n as u32, 1), (block(dev), 1, 1)),
-            &s.labels,
-            &s.counts,
-            d_centred,
-            &g,
-            di,
-            ki,
-            dx,
-        )
-    }
 }

@@ -7,8 +7,6 @@
 //! the state exactly as it was, with or without the host looking. [`Status::read`] (one
 //! 32-byte download) turns the word into the typed [`Error`] a checked call returns.
 
-use super::shape::{feat_suffix, Feat};
-use crate::core::validate::fits_i32;
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::runtime::{Buffer, DType, Device, LaunchConfig};
@@ -33,6 +31,10 @@ pub struct Status {
     /// The `i32` buffer (length [`LEN`]; made only by [`Status::new`], so the kernels may rely
     /// on that length).
     pub(crate) buf: Buffer,
+    /// The ticket of the kernels that finish a grid-wide sum in their last block
+    /// (`etf::grid_sum_last` in `kernels/etf_cuda.h`): one `i32`, zero between launches (each
+    /// such launch leaves it at zero), zero-filled once here.
+    pub(crate) ticket: Buffer,
 }
 
 /// The status word as read back on the host.
@@ -44,6 +46,7 @@ impl Status {
     pub fn new(dev: &Device) -> Result<Status> {
         let mut s = Status {
             buf: dev.alloc_zeros(DType::I32, LEN)?,
+            ticket: dev.alloc_zeros(DType::I32, 1)?,
         };
         s.reset(dev, Part::Forward)?;
         s.reset(dev, Part::Backward)?;
@@ -132,41 +135,5 @@ fn numerical(code: i32) -> Result<()> {
         _ => Err(Error::Numerical {
             what: "singular Lagrangian Hessian (s_i + s_j = 0) in the implicit backward",
         }),
-    }
-}
-
-/// Records in entry `entry` (one of the index entries, 1 or 4) of `status` the first element of
-/// `x` (f32/f16/bf16) that is non-finite or above `1e30` in magnitude.
-pub(crate) fn check_finite(
-    dev: &Device,
-    x: &Buffer,
-    status: &mut Status,
-    entry: usize,
-) -> Result<()> {
-    if entry != 1 && entry != 4 {
-        return Err(Error::InvalidParameter {
-            name: "entry",
-            reason: format!("{entry} is not an index entry of the status word (1 or 4)"),
-        });
-    }
-    let feat = feat_suffix(x, "features")?;
-    if x.is_empty() {
-        return Ok(());
-    }
-    let (cfg, len, st, e) = (
-        crate::runtime::grid_stride(dev, x.len()),
-        x.len() as i64,
-        &mut status.buf,
-        fits_i32(entry, "status entry")?,
-    );
-    use kernels::head::status::{check_finite_bf16, check_finite_f16, check_finite_f32};
-    // SAFETY: the kernel reads `x.len()` elements of `x` and one entry of the `LEN`-entry
-    // status word.
-    unsafe {
-        match feat {
-            Feat::F32 => check_finite_f32(dev, cfg, x, len, st, e),
-            Feat::F16 => check_finite_f16(dev, cfg, x, len, st, e),
-            Feat::BF16 => check_finite_bf16(dev, cfg, x, len, st, e),
-        }
     }
 }

@@ -34,6 +34,7 @@ mod cuda;
 pub mod graph;
 pub mod launch;
 pub mod memory;
+pub mod profile;
 pub mod types;
 
 #[cfg(feature = "cuda")]

@@ -440,6 +440,8 @@ impl DeviceHead {
             (!first_step).then_some(&self.armed),
             &mut self.status,
         )?;
+        // Stage markers (`Device::set_profiling`; one atomic load when off).
+        dev.mark("forward: statistics")?;
         let (factor, prox_used) = match &self.prox {
             None => {
                 // First step: the gauge rule on the host (reads Y back once).
@@ -503,8 +505,10 @@ impl DeviceHead {
                 (f, used)
             }
         };
+        dev.mark("forward: solve")?;
         let w = classifier::weights(dev, &factor.p, d, k)?;
         let b = classifier::logits_into(dev, gk, &sf.x, &w, &sf.stats.mu, n, d, k, logits)?;
+        dev.mark("forward: classifier")?;
         // `Y` and `mu` are only read from here on: the last solve shares the pending
         // backward's.
         let y_kept = sf.y.share();
@@ -551,6 +555,7 @@ impl DeviceHead {
                 }
             }
         }
+        dev.mark("forward: commit")?;
         if self.opt.validation == Validation::Eager && !first_step {
             let word = self.status.read(dev)?;
             word.forward_error(k, "raw")?;
@@ -644,9 +649,12 @@ impl DeviceHead {
             k,
             &mut self.status,
         )?;
+        dev.mark("backward: classifier")?;
         let (dy, dot) =
             backward::solve_backward(dev, gk, &last.factor, &sf.y, &dp, d, k, &mut self.status)?;
+        dev.mark("backward: solve")?;
         pipeline::backward_into(dev, sf, &dy, &dot, &dmu, &dx, d_raw)?;
+        dev.mark("backward: statistics")?;
         drop(scope);
         if self.opt.validation == Validation::Eager {
             self.status.read(dev)?.backward_error()?;

@@ -153,7 +153,7 @@ __device__ __forceinline__ double rounding_floor(const double* a, long long n) {
 // info[0] <- sweeps used. On no convergence within max_sweeps, status[3] <- 2.
 // One block of any multiple of 32 threads (<= 1024); K <= 1024. gate: null, or a device flag
 // that makes the launch a no-op when nonzero (as in gemm.cu).
-extern "C" __global__ void jacobi_eig_f64(double* a, double* v, int k, int max_sweeps, double* lam, int* info, int* status, const int* gate) {
+extern "C" __global__ void __launch_bounds__(1024) jacobi_eig_f64(double* a, double* v, int k, int max_sweeps, double* lam, int* info, int* status, const int* gate) {
     if (gate && *gate) return;
     const double floor_abs = etf::rounding_floor(a, (long long)k * k);
     bool converged;

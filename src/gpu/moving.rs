@@ -149,26 +149,31 @@ pub fn moving_update(
     })
 }
 
-/// The backward of the Frobenius normalisation, the moving-mean update and the batch mean
-/// (`moving_backward_f32`, one launch): from `dY` (d x K), `dot = <Y, dY>` (1 f64) and the
+/// The backward of the Frobenius normalisation, the moving-mean update `u` and the batch mean
+/// of `n` rows with class `counts` (`moving_backward_f32`, one launch): from `Y` and `dY`
+/// (d x K), `dot = <Y, dY>` (1 f64) and the
 /// gradient reaching `mu` by other paths, `d_mu` (d), to `dct` (K x d, the gradient on the
 /// centred class means, transposed) and `gm` (d, the per-row share of the batch mean's
 /// gradient: `(d_mu_total - sum_{c present} dct[c]) / N`).
+#[allow(clippy::too_many_arguments)]
 pub fn moving_backward(
     dev: &Device,
-    f: &super::pipeline::StatsForward,
+    u: &MovingUpdateDev,
+    y: &Buffer,
+    counts: &Buffer,
+    n: usize,
     dy: &Buffer,
     dot: &Buffer,
     d_mu: &Buffer,
 ) -> Result<(Buffer, Buffer)> {
-    let (n, d, k) = (f.stats.n, f.stats.d, f.stats.k);
-    let u = &f.update;
+    let (d, k) = (d_mu.len(), u.source.len());
     check_len("dY", d * k, dy.len())?;
-    check_len("Y", d * k, f.y.len())?;
+    check_len("Y", d * k, y.len())?;
+    check_len("E_new", d * k, u.e_new.len())?;
     check_len("norm", 1, u.norm.len())?;
     check_len("dot", 1, dot.len())?;
     check_len("sources", k, u.source.len())?;
-    check_len("counts", k, f.stats.counts.len())?;
+    check_len("counts", k, counts.len())?;
     check_len("weights", 4, u.w.len())?;
     check_len("d_mu", d, d_mu.len())?;
     let mut dct = dev.alloc(DType::F32, k * d)?;
@@ -181,11 +186,11 @@ pub fn moving_backward(
                 dev,
                 grid_stride(dev, d),
                 dy,
-                &f.y,
+                y,
                 &u.norm,
                 dot,
                 &u.source,
-                &f.stats.counts,
+                counts,
                 &u.w,
                 d_mu,
                 fits_i32(n, "N")?,

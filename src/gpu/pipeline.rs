@@ -76,7 +76,9 @@ pub fn forward_deferred(
         dev,
         labels,
         n,
-        state,
+        k,
+        &state.scal,
+        &state.seen,
         opt.average,
         opt.policy,
         opt.alpha_floor,
@@ -196,7 +198,17 @@ pub fn backward_into(
     check_len("x", n * d, f.x.len())?;
     check_len("labels", n, f.stats.labels.len())?;
     check_len("counts", k, f.stats.counts.len())?;
-    let (dct, gm) = moving_backward(dev, f, dy, dot, d_mu)?;
+    check_len("Y", d * k, f.y.len())?;
+    let (dct, gm) = moving_backward(
+        dev,
+        &f.update,
+        &f.y,
+        &f.stats.counts,
+        n,
+        dy,
+        dot,
+        d_mu,
+    )?;
     if d == 0 {
         return Ok(());
     }

@@ -33,12 +33,15 @@ pub fn labels_to_i32(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Resul
 /// [`step_begin`] on a fresh state, checked (the labels' errors returned).
 pub fn bookkeeping(dev: &Device, labels: &Buffer, n: usize, k: usize) -> Result<Bookkeeping> {
     let mut status = Status::new(dev)?;
-    let state = super::moving::MovingStateDev::new(dev, 1, k)?;
+    // A fresh moving-mean state: step 0, alpha 1, nothing seen.
+    let (scal, seen) = (dev.upload(&[0.0f64, 1.0])?, dev.upload(&vec![0i32; k])?);
     let bk = step_begin(
         dev,
         labels,
         n,
-        &state,
+        k,
+        &scal,
+        &seen,
         MovingAverage::Exponential,
         AbsentClassPolicy::Hold,
         1e-4,
@@ -74,23 +77,25 @@ pub struct Bookkeeping {
 /// when `armed` is given and holds 0, validates and converts the labels (the first
 /// out-of-range position and its value go to the status word; no host synchronisation),
 /// builds the class counts, offsets and stable member lists, and the moving-mean weights and
-/// per-class plan from `state`.
+/// per-class plan from the moving-mean state's scalars `scal` (`[t, alpha]`, f64) and `seen`
+/// flags (K i32).
 #[allow(clippy::too_many_arguments)]
 pub fn step_begin(
     dev: &Device,
     labels: &Buffer,
     n: usize,
-    state: &super::moving::MovingStateDev,
+    k: usize,
+    scal: &Buffer,
+    seen: &Buffer,
     avg: MovingAverage,
     policy: AbsentClassPolicy,
     alpha_floor: f64,
     armed: Option<&Buffer>,
     status: &mut Status,
 ) -> Result<Bookkeeping> {
-    let k = state.k;
     check_len("labels", n, labels.len())?;
-    check_len("t, alpha", 2, state.scal.len())?;
-    check_len("seen", k, state.seen.len())?;
+    check_len("t, alpha", 2, scal.len())?;
+    check_len("seen", k, seen.len())?;
     if let Some(a) = armed {
         check_len("armed", 1, a.len())?;
     }
@@ -119,7 +124,7 @@ pub fn step_begin(
         source,
         seen_new,
     } = &mut bk;
-    let (sc, seen, st) = (&state.scal, &state.seen, &mut status.buf);
+    let (sc, st) = (scal, &mut status.buf);
     // SAFETY: `labels` and `lab`, `members` hold `N`, `counts`, `source`, `seen_new` and
     // `state.seen` `K`, `offsets` `K + 1`, `w` 4, `state.scal` 2 (checked above or allocated
     // here), `armed` 1 (checked above), the status word `LEN`; one block of at most 1024

@@ -197,7 +197,6 @@ impl Device {
     #[cfg(feature = "cuda")]
     fn make_cublas(&self, stream: &Arc<cudarc::driver::CudaStream>) -> Result<Option<Cublas>> {
         use cudarc::cublas::sys;
-        use cudarc::driver::DevicePtr;
         if !super::cuda::lib_present(CUBLAS) {
             return Ok(None);
         }
@@ -219,28 +218,30 @@ impl Device {
         };
         let handle = *blas.handle();
         let set_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let (ptr, guard) = ws.slice().device_ptr(stream);
-            // SAFETY: `handle` is the live handle just created (its context is current on
-            // this thread: `CudaBlas::new` bound it); `ptr` addresses a live allocation of
-            // BLAS_WORKSPACE_BYTES bytes of this context, aligned to at least 256 bytes (a
-            // driver allocation), which `Cublas` keeps alive for as long as the handle (its
-            // `blas` field drops first). The stream was set before (cublasSetStream resets the
-            // workspace, so it is never called again).
-            let ws_status = unsafe {
-                sys::cublasSetWorkspace_v2(
-                    handle,
-                    ptr as *mut std::ffi::c_void,
-                    BLAS_WORKSPACE_BYTES,
-                )
-            };
-            drop(guard);
-            // SAFETY: `handle` is live; the mode is a valid enumerator.
-            let math =
-                unsafe { sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH) };
-            let mut version: std::ffi::c_int = 0;
-            // SAFETY: `handle` is live; `version` is a valid place for one int.
-            let ver = unsafe { sys::cublasGetVersion_v2(handle, &mut version) };
-            (ws_status.result().and(math.result()).and(ver.result())).map(|()| version)
+            super::cuda::with_ptrs(stream, &[(ws, true)], |p| {
+                let ptr = p[0];
+                // SAFETY: `handle` is the live handle just created (its context is current on
+                // this thread: `CudaBlas::new` bound it); `ptr` addresses a live allocation of
+                // BLAS_WORKSPACE_BYTES bytes of this context, aligned to at least 256 bytes (a
+                // driver allocation), which `Cublas` keeps alive for as long as the handle (its
+                // `blas` field drops first). The stream was set before (cublasSetStream resets the
+                // workspace, so it is never called again).
+                let ws_status = unsafe {
+                    sys::cublasSetWorkspace_v2(
+                        handle,
+                        ptr as *mut std::ffi::c_void,
+                        BLAS_WORKSPACE_BYTES,
+                    )
+                };
+                // SAFETY: `handle` is live; the mode is a valid enumerator.
+                let math = unsafe {
+                    sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                };
+                let mut version: std::ffi::c_int = 0;
+                // SAFETY: `handle` is live; `version` is a valid place for one int.
+                let ver = unsafe { sys::cublasGetVersion_v2(handle, &mut version) };
+                (ws_status.result().and(math.result()).and(ver.result())).map(|()| version)
+            })
         }));
         let Ok(Ok(version)) = set_up else {
             return Ok(None);
@@ -271,7 +272,6 @@ impl Device {
         c: &mut Buffer,
     ) -> Result<bool> {
         use cudarc::cublas::sys;
-        use cudarc::driver::DevicePtr;
         let Some(blas) = self.cublas()? else {
             return Ok(false);
         };
@@ -322,68 +322,69 @@ impl Device {
                 message: e.to_string(),
                 source: Some(crate::error::DeviceSource::new(e)),
             })?;
-        let (pa, ga) = ab.slice().device_ptr(stream);
-        let (pb, gb) = bb.slice().device_ptr(stream);
-        let (pc, gc) = cb.slice().device_ptr(stream);
-        let (name, status) = match c.dtype {
-            DType::F64 => (
-                "cublasDgemm",
-                // SAFETY: `handle` is this device's live handle on `stream`, whose context is
-                // current. In cuBLAS's column-major terms: its A is our B, read as op_b of an
-                // (n x l) matrix with ld_b, which `check_gemm` made sure is inside B's `l n`
-                // f64 elements; its B is our A (`m l` elements, ld_a), its C ours (`m n`
-                // elements, ld_c = n), written only there; C shares memory with neither input
-                // (checked). The scalars are host values (the default host pointer mode),
-                // read before the call returns. The buffers stay alive until the product has
-                // run: their memory is freed stream-ordered on this stream, and a capture keeps
-                // them (above).
-                unsafe {
-                    sys::cublasDgemm_v2(
-                        handle,
-                        op_b,
-                        op_a,
-                        ni,
-                        mi,
-                        li,
-                        &alpha,
-                        pb as *const f64,
-                        ld_b,
-                        pa as *const f64,
-                        ld_a,
-                        &beta,
-                        pc as *mut f64,
-                        ld_c,
-                    )
-                },
-            ),
-            _ => {
-                let (alpha, beta) = (alpha as f32, beta as f32);
-                (
-                    "cublasSgemm",
-                    // SAFETY: as for Dgemm above, with f32 elements (`check_gemm` made sure all
-                    // three buffers are f32 here).
-                    unsafe {
-                        sys::cublasSgemm_v2(
-                            handle,
-                            op_b,
-                            op_a,
-                            ni,
-                            mi,
-                            li,
-                            &alpha,
-                            pb as *const f32,
-                            ld_b,
-                            pa as *const f32,
-                            ld_a,
-                            &beta,
-                            pc as *mut f32,
-                            ld_c,
+        // `C` through cudarc's write path, the inputs through the read path (`with_ptrs`).
+        let (name, status) =
+            super::cuda::with_ptrs(stream, &[(ab, false), (bb, false), (cb, true)], |p| {
+                let (pa, pb, pc) = (p[0], p[1], p[2]);
+                match c.dtype {
+                    DType::F64 => (
+                        "cublasDgemm",
+                        // SAFETY: `handle` is this device's live handle on `stream`, whose context is
+                        // current. In cuBLAS's column-major terms: its A is our B, read as op_b of an
+                        // (n x l) matrix with ld_b, which `check_gemm` made sure is inside B's `l n`
+                        // f64 elements; its B is our A (`m l` elements, ld_a), its C ours (`m n`
+                        // elements, ld_c = n), written only there; C shares memory with neither input
+                        // (checked). The scalars are host values (the default host pointer mode),
+                        // read before the call returns. The buffers stay alive until the product has
+                        // run: their memory is freed stream-ordered on this stream, and a capture keeps
+                        // them (above).
+                        unsafe {
+                            sys::cublasDgemm_v2(
+                                handle,
+                                op_b,
+                                op_a,
+                                ni,
+                                mi,
+                                li,
+                                &alpha,
+                                pb as *const f64,
+                                ld_b,
+                                pa as *const f64,
+                                ld_a,
+                                &beta,
+                                pc as *mut f64,
+                                ld_c,
+                            )
+                        },
+                    ),
+                    _ => {
+                        let (alpha, beta) = (alpha as f32, beta as f32);
+                        (
+                            "cublasSgemm",
+                            // SAFETY: as for Dgemm above, with f32 elements (`check_gemm` made sure all
+                            // three buffers are f32 here).
+                            unsafe {
+                                sys::cublasSgemm_v2(
+                                    handle,
+                                    op_b,
+                                    op_a,
+                                    ni,
+                                    mi,
+                                    li,
+                                    &alpha,
+                                    pb as *const f32,
+                                    ld_b,
+                                    pa as *const f32,
+                                    ld_a,
+                                    &beta,
+                                    pc as *mut f32,
+                                    ld_c,
+                                )
+                            },
                         )
-                    },
-                )
-            }
-        };
-        drop((ga, gb, gc));
+                    }
+                }
+            });
         status.result().map_err(|e| Error::Device {
             op: format!("{name} {m} x {n} x {l}"),
             message: e.to_string(),

@@ -7,7 +7,9 @@
 
 use super::types::{BackendArg, KernelFile, KernelSig, LaunchConfig};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -72,18 +74,87 @@ fn dev_err(op: impl Into<String>, e: impl std::error::Error + Send + Sync + 'sta
     }
 }
 
-/// A device allocation (at least one byte, so that empty buffers are valid too).
+/// A device allocation (at least one byte, so that empty buffers are valid too). The slice is
+/// behind a lock because cudarc's write path (`device_ptr_mut`, which records the write for
+/// cudarc's cross-stream event tracking) needs `&mut`, while a buffer is shared (`Arc`);
+/// [`with_ptrs`] takes it once per stream operation.
 #[derive(Debug)]
 pub(super) struct CudaBuf {
-    slice: CudaSlice<u8>,
+    slice: Mutex<CudaSlice<u8>>,
     bytes: usize,
 }
 
 impl CudaBuf {
-    /// The allocation (for cuBLAS, `blas.rs`).
-    pub(super) fn slice(&self) -> &CudaSlice<u8> {
-        &self.slice
+    fn new(slice: CudaSlice<u8>, bytes: usize) -> CudaBuf {
+        CudaBuf {
+            slice: Mutex::new(slice),
+            bytes,
+        }
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CudaSlice<u8>> {
+        self.slice.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn into_slice(self) -> CudaSlice<u8> {
+        self.slice.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs `f` with the device pointers of `bufs` (each with whether the operation writes it),
+/// in order, for one operation queued on `stream`: a written buffer goes through cudarc's
+/// write path (`device_ptr_mut`: waits for the buffer's pending reads and writes on other
+/// streams and records this write when cudarc tracks events), a read one through the read
+/// path. A buffer listed twice is taken once (written if either use writes it); the locks
+/// are taken in address order, so concurrent operations on shared buffers cannot deadlock.
+pub(super) fn with_ptrs<R>(
+    stream: &CudaStream,
+    bufs: &[(&CudaBuf, bool)],
+    f: impl FnOnce(&[u64]) -> R,
+) -> R {
+    let mut uniq: Vec<(&CudaBuf, bool)> = Vec::with_capacity(bufs.len());
+    let idx: Vec<usize> = bufs
+        .iter()
+        .map(
+            |&(b, w)| match uniq.iter().position(|(u, _)| std::ptr::eq(*u, b)) {
+                Some(i) => {
+                    uniq[i].1 |= w;
+                    i
+                }
+                None => {
+                    uniq.push((b, w));
+                    uniq.len() - 1
+                }
+            },
+        )
+        .collect();
+    let mut order: Vec<usize> = (0..uniq.len()).collect();
+    order.sort_by_key(|&i| uniq[i].0 as *const CudaBuf as usize);
+    let mut guards: Vec<Option<std::sync::MutexGuard<'_, CudaSlice<u8>>>> =
+        (0..uniq.len()).map(|_| None).collect();
+    for &i in &order {
+        guards[i] = Some(uniq[i].0.lock());
+    }
+    let mut ptrs = vec![0u64; uniq.len()];
+    let mut syncs = Vec::with_capacity(uniq.len());
+    for ((g, &(_, written)), p) in guards.iter_mut().zip(&uniq).zip(ptrs.iter_mut()) {
+        let Some(g) = g.as_mut() else {
+            continue;
+        };
+        let (ptr, sync) = if written {
+            g.device_ptr_mut(stream)
+        } else {
+            g.device_ptr(stream)
+        };
+        *p = ptr;
+        syncs.push(sync);
+    }
+    let out: Vec<u64> = idx.iter().map(|&i| ptrs[i]).collect();
+    let r = f(&out);
+    // The syncs record the events (after the operation is queued), then the locks go.
+    drop(syncs);
+    drop(guards);
+    r
 }
 
 /// One CUDA context and stream, with the kernel modules loaded on first use.
@@ -115,7 +186,15 @@ impl CudaDevice {
             .map_err(|e| Error::NoDevice {
                 reason: format!("no CUDA device {ordinal}: {e:?}"),
             })?;
-        let stream = ctx.default_stream();
+        // SAFETY: cudarc's contract for turning tracking off: the caller orders its streams
+        // itself. This context handle is this device's own (`CudaContext::new` makes a new
+        // one), and the device queues everything on the one stream made below, so no
+        // cross-stream ordering is needed; buffers handed out or taken in
+        // (`into_cuda_slice`, `from_cuda_slice`) say how to order them.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| dev_err("create a stream", e))?;
         CudaDevice::on_stream(stream)
     }
 
@@ -160,12 +239,12 @@ impl CudaDevice {
         // SAFETY: `ptr` is the live allocation just released by `leak` (of `bytes` bytes, in
         // this context), now owned by exactly one slice again; u8 is valid for any bits.
         let slice = unsafe { self.stream.upgrade_device_ptr::<u8>(ptr, bytes) };
-        Ok(CudaBuf { slice, bytes })
+        Ok(CudaBuf::new(slice, bytes))
     }
 
     /// Gives the allocation away as a typed slice of `len` elements on this stream (no copy).
     pub(super) fn release<T>(&self, b: CudaBuf, len: usize) -> CudaSlice<T> {
-        let ptr = b.slice.leak();
+        let ptr = b.into_slice().leak();
         // SAFETY: `ptr` is the live allocation just released by `leak`, of at least
         // `len * size_of::<T>()` bytes (the buffer's length in its own element type T, checked
         // by the caller), written by this crate's kernels or uploads with values of type T.
@@ -182,7 +261,7 @@ impl CudaDevice {
             .stream
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| dev_err("alloc", e))?;
-        Ok(CudaBuf { slice, bytes })
+        Ok(CudaBuf::new(slice, bytes))
     }
 
     /// A stream-ordered allocation whose contents are unspecified (no memset).
@@ -191,7 +270,7 @@ impl CudaDevice {
         // copies); no `CudaSlice<T>` value of it is read before a write by this crate.
         let slice =
             unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| dev_err("alloc", e))?;
-        Ok(CudaBuf { slice, bytes })
+        Ok(CudaBuf::new(slice, bytes))
     }
 
     pub(super) fn upload(&self, data: &[u8]) -> Result<CudaBuf> {
@@ -206,23 +285,31 @@ impl CudaDevice {
         }
         let len = data.len().min(b.bytes);
         self.bind()?;
-        let (dst, _guard) = b.slice.device_ptr(&self.stream);
-        // SAFETY: `dst` addresses a live allocation of at least `b.bytes >= len` bytes in this
-        // context; the driver stages pageable host memory before returning, so `data` may be
-        // dropped afterwards.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(dst, &data[..len], self.stream.cu_stream())
-        }
+        with_ptrs(&self.stream, &[(b, true)], |p| {
+            // SAFETY: `p[0]` addresses a live allocation of at least `b.bytes >= len` bytes in
+            // this context; the driver stages pageable host memory before returning, so `data`
+            // may be dropped afterwards.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    p[0],
+                    &data[..len],
+                    self.stream.cu_stream(),
+                )
+            }
+        })
         .map_err(|e| dev_err("copy to device", e))
     }
 
     /// Fills `b` with zero bytes (stream-ordered, capturable).
     pub(super) fn zero(&self, b: &CudaBuf) -> Result<()> {
         self.bind()?;
-        let (dst, _guard) = b.slice.device_ptr(&self.stream);
-        // SAFETY: `dst` addresses a live allocation of at least `b.bytes` bytes.
-        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, b.bytes, self.stream.cu_stream()) }
-            .map_err(|e| dev_err("zero fill", e))
+        with_ptrs(&self.stream, &[(b, true)], |p| {
+            // SAFETY: `p[0]` addresses a live allocation of at least `b.bytes` bytes.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(p[0], 0, b.bytes, self.stream.cu_stream())
+            }
+        })
+        .map_err(|e| dev_err("zero fill", e))
     }
 
     /// `dst <- src` (the first `dst.bytes` bytes; stream-ordered, capturable).
@@ -231,13 +318,23 @@ impl CudaDevice {
         if bytes == 0 {
             return Ok(());
         }
+        if std::ptr::eq(dst, src) {
+            return Ok(());
+        }
         self.bind()?;
-        let (d, _gd) = dst.slice.device_ptr(&self.stream);
-        let (s, _gs) = src.slice.device_ptr(&self.stream);
-        // SAFETY: both address live allocations of at least `bytes` bytes in this context;
-        // distinct buffers never overlap, and a copy onto itself is harmless.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) }
-            .map_err(|e| dev_err("copy on device", e))
+        with_ptrs(&self.stream, &[(dst, true), (src, false)], |p| {
+            // SAFETY: both address live allocations of at least `bytes` bytes in this
+            // context; distinct buffers never overlap.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    p[0],
+                    p[1],
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            }
+        })
+        .map_err(|e| dev_err("copy on device", e))
     }
 
     /// Makes this context current on the calling thread (the raw driver calls need it).
@@ -290,22 +387,21 @@ impl CudaDevice {
         if dst.is_empty() {
             return self.synchronize();
         }
-        let view = b.slice.slice(..dst.len());
+        let slice = b.lock();
+        let view = slice.slice(..dst.len());
         self.stream
             .memcpy_dtoh(&view, dst)
             .map_err(|e| dev_err("copy to host", e))?;
+        drop(slice);
         self.synchronize()
     }
 
     pub(super) fn copy(&self, b: &CudaBuf) -> Result<CudaBuf> {
         let slice = self
             .stream
-            .clone_dtod(&b.slice)
+            .clone_dtod(&*b.lock())
             .map_err(|e| dev_err("copy on device", e))?;
-        Ok(CudaBuf {
-            slice,
-            bytes: b.bytes,
-        })
+        Ok(CudaBuf::new(slice, b.bytes))
     }
 
     pub(super) fn synchronize(&self) -> Result<()> {
@@ -375,40 +471,50 @@ impl CudaDevice {
         args: &[BackendArg<'_, CudaBuf>],
     ) -> Result<()> {
         let f = self.function(sig)?;
-        let mut guards = Vec::new();
-        let mut slots: Vec<u64> = Vec::with_capacity(args.len());
-        for a in args {
-            slots.push(match a {
-                BackendArg::Buf(c) => {
-                    let (p, g) = c.slice.device_ptr(&self.stream);
-                    guards.push(g);
-                    p
+        // The buffers, with whether the kernel writes them (a non-`const` pointer).
+        let bufs: Vec<(&CudaBuf, bool)> = args
+            .iter()
+            .zip(sig.params)
+            .filter_map(|(a, p)| match (a, p) {
+                (BackendArg::Buf(c), crate::runtime::Param::Ptr { writable, .. }) => {
+                    Some((*c, *writable))
                 }
-                BackendArg::Slot(s) => *s,
-            });
-        }
-        let mut params: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| (s as *mut u64).cast::<c_void>())
+                (BackendArg::Buf(c), _) => Some((*c, true)),
+                _ => None,
+            })
             .collect();
         self.ctx
             .bind_to_thread()
             .map_err(|e| dev_err("bind context", e))?;
-        // SAFETY: `params` points at one 8-byte slot per parameter (little-endian, so 4-byte
-        // scalars read correctly), matching the kernel's signature (checked by
-        // `Device::launch`); the buffers stay alive until the guards drop after the launch is
-        // queued, and `Buffer` drops synchronise through cudarc's stream-ordered free.
-        let r = unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                cfg.grid,
-                cfg.block,
-                cfg.shared_bytes,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        };
-        drop(guards);
+        let r = with_ptrs(&self.stream, &bufs, |ptrs| {
+            let mut next = ptrs.iter();
+            let mut slots: Vec<u64> = args
+                .iter()
+                .map(|a| match a {
+                    BackendArg::Buf(_) => *next.next().unwrap_or(&0),
+                    BackendArg::Slot(s) => *s,
+                })
+                .collect();
+            let mut params: Vec<*mut c_void> = slots
+                .iter_mut()
+                .map(|s| (s as *mut u64).cast::<c_void>())
+                .collect();
+            // SAFETY: `params` points at one 8-byte slot per parameter (little-endian, so
+            // 4-byte scalars read correctly), matching the kernel's signature (checked by
+            // `Device::launch`); every buffer's pointer comes from `with_ptrs`, which keeps the
+            // buffers locked until the launch is queued, and `Buffer` drops synchronise through
+            // cudarc's stream-ordered free.
+            unsafe {
+                cudarc::driver::result::launch_kernel(
+                    f.cu_function(),
+                    cfg.grid,
+                    cfg.block,
+                    cfg.shared_bytes,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+        });
         r.map_err(|e| dev_err(format!("launch {}", sig.name), e))
     }
 }

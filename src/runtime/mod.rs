@@ -116,7 +116,12 @@ impl Device {
         Device::wrap(DevInner::Cpu)
     }
 
-    /// CUDA device `ordinal`; [`Error::NoDevice`] when there is no driver or no GPU.
+    /// CUDA device `ordinal`, on a stream of its own; [`Error::NoDevice`] when there is no
+    /// driver or no GPU. The stream is a non-blocking one (`CudaContext::new_stream`), so a
+    /// step on it can be captured in a CUDA graph ([`Device::begin_capture`]), and cudarc's
+    /// per-buffer event tracking is off for this device's context handle (everything the
+    /// device queues is ordered by its one stream). To order the head's work with a trainer's
+    /// kernels, use [`Device::cuda_on_stream`] with the trainer's stream instead.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         Ok(Device::wrap(DevInner::Cuda(Box::new(
             cuda::CudaDevice::new(ordinal)?,
@@ -126,9 +131,8 @@ impl Device {
     /// The GPU of a caller's cudarc stream, with all of this crate's work queued on that
     /// stream: use the stream of your trainer (candle, burn, your own), so that the head's
     /// kernels are ordered with yours, and a non-default stream if you capture steps in a
-    /// CUDA graph ([`Device::cuda`] uses the legacy default stream, which cannot be captured
-    /// and is not ordered with non-blocking streams such as those of
-    /// `CudaContext::new_stream`). The stream must belong to this crate's `cudarc` version
+    /// CUDA graph (the legacy default stream cannot be captured). The stream must belong to
+    /// this crate's `cudarc` version
     /// (re-exported as [`cudarc`]).
     ///
     /// Cost to know about: once a context has several streams, cudarc records an event per
@@ -787,8 +791,8 @@ impl Device {
     /// Starts capturing this device's work into a [`Graph`] (see [`graph`]): until
     /// [`end_capture`](Self::end_capture), launches and device-side copies are recorded, not
     /// run, and allocation, uploads, downloads and synchronisation are refused with a typed
-    /// error. Errors: a capture already in progress; on a GPU, the legacy default stream
-    /// ([`Device::cuda`]; use [`Device::cuda_on_stream`]) or cudarc's event tracking on.
+    /// error. Errors: a capture already in progress; on a GPU, the legacy default stream (a
+    /// [`Device::cuda_on_stream`] of `ctx.default_stream()`) or cudarc's event tracking on.
     ///
     /// ```
     /// use implicit_etf::kernels::elementwise::ops::add_assign_f32;

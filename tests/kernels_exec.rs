@@ -299,7 +299,7 @@ fn launch_shapes_and_signatures_are_checked() {
             }
         }
         let mut cfg = LaunchConfig::new((1, 1, 1), (32, 1, 1));
-        cfg.shared_bytes = 64 * 1024;
+        cfg.shared_bytes = implicit_etf::runtime::MAX_DYNAMIC_SHARED_BYTES + 1;
         assert!(device_error(unsafe {
             dev.launch(
                 implicit_etf::kernels::by_name("selftest_block_sum_f32").unwrap(),

@@ -168,7 +168,8 @@ void run_block(unsigned nthreads, const std::function<void()>& fn) {
 }
 
 std::mutex g_launch_mutex;
-size_t g_max_dynamic_shared = 48 * 1024;
+// MAX_DYNAMIC_SHARED_BYTES of src/runtime/mod.rs (Hopper's opt-in maximum per block).
+size_t g_max_dynamic_shared = 227 * 1024;
 
 }  // namespace
 

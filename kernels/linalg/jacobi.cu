@@ -230,14 +230,28 @@ __device__ __forceinline__ void factor_tail(double* a, double* v, int k, int max
 // tol_rel: the relative rotation test |a_pq| > tol_rel sqrt(|a_pp a_qq|) (eps: to rounding
 // level), with the absolute floor eps ||A||_F. A first pass over A skips the sweeps when no
 // pair fails the test (info[0] = 0).
+// in_shared: the sweeps run on copies of A and V in the launch's dynamic shared memory
+// (2 K^2 doubles: K <= 113 fits Hopper's 227 KiB with the sweeps' static arrays), so a
+// round's row and column updates stay on the SM instead of going through L2; V is written
+// back at the end (A is not: only its diagonal is used, read from the copy).
 // One block, blockDim a multiple of 32 (<= 1024); K <= 1024. gate as in gemm.cu.
-extern "C" __global__ void __launch_bounds__(1024) jacobi_factor_f64(double* a, const double* opt_v0, double* v, int k, int max_sweeps, double tol_rel, int mode, double* s, double* s_inv, double* vs, double* s_max, int* info, int* status, const int* gate) {
+extern "C" __global__ void __launch_bounds__(1024) jacobi_factor_f64(double* a, const double* opt_v0, double* v, int k, int max_sweeps, double tol_rel, int mode, int in_shared, double* s, double* s_inv, double* vs, double* s_max, int* info, int* status, const int* gate) {
+    extern __shared__ double smem[];
     if (gate && *gate) return;
     const long long kk = (long long)k * k;
-    for (long long e = threadIdx.x; e < kk; e += blockDim.x) v[e] = opt_v0 ? opt_v0[e] : (e / k == e % k ? 1.0 : 0.0);
+    double* wa = in_shared ? smem : a;
+    double* wv = in_shared ? smem + kk : v;
+    for (long long e = threadIdx.x; e < kk; e += blockDim.x) {
+        wv[e] = opt_v0 ? opt_v0[e] : (e / k == e % k ? 1.0 : 0.0);
+        if (in_shared) wa[e] = a[e];
+    }
     if (threadIdx.x == 0) info[1] = 0;
     __syncthreads();
-    etf::factor_tail(a, v, k, max_sweeps, tol_rel, mode, s, s_inv, vs, s_max, info, status);
+    etf::factor_tail(wa, wv, k, max_sweeps, tol_rel, mode, s, s_inv, vs, s_max, info, status);
+    if (in_shared) {
+        __syncthreads();
+        for (long long e = threadIdx.x; e < kk; e += blockDim.x) v[e] = wv[e];
+    }
 }
 
 // The end of a refined eigensolve (refine.cu), with its fallback decided on the device:

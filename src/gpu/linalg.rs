@@ -488,13 +488,21 @@ pub(crate) fn jacobi_factor(
     check_buffer(out.s_max, "max |s|", 1, DType::F64)?;
     check_buffer(out.info, "eig info", 2, DType::I32)?;
     let threads = factor_threads(dev, k);
+    // A and V in shared memory when they fit beside the sweeps' static arrays.
+    let smem = 2 * k * k * 8;
+    let in_shared = smem + JACOBI_STATIC_SHARED <= dev.max_shared_bytes();
+    let cfg = LaunchConfig {
+        shared_bytes: if in_shared { smem as u32 } else { 0 },
+        ..LaunchConfig::new((1, 1, 1), (threads, 1, 1))
+    };
     // SAFETY: `a`, `v0`, `v`, `vs` hold `K K`, `s`, `s_inv` `K`, `s_max` 1, `info` 2 (checked
     // above), the status word `LEN`, the gate 1 i32 (`check_gate`); one block of a multiple of
-    // 32 threads and `K <= 1024`, as the kernel requires.
+    // 32 threads and `K <= 1024`, as the kernel requires; with `in_shared`, `2 K^2` doubles of
+    // dynamic shared memory, within what the device takes (checked just above).
     unsafe {
         kernels::linalg::jacobi::jacobi_factor_f64(
             dev,
-            LaunchConfig::new((1, 1, 1), (threads, 1, 1)),
+            cfg,
             a,
             v0,
             out.v,
@@ -502,6 +510,7 @@ pub(crate) fn jacobi_factor(
             fits_i32(max_sweeps, "max_sweeps")?,
             tol_rel,
             i32::from(gram),
+            i32::from(in_shared),
             out.s,
             out.s_inv,
             out.vs,
@@ -512,6 +521,10 @@ pub(crate) fn jacobi_factor(
         )
     }
 }
+
+/// Static shared memory of the one-block Jacobi (`jacobi_sweeps<512>`'s round arrays, the
+/// reductions' scratch), rounded up: what the dynamic `A` and `V` must leave free.
+const JACOBI_STATIC_SHARED: usize = 24 * 1024;
 
 /// Threads of the one-block factor kernels.
 fn factor_threads(dev: &Device, k: usize) -> u32 {

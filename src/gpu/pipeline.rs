@@ -199,16 +199,7 @@ pub fn backward_into(
     check_len("labels", n, f.stats.labels.len())?;
     check_len("counts", k, f.stats.counts.len())?;
     check_len("Y", d * k, f.y.len())?;
-    let (dct, gm) = moving_backward(
-        dev,
-        &f.update,
-        &f.y,
-        &f.stats.counts,
-        n,
-        dy,
-        dot,
-        d_mu,
-    )?;
+    let (dct, gm) = moving_backward(dev, &f.update, &f.y, &f.stats.counts, n, dy, dot, d_mu)?;
     if d == 0 {
         return Ok(());
     }

@@ -217,6 +217,15 @@ impl CudaDevice {
         &self.stream
     }
 
+    /// The opt-in maximum of dynamic shared memory per block (48 KiB if unreadable).
+    pub(super) fn max_shared_optin(&self) -> usize {
+        self.ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_or(48 * 1024, |v| v.max(0) as usize)
+    }
+
     /// Takes ownership of a caller's slice (no copy): this stream first waits for the
     /// slice's stream when they differ, then owns the allocation (freed on this stream).
     pub(super) fn adopt<T>(&self, slice: CudaSlice<T>) -> Result<CudaBuf> {
@@ -471,6 +480,15 @@ impl CudaDevice {
         args: &[BackendArg<'_, CudaBuf>],
     ) -> Result<()> {
         let f = self.function(sig)?;
+        if cfg.shared_bytes > 48 * 1024 {
+            // Above the default limit a kernel must opt in (a host-side attribute, allowed
+            // during a stream capture).
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_bytes as i32,
+            )
+            .map_err(|e| dev_err(format!("opt in to shared memory for {}", sig.name), e))?;
+        }
         // The buffers, with whether the kernel writes them (a non-`const` pointer).
         let bufs: Vec<(&CudaBuf, bool)> = args
             .iter()

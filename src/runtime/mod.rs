@@ -280,6 +280,17 @@ impl Device {
         })
     }
 
+    /// The most dynamic shared memory one block of a launch may use on this device, in
+    /// bytes: the GPU's opt-in maximum (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`:
+    /// 227 KiB on Hopper, 48 KiB when the attribute cannot be read), at most
+    /// [`MAX_DYNAMIC_SHARED_BYTES`]; [`MAX_DYNAMIC_SHARED_BYTES`] on the CPU execution.
+    pub fn max_shared_bytes(&self) -> usize {
+        match &self.inner {
+            DevInner::Cpu => MAX_DYNAMIC_SHARED_BYTES as usize,
+            DevInner::Cuda(c) => c.max_shared_optin().min(MAX_DYNAMIC_SHARED_BYTES as usize),
+        }
+    }
+
     /// Which implementation this is.
     pub fn backend(&self) -> Backend {
         match self.inner {
@@ -894,6 +905,12 @@ fn check_type<T: DeviceScalar>(buf: &Buffer, op: &str) -> Result<()> {
     Ok(())
 }
 
+/// Most dynamic shared memory one launch may ask for: 227 KiB, Hopper's opt-in maximum per
+/// block. A launch above 48 KiB (the default limit) opts in on a GPU (the function attribute
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`), which fails on a GPU with less; ask
+/// [`Device::max_shared_bytes`] first.
+pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 227 * 1024;
+
 /// Most blocks one launch may have on the CPU execution, which runs blocks one after another
 /// on host threads (a block costs microseconds there): beyond it a launch would run for hours.
 /// The head stays below it for batches of up to `2^24` rows.
@@ -902,7 +919,8 @@ pub const CPU_MAX_LAUNCH_BLOCKS: u64 = 1 << 24;
 pub const CPU_MAX_LAUNCH_THREADS: u64 = 1 << 29;
 
 /// A launch shape within CUDA's limits (grid `x < 2^31`, `y`, `z <= 65535`; a block of at
-/// most 1024 threads, `z <= 64`; no zero dimension; at most 48 KiB of dynamic shared memory),
+/// most 1024 threads, `z <= 64`; no zero dimension; at most [`MAX_DYNAMIC_SHARED_BYTES`] of
+/// dynamic shared memory, see [`Device::max_shared_bytes`] for what a GPU takes),
 /// and on the CPU execution within [`CPU_MAX_LAUNCH_BLOCKS`] and [`CPU_MAX_LAUNCH_THREADS`].
 fn check_shape(cfg: &LaunchConfig, backend: Backend) -> std::result::Result<(), String> {
     let (g, b) = (cfg.grid, cfg.block);
@@ -921,10 +939,11 @@ fn check_shape(cfg: &LaunchConfig, backend: Backend) -> std::result::Result<(), 
     if threads > 1024 || b.2 > 64 {
         return Err(format!("block {b:?} exceeds 1024 threads (or z > 64)"));
     }
-    if cfg.shared_bytes > 48 * 1024 {
+    if cfg.shared_bytes > MAX_DYNAMIC_SHARED_BYTES {
         return Err(format!(
-            "dynamic shared memory {} bytes exceeds the 48 KiB limit",
-            cfg.shared_bytes
+            "dynamic shared memory {} bytes exceeds the {} KiB limit",
+            cfg.shared_bytes,
+            MAX_DYNAMIC_SHARED_BYTES / 1024
         ));
     }
     let blocks = u64::from(g.0) * u64::from(g.1) * u64::from(g.2);

@@ -104,7 +104,9 @@ pub struct LaunchConfig {
     pub grid: (u32, u32, u32),
     /// Threads per block (x, y, z).
     pub block: (u32, u32, u32),
-    /// Dynamic shared memory per block, in bytes (at most 48 KiB).
+    /// Dynamic shared memory per block, in bytes (at most
+    /// [`MAX_DYNAMIC_SHARED_BYTES`](super::MAX_DYNAMIC_SHARED_BYTES); above 48 KiB only where
+    /// [`Device::max_shared_bytes`](super::Device::max_shared_bytes) allows).
     pub shared_bytes: u32,
 }
 

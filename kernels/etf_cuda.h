@@ -140,3 +140,22 @@ __device__ __forceinline__ bool grid_sum_last(double part, double* partials, int
     return true;
 }
 }  // namespace etf
+
+namespace etf {
+// Sum over the 32 lanes of a warp (fixed butterfly order: the same result every run); every
+// lane gets it. All 32 lanes must call it.
+__device__ __forceinline__ double warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// The warp-per-row loop of the row kernels: the global warp index and warp count (blockDim.x
+// a multiple of 32). A whole warp takes a row, its lanes striding over the row's elements, so
+// the loads and stores of a row-major matrix are coalesced.
+struct WarpRows {
+    int first, stride, lane;
+    __device__ __forceinline__ WarpRows()
+        : first((int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5)),
+          stride((int)((gridDim.x * blockDim.x) >> 5)),
+          lane((int)(threadIdx.x & 31)) {}
+};
+}  // namespace etf

@@ -24,20 +24,20 @@ extern "C" __global__ void tangent_t_f64(const double* z, const double* s, const
     }
 }
 
-// One thread per row j (grid-stride, 1D grid, blockDim a multiple of 32):
+// One warp per row j (etf::WarpRows; 1D grid, blockDim a multiple of 32):
 // dy[j][c] = -cc (u[j][c] - mean_c u[j][.]) as f32, and <Y, dY> (the Frobenius
 // normalisation's backward needs it) by the last block to finish (etf::grid_sum_last: a fixed
 // order, float64): dot[0]. partials: gridDim.x doubles; ticket: 0 between launches.
 extern "C" __global__ void dy_from_u_f64(const double* u, const float* y, int d, int k, double cc, float* dy, double* partials, int* ticket, double* dot) {
     __shared__ double scratch[33];
-    const int stride = gridDim.x * blockDim.x;
+    const etf::WarpRows w;
     double part = 0.0;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
+    for (int j = w.first; j < d; j += w.stride) {
         const double* ur = u + (size_t)j * k;
         double m = 0.0;
-        for (int c = 0; c < k; c++) m += ur[c];
-        m /= k;
-        for (int c = 0; c < k; c++) {
+        for (int c = w.lane; c < k; c += 32) m += ur[c];
+        m = etf::warp_sum(m) / k;
+        for (int c = w.lane; c < k; c += 32) {
             const float v = (float)(-cc * (ur[c] - m));
             dy[(size_t)j * k + c] = v;
             part += (double)y[(size_t)j * k + c] * (double)v;

@@ -10,15 +10,16 @@
 // Grid-stride loops: any launch shape. Long sums are Kahan-compensated in fixed order.
 #include "etf_cuda.h"
 
-// One thread per feature j: w[c][j] = a (p[j][c] - mean_c p[j][.]).
+// One warp per feature j (etf::WarpRows): w[c][j] = a (p[j][c] - mean_c p[j][.]) (P's rows
+// read coalesced; W is K x d, so its writes stride by d).
 extern "C" __global__ void weights_from_p_f64(const double* p, int d, int k, double a, float* w) {
-    const int stride = gridDim.x * blockDim.x;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
+    const etf::WarpRows wr;
+    for (int j = wr.first; j < d; j += wr.stride) {
         const double* pr = p + (size_t)j * k;
         double m = 0.0;
-        for (int c = 0; c < k; c++) m += pr[c];
-        m /= k;
-        for (int c = 0; c < k; c++) w[(size_t)c * d + j] = (float)(a * (pr[c] - m));
+        for (int c = wr.lane; c < k; c += 32) m += pr[c];
+        m = etf::warp_sum(m) / k;
+        for (int c = wr.lane; c < k; c += 32) w[(size_t)c * d + j] = (float)(a * (pr[c] - m));
     }
 }
 

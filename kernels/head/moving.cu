@@ -57,7 +57,8 @@ extern "C" __global__ void moving_update_norm_f32(const float* e, const float* c
 }
 
 // The backward of the Frobenius normalisation, of the moving-mean update and of the batch
-// mean, one thread per feature j (grid-stride):
+// mean, one warp per feature j (etf::WarpRows: dY's and Y's rows read coalesced; the row sums
+// by fixed-order warp sums in float64):
 //   dE_jc = (dY_jc - Y_jc <Y, dY>) / ||E_new||                 (dot[0] = <Y, dY>)
 //   dct[c][j] = a dE_jc for a present class (source 0), else 0  (K x d: coalesced rows for
 //                                                               rows_backward_f32)
@@ -65,20 +66,22 @@ extern "C" __global__ void moving_update_norm_f32(const float* e, const float* c
 //   gm_j = (d_mu_j - sum_{c present} dct[c][j]) / n             (the global mean's share)
 extern "C" __global__ void moving_backward_f32(const float* dy, const float* y, const float* norm, const double* dot, const int* source, const int* counts, const double* w, const float* d_mu_in, int n, int d, int k, float* dct, float* gm) {
     const float a = (float)w[0], dt = (float)dot[0], nv = norm[0];
-    const int stride = gridDim.x * blockDim.x;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
-        etf::Kahan mu, present;
-        for (int c = 0; c < k; c++) {
+    const etf::WarpRows wr;
+    for (int j = wr.first; j < d; j += wr.stride) {
+        double mu = 0.0, present = 0.0;
+        for (int c = wr.lane; c < k; c += 32) {
             const size_t idx = (size_t)j * k + c;
             const float de = (dy[idx] - y[idx] * dt) / nv;
             const int s = source[c];
             const float dc = s == 0 ? a * de : 0.0f;
             dct[(size_t)c * d + j] = dc;
-            if (s == 1) mu.add(a * de);
-            else if (s == 2) mu.add(de);
-            if (counts[c] > 0) present.add(dc);
+            if (s == 1) mu += (double)(a * de);
+            else if (s == 2) mu += (double)de;
+            if (counts[c] > 0) present += (double)dc;
         }
-        gm[j] = (d_mu_in[j] + mu.s - present.s) / (float)n;
+        mu = etf::warp_sum(mu);
+        present = etf::warp_sum(present);
+        if (wr.lane == 0) gm[j] = (float)(((double)d_mu_in[j] + mu - present) / (double)n);
     }
 }
 

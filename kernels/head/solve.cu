@@ -6,23 +6,23 @@
 // All float64. Grid-stride loops: any launch shape.
 #include "etf_cuda.h"
 
-// One thread per row j: the Frobenius normalisation Y = E_new / ||E_new|| (f32, written for
-// the backward and the report) and g[j][c] = cc * (y[j][c] - mean_c y[j][.]) +
-// delta * prox[j][c] (f64).
+// One warp per row j (etf::WarpRows): the Frobenius normalisation Y = E_new / ||E_new|| (f32,
+// written for the backward and the report) and g[j][c] = cc * (y[j][c] - mean_c y[j][.]) +
+// delta * prox[j][c] (f64); the row mean by a fixed-order warp sum.
 extern "C" __global__ void build_g_f64(const float* e, const float* norm, const double* prox, int d, int k, double cc, double delta, float* y, double* g) {
     const float nv = norm[0];
-    const int stride = gridDim.x * blockDim.x;
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += stride) {
+    const etf::WarpRows w;
+    for (int j = w.first; j < d; j += w.stride) {
         const float* er = e + (size_t)j * k;
         float* yr = y + (size_t)j * k;
         double m = 0.0;
-        for (int c = 0; c < k; c++) {
+        for (int c = w.lane; c < k; c += 32) {
             const float v = er[c] / nv;
             yr[c] = v;
             m += (double)v;
         }
-        m /= k;
-        for (int c = 0; c < k; c++) {
+        m = etf::warp_sum(m) / k;
+        for (int c = w.lane; c < k; c += 32) {
             size_t o = (size_t)j * k + c;
             g[o] = cc * ((double)yr[c] - m) + delta * prox[o];
         }

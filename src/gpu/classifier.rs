@@ -27,7 +27,8 @@ pub fn weights(dev: &Device, p: &Buffer, d: usize, k: usize) -> Result<Buffer> {
     unsafe {
         kernels::head::classifier::weights_from_p_f64(
             dev,
-            grid_stride(dev, d),
+            // One warp per feature.
+            grid_stride(dev, 32 * d.max(1)),
             p,
             d as i32,
             k as i32,

@@ -184,7 +184,8 @@ pub fn moving_backward(
         unsafe {
             kernels::head::moving::moving_backward_f32(
                 dev,
-                grid_stride(dev, d),
+                // One warp per feature.
+                grid_stride(dev, 32 * d),
                 dy,
                 y,
                 &u.norm,

@@ -57,7 +57,8 @@ pub fn build_g(
     unsafe {
         kernels::head::solve::build_g_f64(
             dev,
-            grid_stride(dev, d.max(1)),
+            // One warp per row.
+            grid_stride(dev, 32 * d.max(1)),
             e_new,
             norm,
             prox,

@@ -1,5 +1,5 @@
-//! The device's symmetric eigensolvers (`kernels/linalg/jacobi.cu`): the one-block Jacobi and the
-//! block Jacobi over many CUDA blocks, against faer's `self_adjoint_eigen` (an independent
+//! The device's symmetric eigensolvers (`kernels/linalg/jacobi.cu`): the one-block Jacobi, the
+//! block Jacobi over many CUDA blocks, and the refined solve's device-side fallback, against faer's `self_adjoint_eigen` (an independent
 //! algorithm: Householder tridiagonalisation and implicit QR) in float64. Runs on the CPU
 //! execution, and on a CUDA GPU too when one is present (otherwise prints "CUDA part skipped:
 //! <reason>").
@@ -322,4 +322,101 @@ fn invalid_eigensolver_choices_are_errors() {
         ),
         Err(Error::InvalidParameter { .. })
     ));
+}
+
+/// The end of a refined solve (`jacobi_refined_f64`) decides on the device between the
+/// refined basis and the plain warm solve, and says which it took (`info[1]`): given a basis
+/// `X` whose `X^T X` is off the identity by more than `1e-3` (a refinement that diverged), it
+/// must diagonalise the fallback matrix `A0` from `Q0` instead, and flag it; given an
+/// orthonormal `X` with `S = X^T A X`, it must use them and not flag. Oracle: faer's
+/// eigenvalues of the matrix each branch must have used (`A0`, or `A` = `X S X^T`), and the
+/// residual `||A v - lambda v||` of the returned eigenvectors against that matrix
+/// (tolerances as in the module documentation).
+#[test]
+fn refined_solve_falls_back_on_a_diverged_basis_and_flags_it() {
+    use implicit_etf::kernels::linalg::jacobi::jacobi_refined_f64;
+    use implicit_etf::runtime::LaunchConfig;
+    let k = 8;
+    for dev in devices() {
+        let mut rng = Rng(0x5eed_0123);
+        let spec: Vec<f64> = (0..k).map(|i| 1.0 + i as f64).collect();
+        let a = with_spectrum(&mut rng, &spec);
+        let ident: Vec<f64> = (0..k * k)
+            .map(|e| if e / k == e % k { 1.0 } else { 0.0 })
+            .collect();
+        for diverged in [false, true] {
+            // X = I (orthonormal, S = A) or X = 1.1 I (X^T X = 1.21 I: diverged, S garbage).
+            let scale = if diverged { 1.1 } else { 1.0 };
+            let x: Vec<f64> = ident.iter().map(|v| v * scale).collect();
+            let c: Vec<f64> = ident.iter().map(|v| v * scale * scale).collect();
+            let sx: Vec<f64> = if diverged {
+                vec![7.0; k * k]
+            } else {
+                a.clone()
+            };
+            // The fallback's matrix: A itself from Q0 = I (what the head passes).
+            let a0 = a.clone();
+            let up = |v: &[f64]| dev.upload(v).unwrap();
+            let (mut sxb, xb, cb, mut a0b) = (up(&sx), up(&x), up(&c), up(&a0));
+            let mut v = dev.alloc(DType::F64, k * k).unwrap();
+            let mut s = dev.alloc(DType::F64, k).unwrap();
+            let mut s_inv = dev.alloc(DType::F64, k).unwrap();
+            let mut vs = dev.alloc(DType::F64, k * k).unwrap();
+            let mut s_max = dev.alloc(DType::F64, 1).unwrap();
+            let mut info = dev.alloc(DType::I32, 2).unwrap();
+            // A cleared status word (layout in kernels/head/status.cu).
+            let mut word = vec![0i32; implicit_etf::gpu::status::LEN];
+            word[0] = i32::MAX;
+            word[1] = i32::MAX;
+            word[4] = i32::MAX;
+            let mut stat = dev.upload(&word).unwrap();
+            // SAFETY: every buffer holds the K x K, K, 1 or 2 elements the kernel uses at
+            // k = 8; the status word its length; one block of 32 threads.
+            unsafe {
+                jacobi_refined_f64(
+                    &dev,
+                    LaunchConfig::new((1, 1, 1), (32, 1, 1)),
+                    &mut sxb,
+                    &xb,
+                    &cb,
+                    &mut a0b,
+                    None,
+                    &mut v,
+                    k as i32,
+                    30,
+                    1e-10,
+                    &mut s,
+                    &mut s_inv,
+                    &mut vs,
+                    &mut s_max,
+                    &mut info,
+                    &mut stat,
+                )
+            }
+            .unwrap();
+            let info: Vec<i32> = dev.download(&info).unwrap();
+            assert_eq!(
+                info[1],
+                i32::from(diverged),
+                "{}: fallback flag",
+                dev.name()
+            );
+            assert_eq!(
+                dev.download::<i32>(&stat).unwrap()[3],
+                0,
+                "no solve failure"
+            );
+            let s: Vec<f64> = dev.download(&s).unwrap();
+            let v: Vec<f64> = dev.download(&v).unwrap();
+            // Gram mode: s = sqrt(lambda) of A (both branches solve A here).
+            let lam: Vec<f64> = s.iter().map(|x| x * x).collect();
+            let (eig_err, res, orth) = check(&a, k, &lam, &v);
+            let tol = 1e-12 * fro(&a);
+            assert!(
+                eig_err <= tol && res <= tol && orth <= 1e-12,
+                "{} diverged={diverged}: eigenvalues {eig_err:.2e}, residual {res:.2e}, orth {orth:.2e}",
+                dev.name()
+            );
+        }
+    }
 }

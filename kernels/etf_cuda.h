@@ -148,14 +148,19 @@ __device__ __forceinline__ double warp_sum(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-// The warp-per-row loop of the row kernels: the global warp index and warp count (blockDim.x
-// a multiple of 32). A whole warp takes a row, its lanes striding over the row's elements, so
-// the loads and stores of a row-major matrix are coalesced.
-struct WarpRows {
-    int first, stride, lane;
-    __device__ __forceinline__ WarpRows()
-        : first((int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5)),
-          stride((int)((gridDim.x * blockDim.x) >> 5)),
-          lane((int)(threadIdx.x & 31)) {}
+// The row-group loop of the row kernels: rows are taken by groups of `lanes` threads (32 on a
+// GPU: a warp per row, its lanes striding over the row's elements, so the loads and stores of
+// a row-major matrix are coalesced; 1 on the CPU execution, where a shuffle is a
+// synchronisation of host threads and a thread per row is faster). blockDim.x a multiple of
+// `lanes`; `lanes` is 1 or 32.
+struct RowGroups {
+    int first, stride, lane, lanes;
+    __device__ __forceinline__ explicit RowGroups(int g)
+        : first((int)((blockIdx.x * blockDim.x + threadIdx.x) / g)),
+          stride((int)((gridDim.x * blockDim.x) / g)),
+          lane((int)(threadIdx.x % g)),
+          lanes(g) {}
+    // The sum of v over the group (fixed order; every lane of the group gets it).
+    __device__ __forceinline__ double sum(double v) const { return lanes == 1 ? v : warp_sum(v); }
 };
 }  // namespace etf

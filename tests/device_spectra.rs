@@ -18,7 +18,8 @@
 //! `K = 100`, `d = 128` versions of the three are `#[ignore = "slow: ..."]`.
 //!
 //! Every case runs with `DeviceOptions::default()` and with
-//! `EigenSolver::OneBlock` and `EigenSolver::Refine` (the loop over [`SOLVERS`]), `f32`
+//! `EigenSolver::OneBlock` and `EigenSolver::Refine` (the loop over [`SOLVERS`]; the fast
+//! tier's small cases with one of them each, the slow tier with the other), `f32`
 //! features, on the CPU execution and on a CUDA GPU when one is present (otherwise "CUDA
 //! part skipped: <reason>"; `IMPLICIT_ETF_DEVICE=cpu|cuda` restricts it). The CPU head gets
 //! the very same `f32` features widened exactly to `f64`, the same labels, the same
@@ -531,11 +532,16 @@ fn run_case(
     worst
 }
 
-/// Runs `case` on every device and every solver of [`SOLVERS`]; `check_case` as in
+/// Runs `case` on every device and every solver of `solvers`; `check_case` as in
 /// [`run_case`]; violations go to `fails`.
-fn run_everywhere(case: &Case, check_case: &mut CaseCheck<'_>, fails: &mut Vec<String>) {
+fn run_everywhere(
+    case: &Case,
+    solvers: &[EigenSolver],
+    check_case: &mut CaseCheck<'_>,
+    fails: &mut Vec<String>,
+) {
     for dev in devices() {
-        for solver in SOLVERS {
+        for &solver in solvers {
             let t = std::time::Instant::now();
             let w = run_case(dev.backend(), case, solver, check_case, fails);
             println!(
@@ -590,6 +596,11 @@ fn clustered_check(
 /// Collapsed features at three noise levels, 3 steps each (the first on the host).
 #[test]
 fn clustered_spectrum_matches_cpu_head() {
+    clustered_small(&[EigenSolver::Refine]);
+}
+
+/// The small clustered cases with `solvers`.
+fn clustered_small(solvers: &[EigenSolver]) {
     let (d, k, n) = (32, 10, 80);
     let mut fails = Vec::new();
     for (i, noise) in [1e-3, 1e-5, 1e-6].into_iter().enumerate() {
@@ -599,6 +610,7 @@ fn clustered_spectrum_matches_cpu_head() {
         let spread = (10.0 * noise).max(1e-5);
         run_everywhere(
             &case,
+            solvers,
             &mut clustered_check(d, k, case.cfg.delta, spread),
             &mut fails,
         );
@@ -646,9 +658,15 @@ fn graded_check(d: usize, k: usize) -> impl FnMut(usize, &[f64], &[f64], &[f64])
 #[test]
 fn graded_spectrum_matches_cpu_head() {
     let (d, k, n) = (40, 12, 96);
+    graded_small(&[EigenSolver::OneBlock]);
+}
+
+/// The small graded case with `solvers`.
+fn graded_small(solvers: &[EigenSolver]) {
+    let (d, k, n) = (40, 12, 96);
     let case = graded(300, d, k, n, 4);
     let mut fails = Vec::new();
-    run_everywhere(&case, &mut graded_check(d, k), &mut fails);
+    run_everywhere(&case, solvers, &mut graded_check(d, k), &mut fails);
     assert_none(&fails);
 }
 
@@ -674,13 +692,29 @@ fn moving_check() -> impl FnMut(usize, &[f64], &[f64], &[f64]) {
 /// 50 steps of slowly rotating and shifting class means, Gaussian and nearly collapsed.
 #[test]
 fn moving_spectrum_matches_cpu_head() {
+    moving_small(&[EigenSolver::Refine]);
+}
+
+/// The small moving cases with `solvers`.
+fn moving_small(solvers: &[EigenSolver]) {
     let (d, k, n) = (24, 8, 64);
     let mut fails = Vec::new();
     for (i, collapse) in [0.0, 0.9].into_iter().enumerate() {
         let case = moving(400 + i as u64, d, k, n, 50, collapse);
-        run_everywhere(&case, &mut moving_check(), &mut fails);
+        run_everywhere(&case, solvers, &mut moving_check(), &mut fails);
     }
     assert_none(&fails);
+}
+
+/// The fast tier runs each small case with one solver (clustered and moving: the refinement,
+/// whose warm start and cluster path they exercise; graded: the one-block Jacobi); this runs
+/// each with the other one.
+#[test]
+#[ignore = "slow: the small cases again with the other eigensolver, ~30 s on the 2-core CPU execution"]
+fn small_spectra_with_the_other_solver() {
+    clustered_small(&[EigenSolver::OneBlock]);
+    graded_small(&[EigenSolver::Refine]);
+    moving_small(&[EigenSolver::OneBlock]);
 }
 
 // The same spectra at `K = 100`, `d = 128`, `N = 400` (four rows per class): a cluster of 99
@@ -698,6 +732,7 @@ fn clustered_spectrum_at_k100_matches_cpu_head() {
         let spread = (10.0 * noise).max(1e-5);
         run_everywhere(
             &case,
+            &SOLVERS,
             &mut clustered_check(d, k, case.cfg.delta, spread),
             &mut fails,
         );
@@ -714,7 +749,7 @@ fn graded_spectrum_at_k100_matches_cpu_head() {
     let (d, k, n) = (128, 100, 400);
     let case = graded(510, d, k, n, 3);
     let mut fails = Vec::new();
-    run_everywhere(&case, &mut graded_check(d, k), &mut fails);
+    run_everywhere(&case, &SOLVERS, &mut graded_check(d, k), &mut fails);
     assert_none(&fails);
 }
 
@@ -725,6 +760,6 @@ fn moving_spectrum_at_k100_matches_cpu_head() {
     let (d, k, n) = (128, 100, 400);
     let case = moving(520, d, k, n, 20, 0.9);
     let mut fails = Vec::new();
-    run_everywhere(&case, &mut moving_check(), &mut fails);
+    run_everywhere(&case, &SOLVERS, &mut moving_check(), &mut fails);
     assert_none(&fails);
 }

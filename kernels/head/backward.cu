@@ -24,20 +24,20 @@ extern "C" __global__ void tangent_t_f64(const double* z, const double* s, const
     }
 }
 
-// One warp per row j (etf::WarpRows; 1D grid, blockDim a multiple of 32):
+// One row group per row j (etf::RowGroups: a warp on a GPU; 1D grid, blockDim a multiple of 32):
 // dy[j][c] = -cc (u[j][c] - mean_c u[j][.]) as f32, and <Y, dY> (the Frobenius
 // normalisation's backward needs it) by the last block to finish (etf::grid_sum_last: a fixed
 // order, float64): dot[0]. partials: gridDim.x doubles; ticket: 0 between launches.
-extern "C" __global__ void dy_from_u_f64(const double* u, const float* y, int d, int k, double cc, float* dy, double* partials, int* ticket, double* dot) {
+extern "C" __global__ void dy_from_u_f64(const double* u, const float* y, int d, int k, double cc, float* dy, double* partials, int* ticket, double* dot, int lanes) {
     __shared__ double scratch[33];
-    const etf::WarpRows w;
+    const etf::RowGroups w(lanes);
     double part = 0.0;
     for (int j = w.first; j < d; j += w.stride) {
         const double* ur = u + (size_t)j * k;
         double m = 0.0;
-        for (int c = w.lane; c < k; c += 32) m += ur[c];
-        m = etf::warp_sum(m) / k;
-        for (int c = w.lane; c < k; c += 32) {
+        for (int c = w.lane; c < k; c += w.lanes) m += ur[c];
+        m = w.sum(m) / k;
+        for (int c = w.lane; c < k; c += w.lanes) {
             const float v = (float)(-cc * (ur[c] - m));
             dy[(size_t)j * k + c] = v;
             part += (double)y[(size_t)j * k + c] * (double)v;

@@ -10,16 +10,16 @@
 // Grid-stride loops: any launch shape. Long sums are Kahan-compensated in fixed order.
 #include "etf_cuda.h"
 
-// One warp per feature j (etf::WarpRows): w[c][j] = a (p[j][c] - mean_c p[j][.]) (P's rows
+// One row group per feature j (etf::RowGroups: a warp on a GPU): w[c][j] = a (p[j][c] - mean_c p[j][.]) (P's rows
 // read coalesced; W is K x d, so its writes stride by d).
-extern "C" __global__ void weights_from_p_f64(const double* p, int d, int k, double a, float* w) {
-    const etf::WarpRows wr;
+extern "C" __global__ void weights_from_p_f64(const double* p, int d, int k, double a, float* w, int lanes) {
+    const etf::RowGroups wr(lanes);
     for (int j = wr.first; j < d; j += wr.stride) {
         const double* pr = p + (size_t)j * k;
         double m = 0.0;
-        for (int c = wr.lane; c < k; c += 32) m += pr[c];
-        m = etf::warp_sum(m) / k;
-        for (int c = wr.lane; c < k; c += 32) w[(size_t)c * d + j] = (float)(a * (pr[c] - m));
+        for (int c = wr.lane; c < k; c += wr.lanes) m += pr[c];
+        m = wr.sum(m) / k;
+        for (int c = wr.lane; c < k; c += wr.lanes) w[(size_t)c * d + j] = (float)(a * (pr[c] - m));
     }
 }
 

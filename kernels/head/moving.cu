@@ -57,19 +57,19 @@ extern "C" __global__ void moving_update_norm_f32(const float* e, const float* c
 }
 
 // The backward of the Frobenius normalisation, of the moving-mean update and of the batch
-// mean, one warp per feature j (etf::WarpRows: dY's and Y's rows read coalesced; the row sums
+// mean, one row group per feature j (etf::RowGroups: a warp on a GPU: dY's and Y's rows read coalesced; the row sums
 // by fixed-order warp sums in float64):
 //   dE_jc = (dY_jc - Y_jc <Y, dY>) / ||E_new||                 (dot[0] = <Y, dY>)
 //   dct[c][j] = a dE_jc for a present class (source 0), else 0  (K x d: coalesced rows for
 //                                                               rows_backward_f32)
 //   d_mu_j = d_mu_in_j + sum_c (a dE_jc if source 1, dE_jc if source 2)
 //   gm_j = (d_mu_j - sum_{c present} dct[c][j]) / n             (the global mean's share)
-extern "C" __global__ void moving_backward_f32(const float* dy, const float* y, const float* norm, const double* dot, const int* source, const int* counts, const double* w, const float* d_mu_in, int n, int d, int k, float* dct, float* gm) {
+extern "C" __global__ void moving_backward_f32(const float* dy, const float* y, const float* norm, const double* dot, const int* source, const int* counts, const double* w, const float* d_mu_in, int n, int d, int k, float* dct, float* gm, int lanes) {
     const float a = (float)w[0], dt = (float)dot[0], nv = norm[0];
-    const etf::WarpRows wr;
+    const etf::RowGroups wr(lanes);
     for (int j = wr.first; j < d; j += wr.stride) {
         double mu = 0.0, present = 0.0;
-        for (int c = wr.lane; c < k; c += 32) {
+        for (int c = wr.lane; c < k; c += wr.lanes) {
             const size_t idx = (size_t)j * k + c;
             const float de = (dy[idx] - y[idx] * dt) / nv;
             const int s = source[c];
@@ -79,8 +79,8 @@ extern "C" __global__ void moving_backward_f32(const float* dy, const float* y, 
             else if (s == 2) mu += (double)de;
             if (counts[c] > 0) present += (double)dc;
         }
-        mu = etf::warp_sum(mu);
-        present = etf::warp_sum(present);
+        mu = wr.sum(mu);
+        present = wr.sum(present);
         if (wr.lane == 0) gm[j] = (float)(((double)d_mu_in[j] + mu - present) / (double)n);
     }
 }

@@ -6,23 +6,23 @@
 // All float64. Grid-stride loops: any launch shape.
 #include "etf_cuda.h"
 
-// One warp per row j (etf::WarpRows): the Frobenius normalisation Y = E_new / ||E_new|| (f32,
+// One row group per row j (etf::RowGroups: a warp on a GPU): the Frobenius normalisation Y = E_new / ||E_new|| (f32,
 // written for the backward and the report) and g[j][c] = cc * (y[j][c] - mean_c y[j][.]) +
 // delta * prox[j][c] (f64); the row mean by a fixed-order warp sum.
-extern "C" __global__ void build_g_f64(const float* e, const float* norm, const double* prox, int d, int k, double cc, double delta, float* y, double* g) {
+extern "C" __global__ void build_g_f64(const float* e, const float* norm, const double* prox, int d, int k, double cc, double delta, float* y, double* g, int lanes) {
     const float nv = norm[0];
-    const etf::WarpRows w;
+    const etf::RowGroups w(lanes);
     for (int j = w.first; j < d; j += w.stride) {
         const float* er = e + (size_t)j * k;
         float* yr = y + (size_t)j * k;
         double m = 0.0;
-        for (int c = w.lane; c < k; c += 32) {
+        for (int c = w.lane; c < k; c += w.lanes) {
             const float v = er[c] / nv;
             yr[c] = v;
             m += (double)v;
         }
-        m = etf::warp_sum(m) / k;
-        for (int c = w.lane; c < k; c += 32) {
+        m = w.sum(m) / k;
+        for (int c = w.lane; c < k; c += w.lanes) {
             size_t o = (size_t)j * k + c;
             g[o] = cc * ((double)yr[c] - m) + delta * prox[o];
         }

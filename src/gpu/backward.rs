@@ -37,8 +37,8 @@ pub fn solve_backward(
     let u = tangent_solve(dev, gk, f, dl_dp, d, k, status, None)?;
     let mut dy = dev.alloc(DType::F32, d * k)?;
     let mut dot = dev.alloc(DType::F64, 1)?;
-    // One warp per row.
-    let cfg = grid_stride(dev, 32 * d.max(1));
+    // One row group (a warp on a GPU) per row.
+    let cfg = grid_stride(dev, super::shape::row_lanes(dev) * d.max(1));
     let mut partials = dev.alloc(DType::F64, cfg.grid.0 as usize)?;
     // SAFETY: `u` holds `d K` f64 (the tangent solve's output), `y` `d K` f32 (checked above),
     // `dy` `d K`, `dot` 1 and `partials` one per block of this 1D launch (allocated here), the
@@ -56,6 +56,7 @@ pub fn solve_backward(
             &mut partials,
             &mut status.ticket,
             &mut dot,
+            super::shape::row_lanes(dev) as i32,
         )
     }?;
     Ok((dy, dot))

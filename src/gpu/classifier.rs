@@ -27,13 +27,14 @@ pub fn weights(dev: &Device, p: &Buffer, d: usize, k: usize) -> Result<Buffer> {
     unsafe {
         kernels::head::classifier::weights_from_p_f64(
             dev,
-            // One warp per feature.
-            grid_stride(dev, 32 * d.max(1)),
+            // One row group (a warp on a GPU) per feature.
+            grid_stride(dev, super::shape::row_lanes(dev) * d.max(1)),
             p,
             d as i32,
             k as i32,
             scale(k),
             &mut w,
+            super::shape::row_lanes(dev) as i32,
         )
     }?;
     Ok(w)

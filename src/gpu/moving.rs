@@ -184,8 +184,8 @@ pub fn moving_backward(
         unsafe {
             kernels::head::moving::moving_backward_f32(
                 dev,
-                // One warp per feature.
-                grid_stride(dev, 32 * d),
+                // One row group (a warp on a GPU) per feature.
+                grid_stride(dev, super::shape::row_lanes(dev) * d),
                 dy,
                 y,
                 &u.norm,
@@ -199,6 +199,7 @@ pub fn moving_backward(
                 fits_i32(k, "K")?,
                 &mut dct,
                 &mut gm,
+                super::shape::row_lanes(dev) as i32,
             )
         }?;
     }

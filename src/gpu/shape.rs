@@ -14,6 +14,16 @@ pub(crate) fn block(dev: &Device) -> u32 {
     }
 }
 
+/// Threads per row of the row kernels (`etf::RowGroups` in `kernels/etf_cuda.h`): a warp on
+/// a GPU (coalesced rows), one thread on the CPU execution (where a warp shuffle synchronises
+/// host threads).
+pub(crate) fn row_lanes(dev: &Device) -> usize {
+    match dev.backend() {
+        Backend::Cpu => 1,
+        Backend::Cuda => 32,
+    }
+}
+
 /// Threads of the single-block reductions: 1024 on a GPU, 32 on the CPU execution.
 pub(crate) fn single_block(dev: &Device) -> u32 {
     match dev.backend() {

@@ -57,8 +57,8 @@ pub fn build_g(
     unsafe {
         kernels::head::solve::build_g_f64(
             dev,
-            // One warp per row.
-            grid_stride(dev, 32 * d.max(1)),
+            // One row group (a warp on a GPU) per row.
+            grid_stride(dev, super::shape::row_lanes(dev) * d.max(1)),
             e_new,
             norm,
             prox,
@@ -68,6 +68,7 @@ pub fn build_g(
             delta,
             y,
             &mut g,
+            super::shape::row_lanes(dev) as i32,
         )
     }?;
     Ok(g)

@@ -657,7 +657,6 @@ fn graded_check(d: usize, k: usize) -> impl FnMut(usize, &[f64], &[f64], &[f64])
 /// not see it.)
 #[test]
 fn graded_spectrum_matches_cpu_head() {
-    let (d, k, n) = (40, 12, 96);
     graded_small(&[EigenSolver::OneBlock]);
 }
 

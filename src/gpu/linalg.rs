@@ -481,12 +481,7 @@ pub(crate) fn jacobi_factor(
     if let Some(v0) = v0 {
         check_buffer(v0, "eig V0", k * k, DType::F64)?;
     }
-    check_buffer(out.v, "eig V", k * k, DType::F64)?;
-    check_buffer(out.s, "s", k, DType::F64)?;
-    check_buffer(out.s_inv, "1/s", k, DType::F64)?;
-    check_buffer(out.vs, "V diag(1/s)", k * k, DType::F64)?;
-    check_buffer(out.s_max, "max |s|", 1, DType::F64)?;
-    check_buffer(out.info, "eig info", 2, DType::I32)?;
+    out.check(k)?;
     let threads = factor_threads(dev, k);
     // A and V in shared memory when they fit beside the sweeps' static arrays.
     let smem = 2 * k * k * 8;
@@ -537,7 +532,7 @@ fn factor_threads(dev: &Device, k: usize) -> u32 {
     }
 }
 
-/// The outputs of [`jacobi_factor`].
+/// The outputs of [`jacobi_factor`] and [`refine`].
 #[derive(Debug)]
 pub(crate) struct FactorOut<'a> {
     /// Eigenvectors (K x K, columns).
@@ -552,6 +547,18 @@ pub(crate) struct FactorOut<'a> {
     pub s_max: &'a mut Buffer,
     /// Sweeps used and whether the refinement's fallback ran (2 i32).
     pub info: &'a mut Buffer,
+}
+
+impl FactorOut<'_> {
+    /// Checks every output's type and length for a `k x k` problem (what the kernels write).
+    fn check(&self, k: usize) -> Result<()> {
+        check_buffer(self.v, "eig V", k * k, DType::F64)?;
+        check_buffer(self.s, "s", k, DType::F64)?;
+        check_buffer(self.s_inv, "1/s", k, DType::F64)?;
+        check_buffer(self.vs, "V diag(1/s)", k * k, DType::F64)?;
+        check_buffer(self.s_max, "max |s|", 1, DType::F64)?;
+        check_buffer(self.info, "eig info", 2, DType::I32)
+    }
 }
 
 /// [`REFINE_ITERATIONS`] Ogita–Aishima iterations (`kernels/linalg/refine.cu`) on the
@@ -586,12 +593,7 @@ pub(crate) fn refine(
             reason: format!("the refinement's Jacobi takes K <= {MAX_JACOBI_K}, got {k}"),
         });
     }
-    check_buffer(out.v, "eig V", k * k, DType::F64)?;
-    check_buffer(out.s, "s", k, DType::F64)?;
-    check_buffer(out.s_inv, "1/s", k, DType::F64)?;
-    check_buffer(out.vs, "V diag(1/s)", k * k, DType::F64)?;
-    check_buffer(out.s_max, "max |s|", 1, DType::F64)?;
-    check_buffer(out.info, "eig info", 2, DType::I32)?;
+    out.check(k)?;
     let ki = fits_i32(k, "K")?;
     let mut xs = [dev.alloc(DType::F64, k * k)?, dev.alloc(DType::F64, k * k)?];
     let mut c = dev.alloc(DType::F64, k * k)?;

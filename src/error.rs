@@ -132,6 +132,23 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A collective operation failed: ranks passed buffers of different lengths, a rank left
+    /// the group or did not arrive in time, or NCCL reported an error.
+    Collective {
+        /// The operation.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A data-parallel step failed on another rank (its input was invalid: a label out of
+    /// range, a non-finite value, a wrong shape), so it failed on every rank, and no rank
+    /// changed its state. The rank with the bad input returns that input's own error.
+    PeerFailed {
+        /// `"forward"` or `"backward"`.
+        phase: &'static str,
+        /// How many other ranks failed.
+        ranks: usize,
+    },
 }
 
 /// The error of the layer below (cudarc's driver or NVRTC error), shared so that [`Error`]
@@ -213,6 +230,11 @@ impl fmt::Display for Error {
             Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
             Error::Device { op, message, .. } => write!(f, "device error in {op}: {message}"),
             Error::Capture { op, reason } => write!(f, "`{op}` during a graph capture: {reason}"),
+            Error::Collective { op, reason } => write!(f, "collective {op} failed: {reason}"),
+            Error::PeerFailed { phase, ranks } => write!(
+                f,
+                "the {phase} failed on {ranks} other rank(s) (invalid input there); no rank changed its state"
+            ),
         }
     }
 }

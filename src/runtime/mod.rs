@@ -27,6 +27,7 @@
 
 pub mod blas;
 pub mod buffer;
+pub mod collective;
 #[cfg_attr(not(feature = "cpu-exec"), path = "cpu_none.rs")]
 mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda_none.rs")]
@@ -34,6 +35,8 @@ mod cuda;
 pub mod graph;
 pub mod launch;
 pub mod memory;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod profile;
 pub mod types;
 
@@ -44,6 +47,7 @@ pub mod types;
 pub use cudarc;
 
 pub use buffer::Buffer;
+pub use collective::Collective;
 pub use graph::Graph;
 pub use launch::{grid_stride, Arg};
 pub use memory::{MemoryStats, PlanEntry};

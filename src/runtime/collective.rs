@@ -107,13 +107,23 @@ impl Collective {
             .collect())
     }
 
+    /// Rank `rank` of a `world_size`-rank NCCL group with id `id`, on `dev` (a CUDA
+    /// device; its stream carries the all-reduces). Every rank calls this with the same id
+    /// and world size; it returns when all have joined (`ncclCommInitRank` blocks until
+    /// then). Errors: the CPU execution, no loadable `libnccl`, `rank >= world_size`, or
+    /// NCCL's own.
     #[cfg(feature = "cuda")]
-    pub(super) fn from_nccl(rank: usize, world: usize, comm: super::nccl::NcclComm) -> Self {
-        Collective {
+    pub fn nccl(
+        dev: &Device,
+        id: &super::nccl::NcclId,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Collective> {
+        Ok(Collective {
             rank,
-            world,
-            imp: Imp::Nccl(comm),
-        }
+            world: world_size,
+            imp: Imp::Nccl(super::nccl::NcclComm::new(dev, id, rank, world_size)?),
+        })
     }
 
     /// This rank, `0..world_size`.

@@ -10,7 +10,6 @@ use std::sync::Mutex;
 
 use cudarc::nccl::{result as nccl, sys};
 
-use super::collective::Collective;
 use super::memory::BufInner;
 use super::{cuda, Buffer, DType, DevInner, Device};
 use crate::error::{Error, Result};
@@ -156,13 +155,14 @@ impl NcclComm {
     }
 }
 
-impl Collective {
-    /// Rank `rank` of a `world_size`-rank NCCL group with id `id`, on `dev` (a CUDA
-    /// device; its stream carries the all-reduces). Every rank calls this with the same id
-    /// and world size; it returns when all have joined (`ncclCommInitRank` blocks until
-    /// then). Errors: the CPU execution, no loadable `libnccl`, `rank >= world_size`, or
-    /// NCCL's own.
-    pub fn nccl(dev: &Device, id: &NcclId, rank: usize, world_size: usize) -> Result<Collective> {
+impl NcclComm {
+    /// Joins rank `rank` of a `world_size`-rank group (see `Collective::nccl`).
+    pub(super) fn new(
+        dev: &Device,
+        id: &NcclId,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<NcclComm> {
         if rank >= world_size {
             return Err(Error::InvalidParameter {
                 name: "rank",
@@ -203,13 +203,9 @@ impl Collective {
                 .map_err(|e| nccl_error("ncclCommInitRank", e))?;
             comm.assume_init()
         };
-        Ok(Collective::from_nccl(
-            rank,
-            world_size,
-            NcclComm {
-                comm: Mutex::new(CommPtr(comm)),
-            },
-        ))
+        Ok(NcclComm {
+            comm: Mutex::new(CommPtr(comm)),
+        })
     }
 }
 

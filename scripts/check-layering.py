@@ -4,6 +4,7 @@ the layers depend only downwards:
 
     error <- dense <- core, stiefel <- cpu, metrics, etf, head <- gpu
     error <- runtime <- kernels <- gpu
+    runtime <- cpu (its `Collective` only: a data-parallel CPU head sums over thread ranks)
     core, cpu, gpu, runtime <- candle (the candle adapter, on top of both heads)
 
 `runtime` knows nothing of the head (it may use only `error`), `core` and `stiefel` nothing of
@@ -22,7 +23,8 @@ ALLOWED = {
     "dense": {"error"},
     "core": {"error", "stiefel"},
     "stiefel": {"error", "dense"},
-    "cpu": {"error", "core", "stiefel", "dense"},
+    # `runtime` for `runtime::collective` only (the data-parallel all-reduce).
+    "cpu": {"error", "core", "stiefel", "dense", "runtime"},
     "metrics": {"error", "core"},
     "etf": {"error", "core", "stiefel", "cpu", "dense"},
     "head": {"error", "core", "cpu", "gpu", "runtime"},

@@ -96,27 +96,20 @@ pub fn logits_into<T: Real>(x: &[T], d: usize, wt: &[T], b: &[f64], out: &mut [T
     );
 }
 
-/// Backward of [`logits_into`] with `W = a M P^T` and `b = -W mu`: from `dZ` (`N x K`) to
-/// `dx = dZ W` (`N x d`, written), `V = dL/dP` (`d x K` row-major `f64`, through `W`
-/// and `b`), and `dL/dmu = -W^T db` (`d`). `db` (`K`) and `xtdz` (`d x K`) are scratch.
-#[allow(clippy::too_many_arguments)]
-pub fn logits_backward_into<T: Real>(
+/// Backward of [`logits_into`] with `W = a M P^T` and `b = -W mu`, first part: what reads
+/// the rows, `db = 1^T dZ` (`K`) and `xtdz = X^T dZ` (`d x K`) (the sums a data-parallel
+/// step adds over the ranks), and the direct path `dx = dZ W` (`N x d`). All written.
+pub(crate) fn logits_backward_rows<T: Real>(
     x: &[T],
     dz: &[T],
     d: usize,
     wt: &[T],
-    p: &[f64],
-    pmean: &[f64],
-    mu: &[T],
     db: &mut [f64],
     xtdz: &mut [T],
-    v: &mut [f64],
     dx: &mut [T],
-    dmu: &mut [f64],
 ) {
     let k = db.len();
     let n = x.len() / d;
-    let a = scale_of(k);
     db.iter_mut().for_each(|v| *v = 0.0);
     for row in dz.chunks_exact(k) {
         for (o, &g) in db.iter_mut().zip(row) {
@@ -133,6 +126,30 @@ pub fn logits_backward_into<T: Real>(
         dzm,
         T::from_f64(1.0),
     );
+    // dx = dZ W = dZ (W^T)^T.
+    gemm_t(
+        MatMut::from_row_major_slice_mut(dx, n, d),
+        Accum::Replace,
+        dzm,
+        MatRef::from_row_major_slice(wt, d, k).transpose(),
+        T::from_f64(1.0),
+    );
+}
+
+/// Second part of the backward of [`logits_into`], from the sums `xtdz` and `db` of
+/// [`logits_backward_rows`]: `V = dL/dP` (`d x K` row-major `f64`, through `W` and `b`) and
+/// `dL/dmu = -W^T db` (`d`), written.
+pub(crate) fn logits_backward_params<T: Real>(
+    xtdz: &[T],
+    db: &[f64],
+    p: &[f64],
+    pmean: &[f64],
+    mu: &[T],
+    v: &mut [f64],
+    dmu: &mut [f64],
+) {
+    let k = db.len();
+    let a = scale_of(k);
     // dW^T = X^T dZ - mu db^T; V = dL/dP = a (dW^T) M (row means removed).
     for ((vrow, grow), &m) in v.chunks_exact_mut(k).zip(xtdz.chunks_exact(k)).zip(mu) {
         let m = m.to_f64();
@@ -142,14 +159,6 @@ pub fn logits_backward_into<T: Real>(
         let mean = vrow.iter().sum::<f64>() / k as f64;
         vrow.iter_mut().for_each(|o| *o = a * (*o - mean));
     }
-    // dx = dZ W = dZ (W^T)^T.
-    gemm_t(
-        MatMut::from_row_major_slice_mut(dx, n, d),
-        Accum::Replace,
-        dzm,
-        MatRef::from_row_major_slice(wt, d, k).transpose(),
-        T::from_f64(1.0),
-    );
     // dL/dmu = -W^T db, in f64 from P.
     for ((o, row), &pm) in dmu.iter_mut().zip(p.chunks_exact(k)).zip(pmean) {
         let s: f64 = row.iter().zip(db.iter()).map(|(&q, &g)| (q - pm) * g).sum();

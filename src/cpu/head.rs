@@ -1,5 +1,7 @@
 //! The stateful CPU head: every stage composed, with the state a trainer carries.
 
+use std::sync::Arc;
+
 use faer::{Mat, MatRef};
 
 use crate::core::config::HeadConfig;
@@ -14,6 +16,7 @@ use crate::cpu::moving::{self, ColumnSource};
 use crate::cpu::solve::Solver;
 use crate::cpu::stats;
 use crate::error::{Error, Result};
+use crate::runtime::Collective;
 use crate::stiefel::Factor;
 use crate::Real;
 
@@ -25,7 +28,9 @@ struct Slot<T> {
     raw: Vec<T>,
     x: Vec<T>,
     labels: Vec<usize>,
+    /// Class counts and rows of the step: over every rank's rows with a collective.
     counts: Vec<usize>,
+    n_total: usize,
     mu: Vec<T>,
     sources: Vec<ColumnSource>,
     weight: f64,
@@ -51,6 +56,7 @@ impl<T: Real> Slot<T> {
             x: Vec::new(),
             labels: Vec::new(),
             counts: vec![0; k],
+            n_total: 0,
             mu: vec![z; d],
             sources: vec![ColumnSource::Held; k],
             weight: 0.0,
@@ -168,6 +174,10 @@ pub struct CpuHead<T: Real> {
     has_last: bool,
     /// A backward is pending for slot `cur`.
     pending: bool,
+    /// The data-parallel group, if any (shared by clones of the head).
+    collective: Option<Arc<Collective>>,
+    /// The buffer the collective sums (forward `K d + K + d + 2`, backward `K d + K + 1`).
+    packed: Vec<f64>,
 }
 
 impl<T: Real> CpuHead<T> {
@@ -185,7 +195,64 @@ impl<T: Real> CpuHead<T> {
             cur: 0,
             has_last: false,
             pending: false,
+            collective: None,
+            packed: Vec::new(),
         })
+    }
+
+    /// Makes this head one rank of a data-parallel group: every step sums the batch
+    /// statistics (forward) and the classifier's gradient sums (backward) over the group's
+    /// ranks, so that each rank computes the logits and feature gradients of its own rows of
+    /// the global batch exactly as one head over the whole batch would (`docs/data-parallel.md`).
+    /// Every rank must call `forward`/`backward` together, with heads of the same
+    /// configuration and state. An invalid input on one rank fails the step on every rank
+    /// ([`Error::PeerFailed`] on the others), and no rank changes its state. A rank's batch
+    /// may be empty (the global one may not). `infer` stays local: it uses this rank's batch
+    /// mean. Errors: an NCCL group (a CPU head sums host memory: use
+    /// [`Collective::threads`]).
+    ///
+    /// ```
+    /// use implicit_etf::runtime::Collective;
+    /// use implicit_etf::{CpuHead, HeadConfig};
+    /// let (d, k) = (4, 2);
+    /// let raw: Vec<f64> = (0..6 * d).map(|i| ((i * 7 % 5) as f64) - 2.0).collect();
+    /// let labels = [0u32, 1, 0, 1, 1, 0];
+    /// let ranks = Collective::threads(2).unwrap();
+    /// let logits: Vec<Vec<f64>> = std::thread::scope(|s| {
+    ///     let hs: Vec<_> = ranks.into_iter().enumerate().map(|(r, c)| {
+    ///         let (raw, labels) = (&raw, &labels);
+    ///         s.spawn(move || {
+    ///             let mut head = CpuHead::<f64>::new(HeadConfig::new(d, k))
+    ///                 .unwrap()
+    ///                 .with_collective(c)
+    ///                 .unwrap();
+    ///             // Rank r takes rows 3r..3r+3.
+    ///             head.forward(&raw[3 * r * d..3 * (r + 1) * d], &labels[3 * r..3 * r + 3]).unwrap()
+    ///         })
+    ///     }).collect();
+    ///     hs.into_iter().map(|h| h.join().unwrap()).collect()
+    /// });
+    /// let whole = CpuHead::<f64>::new(HeadConfig::new(d, k)).unwrap().forward(&raw, &labels).unwrap();
+    /// let sharded: Vec<f64> = logits.concat();
+    /// assert!(whole.iter().zip(&sharded).all(|(a, b)| (a - b).abs() < 1e-12));
+    /// ```
+    pub fn with_collective(mut self, collective: Collective) -> Result<Self> {
+        if collective.kind() != "threads" {
+            return Err(Error::InvalidParameter {
+                name: "collective",
+                reason: format!(
+                    "a CPU head sums host memory: it needs Collective::threads, got a {} group",
+                    collective.kind()
+                ),
+            });
+        }
+        self.collective = Some(Arc::new(collective));
+        Ok(self)
+    }
+
+    /// The data-parallel group of this head, if any.
+    pub fn collective(&self) -> Option<&Collective> {
+        self.collective.as_deref()
     }
 
     /// The configuration.
@@ -216,11 +283,18 @@ impl<T: Real> CpuHead<T> {
     pub fn forward<L: Label>(&mut self, raw: &[T], labels: &[L]) -> Result<Vec<T>> {
         // The input's shape first: the logits (N x K, K <= d) are then no larger than `raw`.
         let n = labels.len();
-        if n == 0 {
+        if n == 0 && self.collective.is_none() {
             return Err(Error::EmptyBatch);
         }
-        check_len("raw", size2("N * d", n, self.cfg.dim)?, raw.len())?;
-        let mut out = vec![T::from_f64(0.0); n * self.cfg.classes];
+        let mut out = match size2("N * d", n, self.cfg.dim)
+            .and_then(|len| check_len("raw", len, raw.len()))
+        {
+            Ok(()) => vec![T::from_f64(0.0); n * self.cfg.classes],
+            // With a collective the error must still go through the step (the other ranks
+            // wait for this one).
+            Err(_) if self.collective.is_some() => Vec::new(),
+            Err(e) => return Err(e),
+        };
         self.forward_into(raw, labels, &mut out)?;
         Ok(out)
     }
@@ -234,48 +308,141 @@ impl<T: Real> CpuHead<T> {
         labels: &[L],
         logits: &mut [T],
     ) -> Result<()> {
+        let local = self.forward_rows(raw, labels, logits);
+        let n_total = match self.collective.clone() {
+            None => local?,
+            Some(c) => self.forward_reduce(&c, local)?,
+        };
+        self.forward_finish(n_total, logits)
+    }
+
+    /// The forward's checks and the additive statistics of this rank's rows (into the free
+    /// slot and the scratch). Returns `N`.
+    fn forward_rows<L: Label>(
+        &mut self,
+        raw: &[T],
+        labels: &[L],
+        logits: &mut [T],
+    ) -> Result<usize> {
         let (d, k) = (self.cfg.dim, self.cfg.classes);
         let n = labels.len();
-        if n == 0 {
+        if n == 0 && self.collective.is_none() {
             return Err(Error::EmptyBatch);
         }
         check_len("raw", size2("N * d", n, d)?, raw.len())?;
         check_len("logits", size2("N * K", n, k)?, logits.len())?;
-        let cfg = self.cfg.clone();
-        let next = 1 - self.cur;
-        let state = &self.state;
-        let work = match self.work.as_mut() {
-            Some(w) => w,
-            None => {
-                // The products' per-thread memory too (the logits are N x d x K).
-                crate::dense::warm_threads(n.saturating_mul(d).saturating_mul(k));
-                self.work = Some(Box::new(Work {
-                    slots: [Slot::new(d, k), Slot::new(d, k)],
-                    scratch: Scratch::new(d, k)?,
-                }));
-                self.work.as_mut().expect("made above")
-            }
-        };
-        let Work { slots, scratch } = &mut **work;
-        let [s0, s1] = slots;
-        let (slot, last) = if next == 0 { (s0, &*s1) } else { (s1, &*s0) };
+        let (next, tau) = (1 - self.cur, self.cfg.tau);
+        let work = self.work_mut(n)?;
+        let Work { slots, scratch } = work;
+        let slot = &mut slots[next];
         validate_labels_into(labels, k, &mut slot.labels)?;
         check_magnitude("raw", raw)?;
         // Stage 1: features and batch statistics.
         slot.raw.clear();
         slot.raw.extend_from_slice(raw);
         slot.x.resize(n * d, T::from_f64(0.0));
-        match cfg.tau {
+        match tau {
             Some(tau) => stats::tau_normalise_into(raw, d, tau, &mut slot.x),
             None => slot.x.copy_from_slice(raw),
         }
-        stats::class_stats_into(
+        stats::class_sums_into(
             &slot.x,
             &slot.labels,
             d,
             &mut scratch.sums,
             &mut scratch.total,
             &mut slot.counts,
+        );
+        Ok(n)
+    }
+
+    /// The step's memory, made on the first call (`n`: the rows of that call).
+    fn work_mut(&mut self, n: usize) -> Result<&mut Work<T>> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        if self.work.is_none() {
+            // The products' per-thread memory too (the logits are N x d x K).
+            crate::dense::warm_threads(n.saturating_mul(d).saturating_mul(k));
+            self.work = Some(Box::new(Work {
+                slots: [Slot::new(d, k), Slot::new(d, k)],
+                scratch: Scratch::new(d, k)?,
+            }));
+        }
+        Ok(self.work.as_mut().expect("made above"))
+    }
+
+    /// Sums the forward's statistics over the ranks (one all-reduce of `K d + K + d + 2`
+    /// values: class sums, counts, feature sum, rows, failed ranks). Every rank takes part,
+    /// also one whose own checks failed (`local`), so that all fail together. Returns the
+    /// global `N`.
+    fn forward_reduce(&mut self, c: &Collective, local: Result<usize>) -> Result<usize> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let len = k * d + k + d + 2;
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.clear();
+        packed.resize(len, 0.0);
+        let next = 1 - self.cur;
+        match (&local, self.work.as_deref()) {
+            (Ok(n), Some(w)) => {
+                packed[..k * d].copy_from_slice(&w.scratch.sums);
+                for (o, &cnt) in packed[k * d..k * d + k]
+                    .iter_mut()
+                    .zip(&w.slots[next].counts)
+                {
+                    *o = cnt as f64;
+                }
+                packed[k * d + k..k * d + k + d].copy_from_slice(&w.scratch.total);
+                packed[len - 2] = *n as f64;
+            }
+            _ => packed[len - 1] = 1.0,
+        }
+        let reduced = c.all_reduce_host(&mut packed);
+        let out = reduced.and_then(|()| {
+            let failed = packed[len - 1] as usize - usize::from(local.is_err());
+            local?;
+            if failed > 0 {
+                return Err(Error::PeerFailed {
+                    phase: "forward",
+                    ranks: failed,
+                });
+            }
+            let n_total = packed[len - 2] as usize;
+            if n_total == 0 {
+                return Err(Error::EmptyBatch);
+            }
+            let w = self.work.as_deref_mut().expect("made by forward_rows");
+            w.scratch.sums.copy_from_slice(&packed[..k * d]);
+            for (o, &cnt) in w.slots[next]
+                .counts
+                .iter_mut()
+                .zip(&packed[k * d..k * d + k])
+            {
+                *o = cnt as usize;
+            }
+            w.scratch
+                .total
+                .copy_from_slice(&packed[k * d + k..k * d + k + d]);
+            Ok(n_total)
+        });
+        self.packed = packed;
+        out
+    }
+
+    /// The forward from the summed statistics over `n_total` rows (this rank's, or every
+    /// rank's with a collective) to this rank's logits, then the commit.
+    fn forward_finish(&mut self, n_total: usize, logits: &mut [T]) -> Result<()> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let cfg = &self.cfg;
+        let next = 1 - self.cur;
+        let state = &self.state;
+        let Work { slots, scratch } = &mut **self.work.as_mut().expect("made by forward_rows");
+        let [s0, s1] = slots;
+        let (slot, last) = if next == 0 { (s0, &*s1) } else { (s1, &*s0) };
+        slot.n_total = n_total;
+        stats::class_means_into(
+            &scratch.sums,
+            &mut scratch.total,
+            &slot.counts,
+            n_total,
             &mut slot.mu,
             &mut scratch.centred,
         );
@@ -325,7 +492,9 @@ impl<T: Real> CpuHead<T> {
         for (o, &v) in slot.b.iter_mut().zip(&scratch.b64) {
             *o = T::from_f64(v);
         }
-        classifier::logits_into(&slot.x, d, &slot.wt, &scratch.b64, logits);
+        if !logits.is_empty() {
+            classifier::logits_into(&slot.x, d, &slot.wt, &scratch.b64, logits);
+        }
         // Everything succeeded: commit.
         std::mem::swap(&mut self.state.moving, &mut scratch.next);
         match &mut self.state.prox {
@@ -362,15 +531,17 @@ impl<T: Real> CpuHead<T> {
 
     /// Backward of the last forward: from `dL/dlogits` (`N x K`) to `dL/draw` (`N x d`),
     /// through every path (logits, bias, and `W -> P -> Y -> moving means -> class means and
-    /// mu`). Consumes the pending forward.
+    /// mu`). Consumes the pending forward. With a collective, `d_logits` is this rank's rows
+    /// of the gradient of the global loss (for a mean over the global batch: divided by the
+    /// global `N`, not this rank's).
     pub fn backward(&mut self, d_logits: &[T]) -> Result<Vec<T>> {
-        if !self.pending {
+        if !self.pending && self.collective.is_none() {
             return Err(Error::BackwardWithoutForward);
         }
-        let n = self
-            .work
-            .as_ref()
-            .map_or(0, |w| w.slots[self.cur].labels.len());
+        let n = match self.work.as_ref().filter(|_| self.pending) {
+            Some(w) => w.slots[self.cur].labels.len(),
+            None => 0,
+        };
         let mut out = vec![T::from_f64(0.0); n * self.cfg.dim];
         self.backward_into(d_logits, &mut out)?;
         Ok(out)
@@ -378,11 +549,22 @@ impl<T: Real> CpuHead<T> {
 
     /// [`backward`](Self::backward) into `d_raw` (`N x d`, overwritten).
     pub fn backward_into(&mut self, d_logits: &[T], d_raw: &mut [T]) -> Result<()> {
+        let local = self.backward_rows(d_logits, d_raw);
+        if let Some(c) = self.collective.clone() {
+            self.backward_reduce(&c, local)?;
+        } else {
+            local?;
+        }
+        self.backward_finish(d_raw)
+    }
+
+    /// The backward's checks and its products over this rank's rows: `db`, `X^T dZ` and the
+    /// direct path `dZ W`.
+    fn backward_rows(&mut self, d_logits: &[T], d_raw: &[T]) -> Result<()> {
         if !self.pending {
             return Err(Error::BackwardWithoutForward);
         }
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        let cfg = self.cfg.clone();
         let cur = self.cur;
         let Work { slots, scratch } =
             &mut **self.work.as_mut().ok_or(Error::BackwardWithoutForward)?;
@@ -393,18 +575,72 @@ impl<T: Real> CpuHead<T> {
         check_magnitude("d_logits", d_logits)?;
         let s = scratch;
         s.dx.resize(n * d, T::from_f64(0.0));
-        classifier::logits_backward_into(
+        classifier::logits_backward_rows(
             &c.x,
             d_logits,
             d,
             &c.wt,
+            &mut s.db,
+            &mut s.xtdz,
+            &mut s.dx,
+        );
+        Ok(())
+    }
+
+    /// Sums `X^T dZ` and `db` over the ranks (one all-reduce of `K d + K + 1` values, the
+    /// last the failed ranks); every rank takes part, also one whose checks failed.
+    fn backward_reduce(&mut self, c: &Collective, local: Result<()>) -> Result<()> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let len = k * d + k + 1;
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.clear();
+        packed.resize(len, 0.0);
+        match (&local, self.work.as_deref()) {
+            (Ok(()), Some(w)) => {
+                for (o, v) in packed[..k * d].iter_mut().zip(&w.scratch.xtdz) {
+                    *o = v.to_f64();
+                }
+                packed[k * d..k * d + k].copy_from_slice(&w.scratch.db);
+            }
+            _ => packed[len - 1] = 1.0,
+        }
+        let reduced = c.all_reduce_host(&mut packed);
+        let out = reduced.and_then(|()| {
+            let failed = packed[len - 1] as usize - usize::from(local.is_err());
+            local?;
+            if failed > 0 {
+                return Err(Error::PeerFailed {
+                    phase: "backward",
+                    ranks: failed,
+                });
+            }
+            let w = self.work.as_deref_mut().expect("checked by backward_rows");
+            for (o, &v) in w.scratch.xtdz.iter_mut().zip(&packed[..k * d]) {
+                *o = T::from_f64(v);
+            }
+            w.scratch.db.copy_from_slice(&packed[k * d..k * d + k]);
+            Ok(())
+        });
+        self.packed = packed;
+        out
+    }
+
+    /// The backward from the (summed) classifier sums to `d_raw`.
+    fn backward_finish(&mut self, d_raw: &mut [T]) -> Result<()> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let cfg = &self.cfg;
+        let cur = self.cur;
+        let Work { slots, scratch } =
+            &mut **self.work.as_mut().ok_or(Error::BackwardWithoutForward)?;
+        let c = &slots[cur];
+        let s = scratch;
+        classifier::logits_backward_params(
+            &s.xtdz,
+            &s.db,
             &c.p_rm,
             &c.pmean,
             &c.mu,
-            &mut s.db,
-            &mut s.xtdz,
             &mut s.v,
-            &mut s.dx,
             &mut s.dmu_cls,
         );
         s.solver.backward_with(
@@ -423,6 +659,7 @@ impl<T: Real> CpuHead<T> {
         stats::class_stats_backward_add(
             &c.labels,
             &c.counts,
+            c.n_total,
             d,
             &s.d_centred,
             &s.d_mu,

@@ -148,6 +148,7 @@ const TILE: usize = 32;
 /// Batch statistics into caller-held buffers: `counts` (`K`), `mu` (`d`), `centred`
 /// (`d x K`, row-major: `centred[j K + c] = mean of class c - mu`, zero for absent classes).
 /// `sums` (`K x d`) and `total` (`d`) are scratch. Labels are valid indices.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn class_stats_into<T: Real>(
     x: &[T],
@@ -159,9 +160,22 @@ pub(crate) fn class_stats_into<T: Real>(
     mu: &mut [T],
     centred: &mut [T],
 ) {
-    let n = labels.len();
-    let k = counts.len();
-    debug_assert_eq!(x.len(), n * d);
+    class_sums_into(x, labels, d, sums, total, counts);
+    class_means_into(sums, total, counts, labels.len(), mu, centred);
+}
+
+/// The additive part of the statistics (what a data-parallel step sums over the ranks):
+/// per-class feature sums `sums` (`K x d`), the feature sum `total` (`d`) and the class
+/// counts (`K`), all overwritten. Labels are valid indices.
+pub(crate) fn class_sums_into<T: Real>(
+    x: &[T],
+    labels: &[usize],
+    d: usize,
+    sums: &mut [f64],
+    total: &mut [f64],
+    counts: &mut [usize],
+) {
+    debug_assert_eq!(x.len(), labels.len() * d);
     sums.iter_mut().for_each(|v| *v = 0.0);
     total.iter_mut().for_each(|v| *v = 0.0);
     counts.iter_mut().for_each(|v| *v = 0);
@@ -177,6 +191,20 @@ pub(crate) fn class_stats_into<T: Real>(
             *t += v;
         }
     }
+}
+
+/// The statistics from their sums over `n > 0` rows: `mu = total / n` (`total` becomes
+/// `mu`) and `centred` (`d x K`) from `sums` (`K x d`) and `counts`.
+pub(crate) fn class_means_into<T: Real>(
+    sums: &[f64],
+    total: &mut [f64],
+    counts: &[usize],
+    n: usize,
+    mu: &mut [T],
+    centred: &mut [T],
+) {
+    let k = counts.len();
+    let d = total.len();
     for (m, t) in mu.iter_mut().zip(total.iter_mut()) {
         *t /= n as f64;
         *m = T::from_f64(*t);
@@ -194,12 +222,15 @@ pub(crate) fn class_stats_into<T: Real>(
     }
 }
 
-/// Backward of [`class_stats_into`]: `d_centred` (`d x K` row-major) and `d_mu` (`d`) into
-/// `dx` (`N x d`, added to). `per_class` (`K x d`) and `g_mu` (`d`) are scratch.
+/// Backward of [`class_sums_into`] and [`class_means_into`]: `d_centred` (`d x K` row-major) and `d_mu` (`d`) into
+/// `dx` (`N x d`, added to). `counts` and `n_total` are the statistics' (over every rank's
+/// rows in a data-parallel step; `labels` are this rank's). `per_class` (`K x d`) and
+/// `g_mu` (`d`) are scratch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn class_stats_backward_add<T: Real>(
     labels: &[usize],
     counts: &[usize],
+    n_total: usize,
     d: usize,
     d_centred: &[T],
     d_mu: &[f64],
@@ -207,7 +238,6 @@ pub(crate) fn class_stats_backward_add<T: Real>(
     g_mu: &mut [f64],
     dx: &mut [T],
 ) {
-    let n = labels.len();
     let k = counts.len();
     // Gradient to mu: its own plus minus the sum over present classes of dL/dc_k.
     g_mu.copy_from_slice(d_mu);
@@ -219,7 +249,7 @@ pub(crate) fn class_stats_backward_add<T: Real>(
         }
     }
     // Per class (K x d, contiguous rows): dL/dc_k / n_k + g_mu / N.
-    let inv_n = 1.0 / n as f64;
+    let inv_n = 1.0 / n_total as f64;
     // The transpose d x K -> K x d in tiles of TILE rows of `d_centred`.
     for (jt, rows) in d_centred.chunks(TILE * k).enumerate() {
         let j0 = jt * TILE;
@@ -299,7 +329,7 @@ pub(crate) fn class_stats_backward<T: Real>(
     let d_mu: Vec<f64> = d_mu.iter().map(|v| v.to_f64()).collect();
     let (mut per, mut g) = (vec![0.0; k * d], vec![0.0; d]);
     class_stats_backward_add(
-        labels, counts, d, d_centred, &d_mu, &mut per, &mut g, &mut dx,
+        labels, counts, n, d, d_centred, &d_mu, &mut per, &mut g, &mut dx,
     );
     dx
 }

@@ -52,7 +52,7 @@ extern "C" __global__ void moving_update_norm_f32(const float* e, const float* c
     if (etf::grid_sum_last(ss, partials, ticket, &total) && threadIdx.x == 0) {
         const float nv = (float)sqrt(total);
         norm[0] = nv;
-        if (!(nv > 0.0f) || !isfinite(nv)) status[2] = 1;
+        if ((!(nv > 0.0f) || !isfinite(nv)) && status[2] == 0) status[2] = 1;
     }
 }
 
@@ -64,8 +64,11 @@ extern "C" __global__ void moving_update_norm_f32(const float* e, const float* c
 //                                                               rows_backward_f32)
 //   d_mu_j = d_mu_in_j + sum_c (a dE_jc if source 1, dE_jc if source 2)
 //   gm_j = (d_mu_j - sum_{c present} dct[c][j]) / n             (the global mean's share)
-extern "C" __global__ void moving_backward_f32(const float* dy, const float* y, const float* norm, const double* dot, const int* source, const int* counts, const double* w, const float* d_mu_in, int n, int d, int k, float* dct, float* gm, int lanes) {
+// n: opt_n[0] when given (a data-parallel step's rows over every rank, collective.cu), else
+// the scalar n.
+extern "C" __global__ void moving_backward_f32(const float* dy, const float* y, const float* norm, const double* dot, const int* source, const int* counts, const double* w, const float* d_mu_in, int n, const int* opt_n, int d, int k, float* dct, float* gm, int lanes) {
     const float a = (float)w[0], dt = (float)dot[0], nv = norm[0];
+    if (opt_n) n = opt_n[0];
     const etf::RowGroups wr(lanes);
     for (int j = wr.first; j < d; j += wr.stride) {
         double mu = 0.0, present = 0.0;

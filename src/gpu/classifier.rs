@@ -12,7 +12,7 @@ use super::status::Status;
 use crate::core::validate::{check_len, fits_u32};
 use crate::error::Result;
 use crate::kernels;
-use crate::runtime::{grid_stride, Buffer, DType, Device};
+use crate::runtime::{grid_stride, Buffer, Collective, DType, Device};
 
 /// `sqrt(K / (K - 1))`.
 fn scale(k: usize) -> f64 {
@@ -112,7 +112,9 @@ pub struct ClassifierGradsDev {
 }
 
 /// Backward of [`weights`] and [`logits`] from `dz = dL/dlogits` (N x K f32). A non-finite
-/// `dz` entry is recorded in entry 4 of `status` (its first flat index).
+/// `dz` entry is recorded in entry 4 of `status` (its first flat index). With a collective,
+/// `dW^T` and `db` are summed over the ranks ([`super::collective::reduce_grads`]) before
+/// `dL/dP` and the bias path are formed from them.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dev: &Device,
@@ -124,6 +126,7 @@ pub fn backward(
     n: usize,
     d: usize,
     k: usize,
+    coll: Option<&Collective>,
     status: &mut Status,
 ) -> Result<ClassifierGradsDev> {
     check_len("x", n * d, x.len())?;
@@ -146,8 +149,19 @@ pub fn backward(
             4,
         )
     }?;
-    let mut dwt = dev.alloc(DType::F32, k * d)?;
+    // With a collective, `dW^T` is the front of the buffer the ranks sum.
+    let mut packed = match coll {
+        Some(_) => Some(dev.alloc(DType::F32, super::collective::backward_len(d, k))?),
+        None => None,
+    };
+    let mut dwt = match &packed {
+        Some(p) => p.prefix(k * d),
+        None => dev.alloc(DType::F32, k * d)?,
+    };
     Gemm::new(true, false, k, d, n).run(dev, gk, dz, x, &mut dwt)?;
+    if let (Some(c), Some(p)) = (coll, packed.as_mut()) {
+        super::collective::reduce_grads(dev, c, p, &mut db, d, k, status)?;
+    }
     let mut dp = dev.alloc(DType::F64, d * k)?;
     let mut dmu = dev.alloc(DType::F32, d)?;
     // SAFETY: `dwt` holds `K d`, `db` `K`, `dp` `d K`, `dmu` `d` (allocated here), `mu` `d`

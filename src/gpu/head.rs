@@ -55,6 +55,7 @@
 
 use super::backward;
 use super::classifier::{self, ClassifierGradsDev};
+use super::collective;
 use super::linalg::{EigenSolver, GemmKernel};
 use super::moving::MovingStateDev;
 use super::pipeline::{self, StatsForward, StatsOptions};
@@ -72,7 +73,7 @@ use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::solve::{objective, riemannian_gradient_norm};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{grid_stride, Buffer, DType, Device};
+use crate::runtime::{grid_stride, Buffer, Collective, DType, Device};
 use crate::stiefel::orthogonality_error;
 
 /// When data-dependent errors reach the host.
@@ -220,6 +221,8 @@ pub struct DeviceHead {
     /// Whether the status word's backward half may hold a returned backward error (reset
     /// before the next backward; a forward resets it anyway).
     bwd_dirty: bool,
+    /// The data-parallel group, if any ([`DeviceHead::with_collective`]).
+    collective: Option<Collective>,
 }
 
 /// What decides the buffer requests of an ordinary forward: the batch size, the feature type
@@ -310,7 +313,55 @@ impl DeviceHead {
             filled: [None; 2],
             bwd_filled: None,
             bwd_dirty: false,
+            collective: None,
         })
+    }
+
+    /// Makes this head one rank of a data-parallel group (`docs/data-parallel.md`): each
+    /// forward sums the batch statistics over the ranks (one all-reduce of `K d + K + d + 2`
+    /// f32 values, queued on the device's stream), each backward the classifier's gradient
+    /// sums (`K d + K + 1` values), so that every rank solves the same `P` and returns the
+    /// logits and feature gradients of its own rows of the global batch as one head over the
+    /// whole batch would. Every rank calls `forward`/`backward` together, with heads of the
+    /// same configuration and state; an invalid input on one rank fails the step on every
+    /// rank ([`Error::PeerFailed`] on the others, through the status word, so with
+    /// [`Validation::Deferred`] at [`check`](Self::check)) and no rank commits. A rank's
+    /// batch may be empty. Errors: an NCCL group on the CPU execution. A thread group on a
+    /// CUDA device works through the host (a synchronisation per all-reduce, no capture).
+    pub fn with_collective(mut self, collective: Collective) -> Result<Self> {
+        if collective.kind() == "nccl" && self.dev.backend() != crate::runtime::Backend::Cuda {
+            return Err(Error::InvalidParameter {
+                name: "collective",
+                reason: "an NCCL group needs a CUDA device; the CPU execution takes \
+                         Collective::threads"
+                    .into(),
+            });
+        }
+        self.collective = Some(collective);
+        Ok(self)
+    }
+
+    /// The data-parallel group of this head, if any.
+    pub fn collective(&self) -> Option<&Collective> {
+        self.collective.as_ref()
+    }
+
+    /// A step that failed on the host before its all-reduce still takes part in it (with
+    /// this rank's failure flag), so that the other ranks fail too instead of waiting; returns
+    /// `err`.
+    fn fail_with_peers(&self, err: Error, len: usize) -> Error {
+        if let Some(c) = &self.collective {
+            let mut v = vec![0.0f32; len];
+            v[len - 1] = 1.0;
+            let sent = self
+                .dev
+                .upload(&v)
+                .and_then(|mut b| c.all_reduce(&self.dev, &mut b));
+            if let Err(e) = sent {
+                return e;
+            }
+        }
+        err
     }
 
     /// The device (to upload inputs and download results).
@@ -340,7 +391,7 @@ impl DeviceHead {
     /// Host-side checks of a batch: returns `N`.
     fn batch_shape(&self, raw: &Buffer, labels: &Buffer) -> Result<usize> {
         let n = labels.len();
-        if n == 0 {
+        if n == 0 && self.collective.is_none() {
             return Err(Error::EmptyBatch);
         }
         if !matches!(labels.dtype(), DType::U32 | DType::I64) {
@@ -403,9 +454,14 @@ impl DeviceHead {
         labels: &Buffer,
         logits: &mut Buffer,
     ) -> Result<()> {
-        let n = self.batch_shape(raw, labels)?;
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        check_buffer(logits, "logits", n * k, DType::F32)?;
+        let n = match self
+            .batch_shape(raw, labels)
+            .and_then(|n| check_buffer(logits, "logits", n * k, DType::F32).map(|()| n))
+        {
+            Ok(n) => n,
+            Err(e) => return Err(self.fail_with_peers(e, collective::forward_len(d, k))),
+        };
         let first_step = self.prox.is_none();
         let key: StepKey = (n, raw.dtype(), self.q_warm.is_some());
         if self.dev.is_capturing() {
@@ -438,6 +494,7 @@ impl DeviceHead {
             &self.moving,
             self.stats_options(),
             (!first_step).then_some(&self.armed),
+            self.collective.as_ref(),
             &mut self.status,
         )?;
         // Stage markers (`Device::set_profiling`; one atomic load when off).
@@ -613,11 +670,18 @@ impl DeviceHead {
     /// [`forward_into`](Self::forward_into) for capturing a step). Errors as
     /// [`backward`](Self::backward), plus `d_raw` of the wrong length or type.
     pub fn backward_into(&mut self, d_logits: &Buffer, d_raw: &mut Buffer) -> Result<()> {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let checked = match (self.pending.as_ref(), self.last.as_ref()) {
+            (Some(p), Some(_)) => check_buffer(d_logits, "d_logits", p.n * k, DType::F32)
+                .and_then(|()| check_buffer(d_raw, "d_raw", p.n * d, DType::F32)),
+            _ => Err(Error::BackwardWithoutForward),
+        };
+        if let Err(e) = checked {
+            return Err(self.fail_with_peers(e, collective::backward_len(d, k)));
+        }
         let p = self.pending.as_ref().ok_or(Error::BackwardWithoutForward)?;
         let last = self.last.as_ref().ok_or(Error::BackwardWithoutForward)?;
-        let (d, k, n) = (self.cfg.dim, self.cfg.classes, p.n);
-        check_buffer(d_logits, "d_logits", n * k, DType::F32)?;
-        check_buffer(d_raw, "d_raw", n * d, DType::F32)?;
+        let n = p.n;
         let bwd_key = (n, last.first_step);
         if self.dev.is_capturing() {
             self.check_capturable()?;
@@ -647,6 +711,7 @@ impl DeviceHead {
             n,
             d,
             k,
+            self.collective.as_ref(),
             &mut self.status,
         )?;
         dev.mark("backward: classifier")?;

@@ -18,6 +18,7 @@
 
 pub(crate) mod backward;
 pub(crate) mod classifier;
+pub(crate) mod collective;
 pub mod head;
 pub mod linalg;
 pub(crate) mod moving;

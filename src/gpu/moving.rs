@@ -150,7 +150,8 @@ pub fn moving_update(
 }
 
 /// The backward of the Frobenius normalisation, the moving-mean update `u` and the batch mean
-/// of `n` rows with class `counts` (`moving_backward_f32`, one launch): from `Y` and `dY`
+/// of `n` rows (the device's `n_total[0]` when given: a data-parallel step's) with class
+/// `counts` (`moving_backward_f32`, one launch): from `Y` and `dY`
 /// (d x K), `dot = <Y, dY>` (1 f64) and the
 /// gradient reaching `mu` by other paths, `d_mu` (d), to `dct` (K x d, the gradient on the
 /// centred class means, transposed) and `gm` (d, the per-row share of the batch mean's
@@ -162,6 +163,7 @@ pub fn moving_backward(
     y: &Buffer,
     counts: &Buffer,
     n: usize,
+    n_total: Option<&Buffer>,
     dy: &Buffer,
     dot: &Buffer,
     d_mu: &Buffer,
@@ -176,11 +178,14 @@ pub fn moving_backward(
     check_len("counts", k, counts.len())?;
     check_len("weights", 4, u.w.len())?;
     check_len("d_mu", d, d_mu.len())?;
+    if let Some(t) = n_total {
+        check_len("N over the ranks", 1, t.len())?;
+    }
     let mut dct = dev.alloc(DType::F32, k * d)?;
     let mut gm = dev.alloc(DType::F32, d)?;
     if d > 0 {
         // SAFETY: `dy`, `f.y` hold `d K`, `dct` `K d`, `gm` and `d_mu` `d`, `source` and
-        // `counts` `K`, `w` 4, `norm` and `dot` 1 (checked above or allocated here).
+        // `counts` `K`, `w` 4, `norm`, `dot` and `n_total` 1 (checked above or allocated here).
         unsafe {
             kernels::head::moving::moving_backward_f32(
                 dev,
@@ -195,6 +200,7 @@ pub fn moving_backward(
                 &u.w,
                 d_mu,
                 fits_i32(n, "N")?,
+                n_total,
                 fits_i32(d, "d")?,
                 fits_i32(k, "K")?,
                 &mut dct,

@@ -12,7 +12,7 @@ use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::validate::{check_len, fits_i32, fits_u32};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{Buffer, DType, Device, LaunchConfig};
+use crate::runtime::{Buffer, Collective, DType, Device, LaunchConfig};
 
 /// Everything the statistics stage's forward leaves on the device for its backward.
 #[derive(Debug)]
@@ -63,16 +63,17 @@ pub fn forward_deferred(
     state: &MovingStateDev,
     opt: StatsOptions,
     armed: Option<&Buffer>,
+    coll: Option<&Collective>,
     status: &mut Status,
 ) -> Result<StatsForward> {
     let (d, k) = (state.d, state.k);
-    if n == 0 {
+    if n == 0 && coll.is_none() {
         return Err(Error::EmptyBatch);
     }
     check_len("raw features", n * d, raw.len())?;
     feat_suffix(raw, "raw features")?;
     fits_i32(n * d, "N*d")?;
-    let bk = step_begin(
+    let mut bk = step_begin(
         dev,
         labels,
         n,
@@ -86,7 +87,23 @@ pub fn forward_deferred(
         status,
     )?;
     let (x, scale) = prepare_rows(dev, raw, n, d, opt.tau, status)?;
-    let stats = class_stats(dev, &x, &bk, n, d, k)?;
+    let stats = match coll {
+        None => class_stats(dev, &x, &bk, n, d, k)?,
+        // The statistics over every rank's rows (one all-reduce).
+        Some(c) => super::collective::reduce_stats(
+            dev,
+            c,
+            &x,
+            &mut bk,
+            n,
+            d,
+            k,
+            &state.scal,
+            &state.seen,
+            opt.policy,
+            status,
+        )?,
+    };
     let update = moving_update(dev, state, &stats, &bk, status)?;
     let norm_buf = update.norm.share();
     let y = dev.alloc(DType::F32, d * k)?;
@@ -134,7 +151,7 @@ pub fn forward(
     opt: StatsOptions,
 ) -> Result<StatsForward> {
     let mut status = Status::new(dev)?;
-    let mut f = forward_deferred(dev, raw, labels, n, state, opt, None, &mut status)?;
+    let mut f = forward_deferred(dev, raw, labels, n, state, opt, None, None, &mut status)?;
     write_y(dev, &mut f)?;
     let k = state.k;
     status.read(dev)?.forward_error(k, "raw features")?;
@@ -199,8 +216,18 @@ pub fn backward_into(
     check_len("labels", n, f.stats.labels.len())?;
     check_len("counts", k, f.stats.counts.len())?;
     check_len("Y", d * k, f.y.len())?;
-    let (dct, gm) = moving_backward(dev, &f.update, &f.y, &f.stats.counts, n, dy, dot, d_mu)?;
-    if d == 0 {
+    let (dct, gm) = moving_backward(
+        dev,
+        &f.update,
+        &f.y,
+        &f.stats.counts,
+        n,
+        f.stats.n_total.as_ref(),
+        dy,
+        dot,
+        d_mu,
+    )?;
+    if d == 0 || n == 0 {
         return Ok(());
     }
     let (tau, scale) = match (&f.tau, &f.scale) {

@@ -238,8 +238,10 @@ pub struct ClassStatsDev {
     pub k: usize,
     /// Validated labels, `i32`, length N.
     pub labels: Buffer,
-    /// Class counts, `i32`, length K.
+    /// Class counts, `i32`, length K (over every rank's rows in a data-parallel step).
     pub counts: Buffer,
+    /// A data-parallel step's rows over every rank (1 `i32`, on the device); `None`: `n`.
+    pub n_total: Option<Buffer>,
     /// Global mean `mu`, `f32`, length d.
     pub mu: Buffer,
     /// Centred class means `c_k = mean_k - mu`, `f32`, d x K (zero column if absent).
@@ -260,35 +262,21 @@ pub fn class_stats(
     if n == 0 {
         return Err(Error::EmptyBatch);
     }
-    check_len("features", n * d, x.len())?;
-    check_len("labels", n, bk.labels.len())?;
-    check_len("members", n, bk.members.len())?;
-    check_len("counts", k, bk.counts.len())?;
-    check_len("offsets", k + 1, bk.offsets.len())?;
-    let sfx = feat_suffix(x, "features")?;
-    let (ni, di, ki) = (fits_i32(n, "N")?, fits_i32(d, "d")?, fits_i32(k, "K")?);
-    let (offsets, members, counts) = (&bk.offsets, &bk.members, &bk.counts);
+    let ni = fits_i32(n, "N")?;
+    let (di, ki) = (fits_i32(d, "d")?, fits_i32(k, "K")?);
     let mut sums = dev.alloc(DType::F32, k * d)?;
+    class_sums(dev, x, bk, n, d, k, &mut sums)?;
     let mut mu = dev.alloc(DType::F32, d)?;
     let mut centred = dev.alloc(DType::F32, d * k)?;
     if d > 0 {
-        let cfg = LaunchConfig::new((cols(dev, d), fits_u32(k, "K")?, 1), (block(dev), 1, 1));
-        // SAFETY: `x` holds `n d` elements (checked above), `offsets` `k + 1`, `members` `n`
-        // and `sums` `k d` (allocated here).
-        unsafe {
-            match sfx {
-                Feat::F32 => kstats::class_sums_f32(dev, cfg, x, di, offsets, members, &mut sums),
-                Feat::F16 => kstats::class_sums_f16(dev, cfg, x, di, offsets, members, &mut sums),
-                Feat::BF16 => kstats::class_sums_bf16(dev, cfg, x, di, offsets, members, &mut sums),
-            }
-        }?;
-        // SAFETY: `sums` holds `K d`, `counts` `K`, `mu` `d`, `centred` `d K` (allocated here).
+        // SAFETY: `sums` holds `K d`, `counts` `K`, `mu` `d`, `centred` `d K` (allocated here
+        // or checked by `class_sums`).
         unsafe {
             kernels::head::stats::class_means_f32(
                 dev,
                 LaunchConfig::linear(d, block(dev)),
                 &sums,
-                counts,
+                &bk.counts,
                 ni,
                 di,
                 ki,
@@ -303,7 +291,51 @@ pub fn class_stats(
         k,
         labels: bk.labels.share(),
         counts: bk.counts.share(),
+        n_total: None,
         mu,
         centred,
     })
+}
+
+/// The per-class feature sums of `x` (N x d, f32/f16/bf16; `N` may be 0) into the first
+/// `K d` elements of `sums` (K x d row-major f32; a longer buffer, such as a data-parallel
+/// step's packed one, keeps the rest), from the forward's [`Bookkeeping`]
+/// (`class_sums_*`, grid `ceil(d/256) x K`).
+pub fn class_sums(
+    dev: &Device,
+    x: &Buffer,
+    bk: &Bookkeeping,
+    n: usize,
+    d: usize,
+    k: usize,
+    sums: &mut Buffer,
+) -> Result<()> {
+    check_len("features", n * d, x.len())?;
+    check_len("labels", n, bk.labels.len())?;
+    check_len("members", n, bk.members.len())?;
+    check_len("counts", k, bk.counts.len())?;
+    check_len("offsets", k + 1, bk.offsets.len())?;
+    if sums.len() < k * d || sums.dtype() != DType::F32 {
+        return Err(Error::ShapeMismatch {
+            what: "class sums (f32)",
+            expected: k * d,
+            got: sums.len(),
+        });
+    }
+    let sfx = feat_suffix(x, "features")?;
+    let di = fits_i32(d, "d")?;
+    let (offsets, members) = (&bk.offsets, &bk.members);
+    if d > 0 && k > 0 {
+        let cfg = LaunchConfig::new((cols(dev, d), fits_u32(k, "K")?, 1), (block(dev), 1, 1));
+        // SAFETY: `x` holds `n d` elements, `offsets` `k + 1`, `members` `n` (their values in
+        // `0..n`: the bookkeeping's), `sums` at least `k d` (checked above).
+        unsafe {
+            match sfx {
+                Feat::F32 => kstats::class_sums_f32(dev, cfg, x, di, offsets, members, sums),
+                Feat::F16 => kstats::class_sums_f16(dev, cfg, x, di, offsets, members, sums),
+                Feat::BF16 => kstats::class_sums_bf16(dev, cfg, x, di, offsets, members, sums),
+            }
+        }?;
+    }
+    Ok(())
 }

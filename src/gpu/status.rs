@@ -95,6 +95,12 @@ impl StatusWord {
                 index: w[1] as usize,
             });
         }
+        if w[2] < 0 {
+            return Err(Error::PeerFailed {
+                phase: "forward",
+                ranks: w[2].unsigned_abs() as usize,
+            });
+        }
         if w[2] == 2 {
             return Err(Error::Capture {
                 op: "graph launch".into(),
@@ -117,6 +123,12 @@ impl StatusWord {
             return Err(Error::NonFinite {
                 what: "d_logits",
                 index: w[4] as usize,
+            });
+        }
+        if w[5] < 0 {
+            return Err(Error::PeerFailed {
+                phase: "backward",
+                ranks: w[5].unsigned_abs() as usize,
             });
         }
         numerical(w[5])

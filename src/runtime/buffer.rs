@@ -35,9 +35,16 @@ impl Buffer {
     /// A second handle to the same memory (no copy): for a head keeping a tensor in two
     /// places (e.g. `Y` in the pending backward and in the last solve).
     pub(crate) fn share(&self) -> Buffer {
+        self.prefix(self.len)
+    }
+
+    /// A handle to the first `len <= self.len()` elements (no copy): for a kernel or product
+    /// that reads or fills the front of a larger buffer (a data-parallel step's packed one).
+    pub(crate) fn prefix(&self, len: usize) -> Buffer {
+        debug_assert!(len <= self.len);
         Buffer {
             dtype: self.dtype,
-            len: self.len,
+            len: len.min(self.len),
             mem: self.mem.clone(),
         }
     }

@@ -70,11 +70,12 @@ impl CpuBuf {
     }
 
     pub(super) fn read(&self, dst: &mut [u8]) {
-        assert_eq!(dst.len(), self.bytes);
+        // A buffer may view a prefix of its allocation (`Buffer::prefix`).
+        assert!(dst.len() <= self.bytes);
         let _g = exclusive();
-        // SAFETY: `ptr` is valid for `bytes` bytes; no kernel runs concurrently (CPU launches
-        // are synchronous).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), dst.as_mut_ptr(), self.bytes) }
+        // SAFETY: `ptr` is valid for `bytes >= dst.len()` bytes; no kernel runs concurrently
+        // (CPU launches are synchronous).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), dst.as_mut_ptr(), dst.len()) }
     }
 
     pub(super) fn clone_buf(&self) -> Result<CpuBuf> {

@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use implicit_etf::runtime::Device;
 mod devices;
+pub mod parallel;
 #[allow(unused_imports)] // not every test file runs on devices
 pub use devices::devices;
 

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example ufm
 //! cargo run --release --example ufm -- --classes 100 --samples 5000 --epochs 20
+//! cargo run --release --example ufm -- --heads implicit --ranks 4   # data-parallel, 4 thread ranks
 //! ```
 //!
 //! Writes `ufm.csv` (per-epoch loss, accuracy and neural-collapse metrics of every head),
@@ -69,7 +70,7 @@ fn run() -> Result<(), String> {
     std::fs::create_dir_all(&out)
         .map_err(|e| format!("cannot create output folder {}: {e}", out.display()))?;
     println!(
-        "UFM: K={} d={} N={} epochs={} batch={} lr={} momentum={} wd={} tau={} seed={} backend={}",
+        "UFM: K={} d={} N={} epochs={} batch={} lr={} momentum={} wd={} tau={} seed={} backend={} ranks={}",
         cfg.classes,
         cfg.dim,
         cfg.samples,
@@ -80,7 +81,8 @@ fn run() -> Result<(), String> {
         cfg.weight_decay,
         cfg.tau,
         cfg.seed,
-        format!("{:?}", cfg.backend).to_lowercase()
+        format!("{:?}", cfg.backend).to_lowercase(),
+        cfg.ranks
     );
     let data = Data::new(&cfg);
     let steps = (cfg.epochs * batches_per_epoch(&cfg)) as u64;

@@ -95,6 +95,44 @@ fn same_seed_same_run() {
     }
 }
 
+#[test]
+fn ranks_train_like_one_rank() {
+    // `--ranks R`: R thread-ranks, each a CpuHead with its shard of every batch (128 rows
+    // into 3 shards of 42-43, and the short last batch of 72 into 24 each). Same per-epoch
+    // accuracies as one head; losses to 1e-9 relative (sharding reorders the batch sums by
+    // rounding, which the 15 SGD steps carry forward; see tests/data_parallel.rs for a step's
+    // 1e-12).
+    let base = Config {
+        epochs: 8,
+        heads: vec![HeadKind::Implicit],
+        ..small(3, false)
+    };
+    let data = Data::new(&base);
+    let one = train_head(HeadKind::Implicit, &base, &data, &mut |_| {}).unwrap();
+    for ranks in [3, 4] {
+        let cfg = Config {
+            ranks,
+            ..base.clone()
+        };
+        let many = train_head(HeadKind::Implicit, &cfg, &data, &mut |_| {}).unwrap();
+        for (a, b) in one.records.iter().zip(&many.records) {
+            assert_eq!(a.accuracy, b.accuracy, "ranks {ranks}, epoch {}", a.epoch);
+            for (x, y) in [(a.train_loss, b.train_loss), (a.eval_loss, b.eval_loss)] {
+                assert!(
+                    (x - y).abs() <= 1e-9 * x.abs(),
+                    "ranks {ranks}, epoch {}: {x} vs {y}",
+                    a.epoch
+                );
+            }
+        }
+    }
+    assert_eq!(config("--ranks 4").ranks, 4);
+    assert!(parse("--ranks 0").unwrap_err().contains("--ranks"));
+    assert!(parse("--ranks 2 --backend cuda")
+        .unwrap_err()
+        .contains("--backend cpu"));
+}
+
 fn parse(args: &str) -> Result<Command, String> {
     parse_args(args.split_whitespace())
 }

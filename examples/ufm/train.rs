@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use implicit_etf::cpu::stats::{tau_normalise, tau_normalise_backward};
 use implicit_etf::metrics::{nc_metrics, NcMetrics};
+use implicit_etf::runtime::Collective;
 use implicit_etf::runtime::Device;
 use implicit_etf::{cross_entropy, CpuHead, DeviceHead, HeadConfig};
 
@@ -81,6 +82,9 @@ pub struct Config {
     pub out: Option<PathBuf>,
     /// Compute the neural-collapse metrics at the end of every epoch.
     pub metrics: bool,
+    /// Data-parallel ranks of the implicit head (threads of this process, each with its
+    /// shard of every batch; `--backend cpu` only).
+    pub ranks: usize,
 }
 
 impl Default for Config {
@@ -101,6 +105,7 @@ impl Default for Config {
             backend: Backend::Cpu,
             out: None,
             metrics: true,
+            ranks: 1,
         }
     }
 }
@@ -144,6 +149,15 @@ struct Cli {
     /// Output folder (default: ufm-out/K{K}_d{D}_N{N}_seed{S}).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Data-parallel ranks of the implicit head: R threads, each a CpuHead with its shard of
+    /// every batch, their statistics summed by a thread collective (--backend cpu).
+    #[arg(
+        long,
+        value_name = "R",
+        default_value_t = 1,
+        allow_hyphen_values = true
+    )]
+    ranks: usize,
 }
 
 /// The `--help` text.
@@ -230,6 +244,7 @@ where
         heads,
         backend,
         out: cli.out,
+        ranks: cli.ranks,
         ..Config::default()
     };
     validate(&cfg)?;
@@ -264,6 +279,12 @@ pub fn validate(cfg: &Config) -> Result<(), String> {
     }
     if cfg.heads.is_empty() {
         return Err("--heads is empty (expected some of standard,fixed,implicit)".into());
+    }
+    if cfg.ranks == 0 {
+        return Err("--ranks must be at least 1".into());
+    }
+    if cfg.ranks > 1 && cfg.backend != Backend::Cpu {
+        return Err("--ranks above 1 needs --backend cpu (thread ranks)".into());
     }
     Ok(())
 }
@@ -515,6 +536,8 @@ enum Head {
         w: Vec<f64>,
     },
     Implicit(Box<CpuHead<f64>>),
+    /// The implicit head data-parallel over `--ranks` thread ranks (one `CpuHead` each).
+    ImplicitRanks(Vec<CpuHead<f64>>),
     /// The implicit head on the GPU (`--backend cuda`).
     ImplicitDevice(Box<DeviceHead>),
 }
@@ -545,6 +568,16 @@ impl Head {
                 Head::ImplicitDevice(Box::new(
                     DeviceHead::new(dev, hc).map_err(lib_err("implicit head"))?,
                 ))
+            }
+            HeadKind::Implicit if cfg.ranks > 1 => {
+                let hc = HeadConfig::new(d, k).with_tau(Some(cfg.tau));
+                let group = Collective::threads(cfg.ranks).map_err(lib_err("--ranks"))?;
+                let heads = group
+                    .into_iter()
+                    .map(|c| CpuHead::<f64>::new(hc.clone())?.with_collective(c))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(lib_err("implicit head"))?;
+                Head::ImplicitRanks(heads)
             }
             HeadKind::Implicit => {
                 let hc = HeadConfig::new(d, k).with_tau(Some(cfg.tau));
@@ -584,6 +617,29 @@ impl Head {
                 let drb = head.backward(&dlb).map_err(&e)?;
                 let dr: Vec<f32> = head.device().download(&drb).map_err(&e)?;
                 Ok((loss, dr.iter().map(|&v| v as f64).collect()))
+            }
+            Head::ImplicitRanks(heads) => {
+                // Rank r takes the r-th of R contiguous shards of the batch (sizes differ by
+                // at most one; a shard may be empty), in a thread of its own; the loss is the
+                // mean over the whole batch, so each rank's gradient is divided by N.
+                let r = heads.len();
+                let bounds: Vec<usize> = (0..=r).map(|i| i * n / r).collect();
+                let parts = std::thread::scope(|s| {
+                    let hs: Vec<_> = heads
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(i, head)| {
+                            let rows = bounds[i]..bounds[i + 1];
+                            let (raw, labels) = (&raw[rows.start * d..rows.end * d], &labels[rows]);
+                            s.spawn(move || rank_step(head, raw, labels, k, n))
+                        })
+                        .collect();
+                    hs.into_iter()
+                        .map(|h| h.join().map_err(|_| "a rank panicked".to_string())?)
+                        .collect::<Result<Vec<_>, String>>()
+                })?;
+                let loss = parts.iter().map(|p| p.0).sum::<f64>() / n as f64;
+                Ok((loss, parts.into_iter().flat_map(|p| p.1).collect()))
             }
             Head::Implicit(head) => {
                 let logits = head
@@ -638,14 +694,9 @@ impl Head {
         match self {
             Head::Standard { w, .. } => Ok((w.clone(), vec![0.0; k])),
             Head::Fixed { w } => Ok((w.clone(), bias_of(w, &column_mean(x, n, d), k, d))),
-            Head::Implicit(head) => {
-                let w = head
-                    .classifier()
-                    .map_err(lib_err("implicit head"))?
-                    .ok_or("implicit head: no classifier before the first step")?;
-                let b = bias_of(&w, &column_mean(x, n, d), k, d);
-                Ok((w, b))
-            }
+            Head::Implicit(head) => head_classifier(head, x, n, cfg),
+            // Every rank holds the same classifier.
+            Head::ImplicitRanks(heads) => head_classifier(&heads[0], x, n, cfg),
             Head::ImplicitDevice(head) => {
                 let e = lib_err("implicit head (device)");
                 let wb = head
@@ -664,6 +715,47 @@ impl Head {
             }
         }
     }
+}
+
+/// One rank's share of a data-parallel step: forward on its rows, the gradient of the mean
+/// cross-entropy over the global batch of `n_total` rows, backward. Returns the rank's sum of
+/// per-row losses and `dL/draw` of its rows.
+fn rank_step(
+    head: &mut CpuHead<f64>,
+    raw: &[f64],
+    labels: &[usize],
+    k: usize,
+    n_total: usize,
+) -> Result<(f64, Vec<f64>), String> {
+    let logits = head
+        .forward(raw, labels)
+        .map_err(lib_err("implicit forward"))?;
+    let (loss, mut dl) = if labels.is_empty() {
+        (0.0, Vec::new())
+    } else {
+        cross_entropy(&logits, labels, k).map_err(lib_err("cross-entropy"))?
+    };
+    // `cross_entropy` averages over this rank's rows: rescale to the global mean.
+    let share = labels.len() as f64 / n_total as f64;
+    dl.iter_mut().for_each(|g| *g *= share);
+    let dr = head.backward(&dl).map_err(lib_err("implicit backward"))?;
+    Ok((loss * labels.len() as f64, dr))
+}
+
+/// The classifier `(W, b)` of a CPU implicit head, with the bias from the mean of `x`.
+fn head_classifier(
+    head: &CpuHead<f64>,
+    x: &[f64],
+    n: usize,
+    cfg: &Config,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (d, k) = (cfg.dim, cfg.classes);
+    let w = head
+        .classifier()
+        .map_err(lib_err("implicit head"))?
+        .ok_or("implicit head: no classifier before the first step")?;
+    let b = bias_of(&w, &column_mean(x, n, d), k, d);
+    Ok((w, b))
 }
 
 /// Trains one head from the data's initial features; `on_event` sees every step and epoch.
@@ -711,6 +803,7 @@ pub fn train_head(
         let z = match &head {
             // The head's own inference path (stored classifier, bias from the set's mean).
             Head::Implicit(head) => head.infer(&h).map_err(lib_err("implicit infer"))?,
+            Head::ImplicitRanks(heads) => heads[0].infer(&h).map_err(lib_err("implicit infer"))?,
             _ => logits(&x, n, d, &w, k, Some(&b)),
         };
         let (eval_loss, _) =

@@ -4,7 +4,8 @@ the layers depend only downwards:
 
     error <- dense <- core, stiefel <- cpu, metrics, etf, head <- gpu
     error <- runtime <- kernels <- gpu
-    runtime <- cpu (its `Collective` only: a data-parallel CPU head sums over thread ranks)
+    error, runtime <- collective <- cpu, gpu (the data-parallel all-reduce; its thread
+    implementation needs no device, so the CPU head alone still builds without `runtime`)
     core, cpu, gpu, runtime <- candle (the candle adapter, on top of both heads)
 
 `runtime` knows nothing of the head (it may use only `error`), `core` and `stiefel` nothing of
@@ -23,14 +24,14 @@ ALLOWED = {
     "dense": {"error"},
     "core": {"error", "stiefel"},
     "stiefel": {"error", "dense"},
-    # `runtime` for `runtime::collective` only (the data-parallel all-reduce).
-    "cpu": {"error", "core", "stiefel", "dense", "runtime"},
+    "cpu": {"error", "core", "stiefel", "dense", "collective"},
+    "collective": {"error", "runtime"},
     "metrics": {"error", "core"},
     "etf": {"error", "core", "stiefel", "cpu", "dense"},
     "head": {"error", "core", "cpu", "gpu", "runtime"},
     "runtime": {"error"},
     "kernels": {"error", "runtime"},
-    "gpu": {"error", "core", "stiefel", "cpu", "runtime", "kernels", "dense"},
+    "gpu": {"error", "core", "stiefel", "cpu", "runtime", "kernels", "dense", "collective"},
     "candle": {"error", "core", "cpu", "gpu", "runtime"},
     "lib": None,  # the crate root re-exports everything
 }

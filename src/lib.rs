@@ -80,6 +80,7 @@
 
 #[cfg(feature = "candle")]
 pub mod candle;
+pub mod collective;
 pub mod core;
 pub mod cpu;
 pub(crate) mod dense;
@@ -100,6 +101,7 @@ pub use crate::core::real::Real;
 pub use crate::core::report::{Solution, SolveReport};
 pub use crate::core::state::{HeadState, MovingMeans};
 pub use crate::core::validate::Label;
+pub use collective::Collective;
 pub use cpu::head::CpuHead;
 pub use error::{DeviceSource, Error, Result};
 pub use etf::{cross_entropy, solve_etf, EtfGrads, EtfSolution};

@@ -8,7 +8,7 @@
 //! few units of rounding in each sum, which the solve amplifies by its conditioning
 //! (`s_max / s_min` of the moving means, below 100 for these batches).
 
-use implicit_etf::runtime::Collective;
+use implicit_etf::Collective;
 use implicit_etf::{AbsentClassPolicy, CpuHead, Error, HeadConfig, HeadState, Real};
 
 mod common;

@@ -9,7 +9,8 @@
 //! moving means' conditioning (below 100 here). `P` is compared too (f64 on the device, but
 //! solved from f32 statistics: the same 1e-5).
 
-use implicit_etf::runtime::{Backend, Buffer, Collective, Device};
+use implicit_etf::runtime::{Backend, Buffer, Device};
+use implicit_etf::Collective;
 use implicit_etf::{AbsentClassPolicy, DeviceHead, Error, HeadConfig, HeadState};
 
 mod common;

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use implicit_etf::cpu::stats::{tau_normalise, tau_normalise_backward};
 use implicit_etf::metrics::{nc_metrics, NcMetrics};
-use implicit_etf::runtime::Collective;
 use implicit_etf::runtime::Device;
+use implicit_etf::Collective;
 use implicit_etf::{cross_entropy, CpuHead, DeviceHead, HeadConfig};
 
 /// One of the three heads the paper compares.

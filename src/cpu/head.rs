@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use faer::{Mat, MatRef};
 
+use crate::collective::Collective;
 use crate::core::config::HeadConfig;
 use crate::core::report::{Solution, SolveReport};
 use crate::core::state::{check_state, HeadState, MovingMeans};
@@ -16,7 +17,6 @@ use crate::cpu::moving::{self, ColumnSource};
 use crate::cpu::solve::Solver;
 use crate::cpu::stats;
 use crate::error::{Error, Result};
-use crate::runtime::Collective;
 use crate::stiefel::Factor;
 use crate::Real;
 
@@ -212,7 +212,7 @@ impl<T: Real> CpuHead<T> {
     /// [`Collective::threads`]).
     ///
     /// ```
-    /// use implicit_etf::runtime::Collective;
+    /// use implicit_etf::Collective;
     /// use implicit_etf::{CpuHead, HeadConfig};
     /// let (d, k) = (4, 2);
     /// let raw: Vec<f64> = (0..6 * d).map(|i| ((i * 7 % 5) as f64) - 2.0).collect();

@@ -9,10 +9,11 @@
 
 use super::linalg::{Gemm, GemmKernel};
 use super::status::Status;
+use crate::collective::Collective;
 use crate::core::validate::{check_len, fits_u32};
 use crate::error::Result;
 use crate::kernels;
-use crate::runtime::{grid_stride, Buffer, Collective, DType, Device};
+use crate::runtime::{grid_stride, Buffer, DType, Device};
 
 /// `sqrt(K / (K - 1))`.
 fn scale(k: usize) -> f64 {

@@ -12,11 +12,12 @@
 use super::shape::{block, single_block};
 use super::stats::{class_sums, Bookkeeping, ClassStatsDev};
 use super::status::Status;
+use crate::collective::Collective;
 use crate::core::config::AbsentClassPolicy;
 use crate::core::validate::{check_len, fits_i32};
 use crate::error::Result;
 use crate::kernels::head::collective as kc;
-use crate::runtime::{grid_stride, Buffer, Collective, DType, Device, LaunchConfig};
+use crate::runtime::{grid_stride, Buffer, DType, Device, LaunchConfig};
 
 /// Values of the forward's all-reduce: class sums, counts, feature sum, rows, failed ranks.
 pub const fn forward_len(d: usize, k: usize) -> usize {

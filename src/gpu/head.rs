@@ -64,6 +64,7 @@ use super::solve;
 use super::stats;
 use super::status::{Part, Status};
 use super::stiefel::FactorDev;
+use crate::collective::Collective;
 use crate::core::config::{HeadConfig, SolveMethod};
 use crate::core::report::{Solution, SolveReport};
 use crate::core::state::MovingMeans;
@@ -73,7 +74,7 @@ use crate::cpu::linalg::{from_row_major, to_row_major};
 use crate::cpu::solve::{objective, riemannian_gradient_norm};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{grid_stride, Buffer, Collective, DType, Device};
+use crate::runtime::{grid_stride, Buffer, DType, Device};
 use crate::stiefel::orthogonality_error;
 
 /// When data-dependent errors reach the host.

@@ -8,11 +8,12 @@ use super::moving::{moving_backward, moving_update, MovingStateDev, MovingUpdate
 use super::shape::{block, feat_suffix};
 use super::stats::{class_stats, prepare_rows, step_begin, ClassStatsDev};
 use super::status::Status;
+use crate::collective::Collective;
 use crate::core::config::{AbsentClassPolicy, MovingAverage};
 use crate::core::validate::{check_len, fits_i32, fits_u32};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::runtime::{Buffer, Collective, DType, Device, LaunchConfig};
+use crate::runtime::{Buffer, DType, Device, LaunchConfig};
 
 /// Everything the statistics stage's forward leaves on the device for its backward.
 #[derive(Debug)]

@@ -27,7 +27,6 @@
 
 pub mod blas;
 pub mod buffer;
-pub mod collective;
 #[cfg_attr(not(feature = "cpu-exec"), path = "cpu_none.rs")]
 mod cpu;
 #[cfg_attr(not(feature = "cuda"), path = "cuda_none.rs")]
@@ -47,7 +46,6 @@ pub mod types;
 pub use cudarc;
 
 pub use buffer::Buffer;
-pub use collective::Collective;
 pub use graph::Graph;
 pub use launch::{grid_stride, Arg};
 pub use memory::{MemoryStats, PlanEntry};

@@ -1,8 +1,8 @@
-//! The NCCL implementation of [`Collective`]: one rank per GPU, through cudarc's `nccl`
+//! The NCCL implementation of `Collective` (`crate::collective`): one rank per GPU, through cudarc's `nccl`
 //! bindings, with `libnccl` loaded at run time like the driver (a build needs no NCCL).
 //!
 //! A communicator is made from an [`NcclId`] (made by rank 0, passed to the others: see
-//! [`super::rendezvous`] for the environment-variable helper) and a rank, on the [`Device`]'s
+//! `crate::collective::rendezvous` for the environment-variable helper) and a rank, on the [`Device`]'s
 //! own stream: every all-reduce is queued there, after the head's kernels and before the
 //! next, with no host synchronisation, and can be captured in a CUDA graph.
 
@@ -40,7 +40,7 @@ fn no_nccl() -> Error {
 }
 
 /// An NCCL unique id: the 128 bytes rank 0 makes ([`NcclId::new`]) and every rank passes to
-/// [`Collective::nccl`].
+/// [`crate::Collective::nccl`].
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct NcclId(pub [u8; 128]);
 
@@ -95,7 +95,7 @@ struct CommPtr(sys::ncclComm_t);
 unsafe impl Send for CommPtr {}
 
 /// One rank's NCCL communicator.
-pub(super) struct NcclComm {
+pub(crate) struct NcclComm {
     comm: Mutex<CommPtr>,
 }
 
@@ -110,7 +110,7 @@ impl Drop for NcclComm {
 
 impl NcclComm {
     /// All-reduce (sum) of `buf` in place on `dev`'s stream.
-    pub(super) fn all_reduce(&self, dev: &Device, buf: &mut Buffer) -> Result<()> {
+    pub(crate) fn all_reduce(&self, dev: &Device, buf: &mut Buffer) -> Result<()> {
         dev.own(&buf.mem, "NCCL all-reduce")?;
         let ty = match buf.dtype() {
             DType::F32 => sys::ncclDataType_t::ncclFloat32,
@@ -156,8 +156,8 @@ impl NcclComm {
 }
 
 impl NcclComm {
-    /// Joins rank `rank` of a `world_size`-rank group (see `Collective::nccl`).
-    pub(super) fn new(
+    /// Joins rank `rank` of a `world_size`-rank group (see `crate::Collective::nccl`).
+    pub(crate) fn new(
         dev: &Device,
         id: &NcclId,
         rank: usize,

@@ -1,9 +1,12 @@
-//! Collectives: the sum of a buffer over the ranks of a data-parallel job.
+//! Collectives: the sum of a buffer over the ranks of a data-parallel job
+//! (`docs/data-parallel.md`). Backend-neutral: the thread implementation needs no device
+//! (the CPU head uses it with `default-features = false`); device buffers and NCCL come with
+//! the device features.
 //!
 //! A [`Collective`] is one rank's handle on a group of `world_size` ranks. Its one operation
 //! is an in-place all-reduce (sum) of a buffer: of a host `f64` slice
-//! ([`Collective::all_reduce_host`]) or of an `f32`/`f64` [`Buffer`] of a [`Device`]
-//! ([`Collective::all_reduce`]). Two implementations:
+//! ([`Collective::all_reduce_host`]) or of an `f32`/`f64` device buffer
+//! (`Collective::all_reduce`, with the `cuda` or `cpu-exec` feature). Two implementations:
 //!
 //! - **Threads** ([`Collective::threads`]): ranks are threads of one process. The sum is
 //!   formed once, in `f64`, in rank order, and copied to every rank, so every rank receives
@@ -20,7 +23,7 @@
 //! [`Error::Collective`] instead of waiting forever.
 //!
 //! ```
-//! use implicit_etf::runtime::Collective;
+//! use implicit_etf::Collective;
 //! let ranks = Collective::threads(3).unwrap();
 //! let sums: Vec<Vec<f64>> = std::thread::scope(|s| {
 //!     let hs: Vec<_> = ranks
@@ -39,8 +42,9 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Buffer, DType, Device};
 use crate::error::{Error, Result};
+#[cfg(device)]
+use crate::runtime::{Buffer, DType, Device};
 
 /// How long a thread rank waits for the others by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -55,7 +59,7 @@ pub struct Collective {
 enum Imp {
     Threads(Arc<ThreadGroup>),
     #[cfg(feature = "cuda")]
-    Nccl(super::nccl::NcclComm),
+    Nccl(crate::runtime::nccl::NcclComm),
 }
 
 impl fmt::Debug for Collective {
@@ -115,14 +119,16 @@ impl Collective {
     #[cfg(feature = "cuda")]
     pub fn nccl(
         dev: &Device,
-        id: &super::nccl::NcclId,
+        id: &crate::runtime::nccl::NcclId,
         rank: usize,
         world_size: usize,
     ) -> Result<Collective> {
         Ok(Collective {
             rank,
             world: world_size,
-            imp: Imp::Nccl(super::nccl::NcclComm::new(dev, id, rank, world_size)?),
+            imp: Imp::Nccl(crate::runtime::nccl::NcclComm::new(
+                dev, id, rank, world_size,
+            )?),
         })
     }
 
@@ -164,6 +170,7 @@ impl Collective {
     /// Sums the `f32` or `f64` buffer `buf` of `dev` over the ranks, in place. NCCL: queued
     /// on `dev`'s stream (no synchronisation; capturable). Threads: through the host, in
     /// `f64` (the `f32` sum is rounded once), so not during a capture.
+    #[cfg(device)]
     pub fn all_reduce(&self, dev: &Device, buf: &mut Buffer) -> Result<()> {
         if !matches!(buf.dtype(), DType::F32 | DType::F64) {
             return Err(Error::InvalidParameter {
@@ -198,6 +205,7 @@ impl Collective {
 
 impl Drop for Collective {
     fn drop(&mut self) {
+        #[allow(irrefutable_let_patterns)] // one variant without the `cuda` feature
         if let Imp::Threads(g) = &self.imp {
             g.leave(self.rank);
         }
@@ -429,6 +437,7 @@ mod tests {
     #[cfg(feature = "cpu-exec")]
     #[test]
     fn device_buffers_through_the_host() {
+        use crate::runtime::Device;
         let out = run(2, |c| {
             let dev = Device::cpu();
             let mut b = dev

@@ -37,6 +37,7 @@ pub mod memory;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod profile;
+pub mod rendezvous;
 pub mod types;
 
 #[cfg(feature = "cuda")]
@@ -49,6 +50,7 @@ pub use buffer::Buffer;
 pub use graph::Graph;
 pub use launch::{grid_stride, Arg};
 pub use memory::{MemoryStats, PlanEntry};
+pub use rendezvous::{Rendezvous, RendezvousSpec};
 pub use types::{DType, DeviceScalar, KernelFile, KernelSig, LaunchConfig, Param};
 
 use crate::error::{Error, Result};

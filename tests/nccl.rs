@@ -23,7 +23,7 @@ use common::{rel, Rng};
 use implicit_etf::runtime::nccl::{nccl_available, NcclId};
 use implicit_etf::runtime::rendezvous::RendezvousSpec;
 use implicit_etf::runtime::{Collective, DType, Device};
-use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig, Result};
+use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig};
 use std::io::Write;
 
 const N: usize = 64;
@@ -32,24 +32,6 @@ const K: usize = 10;
 const STEPS: usize = 3;
 /// Relative (Frobenius) tolerance between the heads with and without the collective.
 const TOL: f64 = 1e-6;
-
-/// Stand-in for `DeviceHead::with_collective(self, Collective) -> Result<DeviceHead>`,
-/// which lands with the data-parallel heads (issue 15, the lead's branch). An inherent method
-/// takes precedence over a trait's, so once the real one exists it is what the test calls,
-/// and this shim is dead: delete it then. Until then the GPU test fails with this error.
-#[allow(dead_code)]
-trait PendingWithCollective: Sized {
-    fn with_collective(self, collective: Collective) -> Result<Self>;
-}
-
-impl PendingWithCollective for DeviceHead {
-    fn with_collective(self, _collective: Collective) -> Result<Self> {
-        Err(Error::InvalidParameter {
-            name: "with_collective",
-            reason: "DeviceHead::with_collective is not on this branch yet".into(),
-        })
-    }
-}
 
 /// CUDA device 0 with a loadable libnccl, or `None` after printing why the GPU part is
 /// skipped.

@@ -41,12 +41,22 @@
 //! with the default cap of 30 sweeps, plus the block solver with a cap of 8 (the difference is
 //! the cost of the no-op launches after convergence). Each iteration copies the input on the
 //! device (included) and synchronises once.
+//!
+//! Between the stage profile and `cuda_eig`, `cuda_allreduce` times the data-parallel
+//! head's per-step collective at (d, K) = (2048, 1000): one in-place all-reduce of the
+//! forward's packed statistics, `K d + K + d + 2` f32 values (8.2 MB), on a one-rank NCCL group
+//! (`nccl_world1`), against a device-to-device copy of as many values (`d2d_copy_baseline`),
+//! each iteration synchronised once. With one rank no byte leaves the GPU, so `nccl_world1`
+//! is the fixed cost a step pays for the call on its stream (the world-size-1 overhead), not
+//! a transfer; the copy says what reading and writing the bytes once costs. Without a loadable
+//! `libnccl` it prints "NCCL all-reduce skipped: <reason>" and times only the copy.
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
 use implicit_etf::gpu::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm, GemmKernel};
 use implicit_etf::gpu::status::Status;
 use implicit_etf::runtime::cudarc::driver::CudaContext;
-use implicit_etf::runtime::{Buffer, DType, Device};
+use implicit_etf::runtime::nccl::{nccl_available, NcclId};
+use implicit_etf::runtime::{Buffer, Collective, DType, Device};
 use implicit_etf::{DeviceHead, DeviceOptions, HeadConfig, Validation};
 use std::sync::Arc;
 use std::time::Instant;
@@ -438,7 +448,54 @@ fn bench_eig(c: &mut Criterion) {
     g.finish();
 }
 
+/// The shape of the all-reduce group: `(d, K)`.
+const ALLREDUCE_SHAPE: (usize, usize) = (2048, 1000);
+
+/// `cuda_allreduce` (see the module documentation).
+fn bench_allreduce(c: &mut Criterion) {
+    let Some(ctx) = context() else { return };
+    let dev = stream_device(&ctx);
+    let (d, k) = ALLREDUCE_SHAPE;
+    // The forward's packed buffer: class sums, class counts, feature sum, row count, status.
+    let len = k * d + k + d + 2;
+    let id = format!("K{k}_d{d}");
+    let mut g = c.benchmark_group("cuda_allreduce");
+    g.sample_size(20);
+    let src = dev.upload(&vec![0.5f32; len]).unwrap();
+    let mut dst = dev.alloc_zeros(DType::F32, len).unwrap();
+    g.bench_function(BenchmarkId::new("d2d_copy_baseline", &id), |b| {
+        b.iter(|| {
+            dev.copy_into(&mut dst, &src).unwrap();
+            dev.synchronize().unwrap();
+        })
+    });
+    let group = if nccl_available() {
+        NcclId::new().and_then(|nid| Collective::nccl(&dev, &nid, 0, 1))
+    } else {
+        Err(implicit_etf::Error::Collective {
+            op: "NCCL",
+            reason: "libnccl cannot be loaded (no libnccl.so on the library path)".into(),
+        })
+    };
+    match group {
+        Ok(coll) => {
+            let mut buf = dev.upload(&vec![0.5f32; len]).unwrap();
+            g.bench_function(BenchmarkId::new("nccl_world1", &id), |b| {
+                b.iter(|| {
+                    coll.all_reduce(&dev, &mut buf).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+            // One rank: the sum is the buffer itself.
+            assert!(dev.download::<f32>(&buf).unwrap().iter().all(|&v| v == 0.5));
+        }
+        Err(e) => println!("NCCL all-reduce skipped: {e}"),
+    }
+    g.finish();
+}
+
 criterion_group!(heads, bench);
+criterion_group!(allreduce, bench_allreduce);
 criterion_group!(eigensolvers, bench_eig);
 
 /// `criterion_main!` with the stage profile between the two groups.
@@ -454,6 +511,7 @@ fn main() {
             stage_profile(|| stream_device(&ctx), &STAGE_SHAPES, STAGE_STEPS);
         }
     }
+    allreduce();
     eigensolvers();
     Criterion::default().configure_from_args().final_summary();
 }

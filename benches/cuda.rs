@@ -56,7 +56,8 @@ use implicit_etf::gpu::linalg::{congruence, identity, sym_eig, EigenSolver, Gemm
 use implicit_etf::gpu::status::Status;
 use implicit_etf::runtime::cudarc::driver::CudaContext;
 use implicit_etf::runtime::nccl::{nccl_available, NcclId};
-use implicit_etf::runtime::{Buffer, Collective, DType, Device};
+use implicit_etf::runtime::{Buffer, DType, Device};
+use implicit_etf::Collective;
 use implicit_etf::{DeviceHead, DeviceOptions, HeadConfig, Validation};
 use std::sync::Arc;
 use std::time::Instant;

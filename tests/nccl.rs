@@ -20,9 +20,10 @@
 
 mod common;
 use common::{rel, Rng};
+use implicit_etf::collective::RendezvousSpec;
 use implicit_etf::runtime::nccl::{nccl_available, NcclId};
-use implicit_etf::runtime::rendezvous::RendezvousSpec;
-use implicit_etf::runtime::{Collective, DType, Device};
+use implicit_etf::runtime::{DType, Device};
+use implicit_etf::Collective;
 use implicit_etf::{DeviceHead, DeviceOptions, Error, HeadConfig};
 use std::io::Write;
 

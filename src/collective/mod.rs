@@ -38,6 +38,10 @@
 //! assert!(sums.iter().all(|v| v == &[3.0, 3.0]));
 //! ```
 
+pub mod rendezvous;
+
+pub use rendezvous::{share_id, Rendezvous, RendezvousSpec};
+
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};

@@ -37,7 +37,6 @@ pub mod memory;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod profile;
-pub mod rendezvous;
 pub mod types;
 
 #[cfg(feature = "cuda")]
@@ -50,7 +49,6 @@ pub use buffer::Buffer;
 pub use graph::Graph;
 pub use launch::{grid_stride, Arg};
 pub use memory::{MemoryStats, PlanEntry};
-pub use rendezvous::{Rendezvous, RendezvousSpec};
 pub use types::{DType, DeviceScalar, KernelFile, KernelSig, LaunchConfig, Param};
 
 use crate::error::{Error, Result};

@@ -11,7 +11,7 @@
 //! | `IMPLICIT_ETF_RENDEZVOUS_TIMEOUT` | seconds to wait for the other ranks (default 300) |
 //!
 //! The two rendezvous methods exchange one opaque line of text (the NCCL id as 256 hex
-//! digits, [`NcclId::to_hex`](super::nccl::NcclId::to_hex)):
+//! digits, [`NcclId::to_hex`](crate::runtime::nccl::NcclId::to_hex)):
 //!
 //! - **`file:PATH`**, `PATH` on a file system every rank sees (NFS, Lustre, a local disk
 //!   for a one-machine job). Rank 0 writes the id to a temporary file beside `PATH` and
@@ -66,7 +66,7 @@
 //! ```no_run
 //! # #[cfg(feature = "cuda")]
 //! # fn main() -> implicit_etf::Result<()> {
-//! use implicit_etf::runtime::Collective;
+//! use implicit_etf::Collective;
 //! let (dev, collective) = Collective::from_env()?; // Device::cuda(LOCAL_RANK), NCCL group
 //! let mut stats = dev.upload(&[1.0f32; 8])?;
 //! collective.all_reduce(&dev, &mut stats)?; // the sum over the ranks, on dev's stream
@@ -80,7 +80,7 @@
 //! The exchange alone, here for a one-process job (no variable needed):
 //!
 //! ```
-//! use implicit_etf::runtime::rendezvous::{share_id, RendezvousSpec};
+//! use implicit_etf::collective::rendezvous::{share_id, RendezvousSpec};
 //! let spec = RendezvousSpec::from_vars(|_| None).unwrap();
 //! assert_eq!((spec.rank, spec.world_size, spec.local_rank), (0, 1, 0));
 //! let id = share_id(&spec, || Ok("0a1b".to_string())).unwrap();
@@ -715,15 +715,15 @@ fn tcp_fetch(addrs: &[SocketAddr], rank: usize, world: usize, deadline: Instant)
 impl super::Collective {
     /// This process's GPU and its NCCL communicator, from the environment (see the [module
     /// documentation](self)): `Device::cuda(LOCAL_RANK)`, rank 0 makes an
-    /// [`NcclId`](super::nccl::NcclId) and shares it ([`share_id`]), and every rank joins
+    /// [`NcclId`](crate::runtime::nccl::NcclId) and shares it ([`share_id`]), and every rank joins
     /// with [`Collective::nccl`](super::Collective::nccl) (which returns when all have
     /// joined). With no variable set it is a one-rank job on GPU 0 (no rendezvous).
     /// Errors: a missing or malformed variable ([`Error::InvalidParameter`], naming it), no
     /// such GPU ([`Error::NoDevice`]), a rendezvous timeout or I/O error
     /// ([`Error::Collective`]), no loadable `libnccl`, or NCCL's own errors.
-    pub fn from_env() -> Result<(super::Device, super::Collective)> {
+    pub fn from_env() -> Result<(crate::runtime::Device, super::Collective)> {
         let spec = RendezvousSpec::from_env()?;
-        let dev = super::Device::cuda(spec.local_rank)?;
+        let dev = crate::runtime::Device::cuda(spec.local_rank)?;
         let c = super::Collective::from_spec(&dev, &spec)?;
         Ok((dev, c))
     }
@@ -731,8 +731,11 @@ impl super::Collective {
     /// This rank's NCCL communicator on `dev` (a CUDA device; the one for
     /// `spec.local_rank`), the id shared as `spec` says: [`from_env`](Self::from_env) with
     /// a device and a spec of the caller's.
-    pub fn from_spec(dev: &super::Device, spec: &RendezvousSpec) -> Result<super::Collective> {
-        use super::nccl::NcclId;
+    pub fn from_spec(
+        dev: &crate::runtime::Device,
+        spec: &RendezvousSpec,
+    ) -> Result<super::Collective> {
+        use crate::runtime::nccl::NcclId;
         let hex = share_id(spec, || NcclId::new().map(|id| id.to_hex()))?;
         let id = NcclId::from_hex(&hex)?;
         super::Collective::nccl(dev, &id, spec.rank, spec.world_size)

@@ -105,6 +105,23 @@ __device__ __forceinline__ ScaledSumSq block_sumsq_scaled(const F* x, long long 
 }  // namespace etf
 
 namespace etf {
+// The moving-mean plan of one class (the rules in moving.cu): its source (0 centred mean,
+// 1 weighted global mean, 2 global mean, 3 held) and its seen flag after the step, from
+// whether it has rows in the batch (over every rank in a data-parallel step), the
+// absent-class policy (0 Hold, 1 Reference), whether this is the first step, its seen flag
+// and whether any class is absent. Used by step_begin_* (stats.cu) and stats_unpack_f32
+// (collective.cu).
+__device__ __forceinline__ void moving_plan(bool present, int policy, bool first, int seen, int any_absent, int* source, int* seen_new) {
+    int s;
+    if (present) s = 0;
+    else if (policy == 0) s = 3;
+    else if (first) s = 1;
+    else if (!seen) s = 2;
+    else s = 3;
+    *source = s;
+    *seen_new = ((policy == 0 || any_absent) && present) ? 1 : seen;
+}
+
 // The forward entries of the step status word (kernels/head/status.cu) record no error.
 __device__ __forceinline__ bool forward_ok(const int* status) {
     return status[0] == 2147483647 && status[1] == 2147483647 && status[2] == 0 && status[3] == 0;

@@ -50,8 +50,8 @@ extern "C" __global__ void stats_pack_f32(float* packed, const int* counts, int 
 // After the sum over the ranks, grid over the features j (blockDim.x a multiple of 32, at
 // most 1024): mu_j = total_j / N, centred[j][c] = sums[c][j] / n_c - mu_j (0 for a class with
 // no rows on any rank); block 0 also writes the global counts (int), N (n_total[0]), the
-// failed-peer record and the moving-mean plan (`source`, `seen_new`, the rules of
-// step_begin_* in stats.cu and moving.cu) from the global counts.
+// failed-peer record and the moving-mean plan (`source`, `seen_new`: etf::moving_plan, as
+// step_begin_* in stats.cu) from the global counts.
 extern "C" __global__ void stats_unpack_f32(const float* packed, int d, int k, const double* scal, int policy, const int* seen, int* status, int* counts, int* n_total, float* mu, float* centred, int* source, int* seen_new) {
     const size_t kd = (size_t)k * d;
     const float nf = packed[kd + k + d];
@@ -82,17 +82,7 @@ extern "C" __global__ void stats_unpack_f32(const float* packed, int d, int k, c
         absent |= nc == 0;
     }
     const int any_absent = __syncthreads_or(absent);
-    for (int c = tid; c < k; c += nt) {
-        const bool present = packed[kd + c] > 0.5f;
-        int s;
-        if (present) s = 0;
-        else if (policy == 0) s = 3;
-        else if (first) s = 1;
-        else if (!seen[c]) s = 2;
-        else s = 3;
-        source[c] = s;
-        seen_new[c] = ((policy == 0 || any_absent) && present) ? 1 : seen[c];
-    }
+    for (int c = tid; c < k; c += nt) etf::moving_plan(packed[kd + c] > 0.5f, policy, first, seen[c], any_absent, &source[c], &seen_new[c]);
 }
 
 // Grid-stride over K d (1D): db and the flag into `packed` after its dW^T (written by the

@@ -139,17 +139,7 @@ __device__ __forceinline__ void step_begin(const L* labels, int n, int k, const 
     int absent = 0;
     for (int c = tid; c < k; c += nt) absent |= counts[c] == 0;
     const int any_absent = __syncthreads_or(absent);
-    for (int c = tid; c < k; c += nt) {
-        bool present = counts[c] > 0;
-        int s;
-        if (present) s = 0;
-        else if (policy == 0) s = 3;
-        else if (first) s = 1;
-        else if (!seen[c]) s = 2;
-        else s = 3;
-        source[c] = s;
-        seen_new[c] = ((policy == 0 || any_absent) && present) ? 1 : seen[c];
-    }
+    for (int c = tid; c < k; c += nt) etf::moving_plan(counts[c] > 0, policy, first, seen[c], any_absent, &source[c], &seen_new[c]);
 }
 extern "C" __global__ void __launch_bounds__(1024) step_begin_u32(const unsigned int* labels, int n, int k, const int* opt_armed, const double* scal, int cumulative, double alpha_floor, int policy, const int* seen, int* status, int* lab, int* counts, int* offsets, int* members, double* w, int* seen_new, int* source) {
     step_begin(labels, n, k, opt_armed, scal, cumulative, alpha_floor, policy, seen, status, lab, counts, offsets, members, w, seen_new, source);

@@ -376,39 +376,20 @@ impl<T: Real> CpuHead<T> {
     /// global `N`.
     fn forward_reduce(&mut self, c: &Collective, local: Result<usize>) -> Result<usize> {
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        let len = k * d + k + d + 2;
-        let mut packed = std::mem::take(&mut self.packed);
-        packed.clear();
-        packed.resize(len, 0.0);
         let next = 1 - self.cur;
-        match (&local, self.work.as_deref()) {
-            (Ok(n), Some(w)) => {
-                packed[..k * d].copy_from_slice(&w.scratch.sums);
-                for (o, &cnt) in packed[k * d..k * d + k]
-                    .iter_mut()
-                    .zip(&w.slots[next].counts)
-                {
-                    *o = cnt as f64;
-                }
-                packed[k * d + k..k * d + k + d].copy_from_slice(&w.scratch.total);
-                packed[len - 2] = *n as f64;
+        let n = *local.as_ref().unwrap_or(&0);
+        let mut packed = self.reduce_step(c, k * d + k + d + 2, "forward", local, |w, p| {
+            p[..k * d].copy_from_slice(&w.scratch.sums);
+            for (o, &cnt) in p[k * d..k * d + k].iter_mut().zip(&w.slots[next].counts) {
+                *o = cnt as f64;
             }
-            _ => packed[len - 1] = 1.0,
-        }
-        let reduced = c.all_reduce_host(&mut packed);
-        let out = reduced.and_then(|()| {
-            let failed = packed[len - 1] as usize - usize::from(local.is_err());
-            local?;
-            if failed > 0 {
-                return Err(Error::PeerFailed {
-                    phase: "forward",
-                    ranks: failed,
-                });
-            }
-            let n_total = packed[len - 2] as usize;
-            if n_total == 0 {
-                return Err(Error::EmptyBatch);
-            }
+            p[k * d + k..k * d + k + d].copy_from_slice(&w.scratch.total);
+            p[k * d + k + d] = n as f64;
+        })?;
+        let n_total = packed[k * d + k + d] as usize;
+        let out = if n_total == 0 {
+            Err(Error::EmptyBatch)
+        } else {
             let w = self.work.as_deref_mut().expect("made by forward_rows");
             w.scratch.sums.copy_from_slice(&packed[..k * d]);
             for (o, &cnt) in w.slots[next]
@@ -422,9 +403,42 @@ impl<T: Real> CpuHead<T> {
                 .total
                 .copy_from_slice(&packed[k * d + k..k * d + k + d]);
             Ok(n_total)
-        });
-        self.packed = packed;
+        };
+        self.packed = std::mem::take(&mut packed);
         out
+    }
+
+    /// One all-reduce of a step's `len` values: `fill` packs them when this rank's checks
+    /// passed (`local`), else the rank sends zeros; the last value counts the failed ranks.
+    /// Returns the summed buffer, or this rank's own error, or [`Error::PeerFailed`].
+    fn reduce_step<V>(
+        &mut self,
+        c: &Collective,
+        len: usize,
+        phase: &'static str,
+        local: Result<V>,
+        fill: impl FnOnce(&Work<T>, &mut [f64]),
+    ) -> Result<Vec<f64>> {
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.clear();
+        packed.resize(len, 0.0);
+        match (&local, self.work.as_deref()) {
+            (Ok(_), Some(w)) => fill(w, &mut packed),
+            _ => packed[len - 1] = 1.0,
+        }
+        let reduced = c.all_reduce_host(&mut packed);
+        let failed = (packed[len - 1] as usize).saturating_sub(usize::from(local.is_err()));
+        let out = reduced.and(local.map(|_| ())).and_then(|()| match failed {
+            0 => Ok(()),
+            ranks => Err(Error::PeerFailed { phase, ranks }),
+        });
+        match out {
+            Ok(()) => Ok(packed),
+            Err(e) => {
+                self.packed = packed;
+                Err(e)
+            }
+        }
     }
 
     /// The forward from the summed statistics over `n_total` rows (this rank's, or every
@@ -591,38 +605,19 @@ impl<T: Real> CpuHead<T> {
     /// last the failed ranks); every rank takes part, also one whose checks failed.
     fn backward_reduce(&mut self, c: &Collective, local: Result<()>) -> Result<()> {
         let (d, k) = (self.cfg.dim, self.cfg.classes);
-        let len = k * d + k + 1;
-        let mut packed = std::mem::take(&mut self.packed);
-        packed.clear();
-        packed.resize(len, 0.0);
-        match (&local, self.work.as_deref()) {
-            (Ok(()), Some(w)) => {
-                for (o, v) in packed[..k * d].iter_mut().zip(&w.scratch.xtdz) {
-                    *o = v.to_f64();
-                }
-                packed[k * d..k * d + k].copy_from_slice(&w.scratch.db);
+        let packed = self.reduce_step(c, k * d + k + 1, "backward", local, |w, p| {
+            for (o, v) in p[..k * d].iter_mut().zip(&w.scratch.xtdz) {
+                *o = v.to_f64();
             }
-            _ => packed[len - 1] = 1.0,
+            p[k * d..k * d + k].copy_from_slice(&w.scratch.db);
+        })?;
+        let w = self.work.as_deref_mut().expect("checked by backward_rows");
+        for (o, &v) in w.scratch.xtdz.iter_mut().zip(&packed[..k * d]) {
+            *o = T::from_f64(v);
         }
-        let reduced = c.all_reduce_host(&mut packed);
-        let out = reduced.and_then(|()| {
-            let failed = packed[len - 1] as usize - usize::from(local.is_err());
-            local?;
-            if failed > 0 {
-                return Err(Error::PeerFailed {
-                    phase: "backward",
-                    ranks: failed,
-                });
-            }
-            let w = self.work.as_deref_mut().expect("checked by backward_rows");
-            for (o, &v) in w.scratch.xtdz.iter_mut().zip(&packed[..k * d]) {
-                *o = T::from_f64(v);
-            }
-            w.scratch.db.copy_from_slice(&packed[k * d..k * d + k]);
-            Ok(())
-        });
+        w.scratch.db.copy_from_slice(&packed[k * d..k * d + k]);
         self.packed = packed;
-        out
+        Ok(())
     }
 
     /// The backward from the (summed) classifier sums to `d_raw`.

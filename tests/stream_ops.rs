@@ -13,7 +13,7 @@
 
 use implicit_etf::gpu::linalg::EigenSolver;
 use implicit_etf::runtime::{DType, Device};
-use implicit_etf::{DeviceHead, DeviceOptions, HeadConfig, Validation};
+use implicit_etf::{Collective, DeviceHead, DeviceOptions, HeadConfig, Validation};
 
 /// The stream operations of the fourth step (the first is solved on the host, the second and
 /// third fill the two forward workspaces, the fourth is the first that reuses everything),
@@ -26,6 +26,18 @@ fn ops_of_a_step(
     tau: Option<f64>,
     eig: EigenSolver,
 ) -> (u64, String) {
+    ops_of_a_step_in(n, d, k, tau, eig, None)
+}
+
+/// [`ops_of_a_step`] of a head that is one rank of `coll`, if given.
+fn ops_of_a_step_in(
+    n: usize,
+    d: usize,
+    k: usize,
+    tau: Option<f64>,
+    eig: EigenSolver,
+    coll: Option<Collective>,
+) -> (u64, String) {
     let dev = Device::cpu();
     let mut cfg = HeadConfig::new(d, k);
     cfg.tau = tau;
@@ -33,6 +45,9 @@ fn ops_of_a_step(
         .with_validation(Validation::Deferred)
         .with_eigensolver(eig);
     let mut head = DeviceHead::with_options(dev, cfg, opt).unwrap();
+    if let Some(c) = coll {
+        head = head.with_collective(c).unwrap();
+    }
     let feats = |t: usize| -> Vec<f32> {
         (0..n * d)
             .map(|i| {
@@ -88,6 +103,22 @@ fn k100_step_is_within_40_stream_ops() {
             40,
         );
     }
+}
+
+#[test]
+fn a_data_parallel_step_adds_three_launches_and_two_all_reduces() {
+    // One rank of a thread group of one: the forward's class means become a pack and an
+    // unpack (+1 launch), the backward packs and unpacks (+2); each all-reduce of the thread
+    // group is a download and a write (+2 each). With NCCL each is one stream operation, so an
+    // NCCL step is 5 operations longer than a plain one.
+    let plain = ops_of_a_step(32, 24, 10, Some(5.0), EigenSolver::Auto);
+    let group = Collective::threads(1).unwrap().pop();
+    let dp = ops_of_a_step_in(32, 24, 10, Some(5.0), EigenSolver::Auto, group);
+    println!(
+        "plain {} ops, data-parallel (threads) {} ops",
+        plain.0, dp.0
+    );
+    assert_eq!(dp.0, plain.0 + 3 + 2 * 2, "data-parallel step:\n  {}", dp.1);
 }
 
 #[test]

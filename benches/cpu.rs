@@ -4,7 +4,9 @@
 //!   `solve_etf` + `vjp`), against a minimal closed form written with faer: the polar factor
 //!   from one thin SVD of `G` and the backward's four products (no optimality check);
 //! * the whole head's forward and backward at `N = 256` (`forward_into` + `backward_into`),
-//!   against a plain linear classifier head (logits `X W^T` and its backward, three GEMMs).
+//!   against a plain linear classifier head (logits `X W^T` and its backward, three GEMMs);
+//!   and the same head as one rank of a data-parallel thread group of one (`f64`, up to
+//!   `(2048, 100)`), against the head alone.
 //!
 //! `cargo bench --bench cpu` (all sizes; ~10 minutes on 2 cores), or filter, e.g.
 //! `cargo bench --bench cpu -- "512x100"`.
@@ -172,6 +174,26 @@ fn bench_type<T: Real>(c: &mut Criterion, ty: &str) {
                 black_box((&logits, &d_raw));
             })
         });
+        // The same step as one rank of a data-parallel thread group of one: the cost of the
+        // collective's packing and its two all-reduces (f64 sums of K d + K + d + 2 and
+        // K d + K + 1 values), against "head fwd+bwd" above.
+        if ty == "f64" && d * k <= 2048 * 100 {
+            let c = implicit_etf::Collective::threads(1).unwrap().pop().unwrap();
+            let mut dp = warm_head::<T>(d, k, &raw, &labels)
+                .with_collective(c)
+                .unwrap();
+            g.bench_function(
+                BenchmarkId::new("head fwd+bwd, thread group of 1", &id),
+                |b| {
+                    b.iter(|| {
+                        dp.forward_into(black_box(&raw), &labels, &mut logits)
+                            .unwrap();
+                        dp.backward_into(&dz, &mut d_raw).unwrap();
+                        black_box((&logits, &d_raw));
+                    })
+                },
+            );
+        }
         // Baseline: linear head, logits = X W^T (forward), dX = dZ W and dW = dZ^T X.
         let x = MatRef::from_row_major_slice(&raw, N, d);
         let w: Mat<T> = Mat::from_fn(k, d, |i, j| T::from_f64(data(1, (i * d + j) as u64)[0]));

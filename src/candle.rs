@@ -82,6 +82,18 @@ enum Backend {
     Cuda(Box<cuda::CudaBackend>),
 }
 
+impl Backend {
+    /// See `CpuHead::fail_step`.
+    fn fail_step(&mut self, backward: bool) {
+        match self {
+            Backend::F32(h) => h.fail_step(backward),
+            Backend::F64(h) => h.fail_step(backward),
+            #[cfg(feature = "candle-cuda")]
+            Backend::Cuda(h) => h.head.fail_step(backward),
+        }
+    }
+}
+
 /// What the head and the autograd ops it made share.
 struct Inner {
     backend: Backend,
@@ -96,6 +108,8 @@ pub struct CandleHead {
     cfg: HeadConfig,
     device: candle_core::Device,
     inner: Arc<Mutex<Inner>>,
+    /// One rank of a data-parallel group ([`CandleHead::with_collective`]).
+    parallel: bool,
 }
 
 impl std::fmt::Debug for CandleHead {
@@ -270,7 +284,54 @@ impl CandleHead {
                 pending: None,
                 next: 0,
             })),
+            parallel: false,
         }
+    }
+
+    /// Makes this head one rank of a data-parallel group (`docs/data-parallel.md`), as
+    /// [`CpuHead::with_collective`] (CPU tensors: a [`Collective::threads`](crate::Collective::threads)
+    /// group) and `DeviceHead::with_collective` (CUDA tensors). Every rank calls `forward`
+    /// and `loss.backward()` together; the loss must be the rank's share of the global loss
+    /// (for a mean over the global batch of `N` rows: this rank's mean times `n_rank / N`).
+    /// A rank's features may have zero rows. An error on one rank, the adapter's checks
+    /// included, fails the step on every rank ([`Error::PeerFailed`] on the others).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// use implicit_etf::candle::CandleHead;
+    /// use implicit_etf::{Collective, HeadConfig};
+    /// let (d, k) = (8, 3);
+    /// let feats: Vec<f32> = (0..6 * d).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
+    /// let labels = [0u32, 1, 2, 2, 1, 0];
+    /// std::thread::scope(|s| {
+    ///     for c in Collective::threads(2).unwrap() {
+    ///         let (feats, labels) = (&feats, &labels);
+    ///         s.spawn(move || {
+    ///             let r = c.rank(); // rank r takes rows 3r..3r+3 of the global batch of 6
+    ///             let mut head = CandleHead::new(HeadConfig::new(d, k), &Device::Cpu)
+    ///                 .unwrap()
+    ///                 .with_collective(c)
+    ///                 .unwrap();
+    ///             let x = Tensor::from_slice(&feats[3 * r * d..3 * (r + 1) * d], (3, d), &Device::Cpu).unwrap();
+    ///             let x = Var::from_tensor(&x).unwrap();
+    ///             let y = Tensor::from_slice(&labels[3 * r..3 * r + 3], 3, &Device::Cpu).unwrap();
+    ///             let logits = head.forward(x.as_tensor(), &y).unwrap();
+    ///             let loss = (candle_nn::loss::cross_entropy(&logits, &y).unwrap() * 0.5).unwrap();
+    ///             let grads = loss.backward().unwrap();
+    ///             assert_eq!(grads.get(x.as_tensor()).unwrap().dims(), &[3, d]);
+    ///         });
+    ///     }
+    /// });
+    /// ```
+    pub fn with_collective(mut self, collective: crate::Collective) -> Result<Self> {
+        match &mut lock(&self.inner).backend {
+            Backend::F32(h) => h.set_collective(collective)?,
+            Backend::F64(h) => h.set_collective(collective)?,
+            #[cfg(feature = "candle-cuda")]
+            Backend::Cuda(h) => h.head.set_collective(collective)?,
+        }
+        self.parallel = true;
+        Ok(self)
     }
 
     /// The configuration.
@@ -340,7 +401,7 @@ impl CandleHead {
                 got: features.dtype().as_str().into(),
             });
         }
-        if n == 0 {
+        if n == 0 && !(self.parallel && op == "forward") {
             return Err(Error::EmptyBatch);
         }
         Ok(n)
@@ -351,19 +412,31 @@ impl CandleHead {
     /// features are (a `Var`, or computed from one): `backward` on a loss of them runs the
     /// head's backward. Any error leaves the head unchanged.
     pub fn forward(&mut self, features: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        let n = self.check_features(features, "forward")?;
-        check_labels(labels, n, features.device())?;
+        // With a collective, an error before the head's own forward still takes part in the
+        // step's all-reduce, so the other ranks fail with it instead of waiting.
+        let checked = self
+            .check_features(features, "forward")
+            .and_then(|n| check_labels(labels, n, features.device()).map(|()| n));
+        let n = match checked {
+            Ok(n) => n,
+            Err(e) => {
+                lock(&self.inner).backend.fail_step(false);
+                return Err(e);
+            }
+        };
         let k = self.cfg.classes;
         let mut inner = lock(&self.inner);
         let out = match &mut inner.backend {
             Backend::F32(h) => {
-                let x = host_values::<f32>(features, "forward")?;
-                let y = host_labels(labels)?;
+                let xy = host_values::<f32>(features, "forward")
+                    .and_then(|x| Ok((x, host_labels(labels)?)));
+                let (x, y) = xy.inspect_err(|_| h.fail_step(false))?;
                 Stash::Cpu(CpuStorage::F32(h.forward(&x, &y)?))
             }
             Backend::F64(h) => {
-                let x = host_values::<f64>(features, "forward")?;
-                let y = host_labels(labels)?;
+                let xy = host_values::<f64>(features, "forward")
+                    .and_then(|x| Ok((x, host_labels(labels)?)));
+                let (x, y) = xy.inspect_err(|_| h.fail_step(false))?;
                 Stash::Cpu(CpuStorage::F64(h.forward(&x, &y)?))
             }
             #[cfg(feature = "candle-cuda")]
@@ -647,24 +720,32 @@ impl HeadOp {
     fn backward(&self, features: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let mut inner = lock(&self.inner);
         let latest = inner.next.saturating_sub(1);
-        if self.id != latest {
-            return Err(Error::StaleBackward {
+        let refused = if self.id != latest {
+            Some(Error::StaleBackward {
                 requested: self.id,
                 latest,
-            });
-        }
-        if inner.pending != Some(self.id) {
-            return Err(Error::BackwardWithoutForward);
+            })
+        } else if inner.pending != Some(self.id) {
+            Some(Error::BackwardWithoutForward)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            // With a collective the other ranks' backwards fail with this one.
+            inner.backend.fail_step(true);
+            return Err(e);
         }
         let shape = features.shape().clone();
         let dev = features.device();
         let dx = match &mut inner.backend {
             Backend::F32(h) => {
-                let g = h.backward(&host_values::<f32>(grad, "backward")?)?;
+                let g = host_values::<f32>(grad, "backward").inspect_err(|_| h.fail_step(true))?;
+                let g = h.backward(&g)?;
                 Tensor::from_vec(g, shape, dev).map_err(framework("backward"))?
             }
             Backend::F64(h) => {
-                let g = h.backward(&host_values::<f64>(grad, "backward")?)?;
+                let g = host_values::<f64>(grad, "backward").inspect_err(|_| h.fail_step(true))?;
+                let g = h.backward(&g)?;
                 Tensor::from_vec(g, shape, dev).map_err(framework("backward"))?
             }
             #[cfg(feature = "candle-cuda")]

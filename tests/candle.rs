@@ -15,6 +15,11 @@
 //!   uninterrupted run (exact, since every stored value round-trips exactly).
 //! * Misuse: every case returns its `Error` variant and leaves the head unchanged (state, and a
 //!   pending backward still usable).
+//! * Data-parallel: 3 thread ranks of `CandleHead::with_collective` (shards of 5, 0 and 7
+//!   rows), with the loss `sum(logits * G)` of the rank's rows of one global `G`, against the
+//!   same `CpuHead` driven by hand over the whole batch: 1e-12 (`f64`; sharding reorders the
+//!   batch sums only). A wrong-shaped label tensor on one rank (an adapter check, before the
+//!   head) fails every rank's forward, and the next step still matches.
 //! * CUDA (feature `candle-cuda` with a GPU): the CUDA path within the device head's
 //!   tolerances of the CPU path; otherwise it prints `CUDA part skipped: <reason>`.
 #![cfg(feature = "candle")]
@@ -25,7 +30,7 @@ mod rng;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use implicit_etf::candle::{head_error, CandleHead};
-use implicit_etf::{CpuHead, Error, HeadConfig};
+use implicit_etf::{Collective, CpuHead, Error, HeadConfig};
 use rng::Rng;
 
 const N: usize = 12;
@@ -87,6 +92,91 @@ fn candle_step(head: &mut CandleHead, x: &Var, y: &Tensor, g: &Tensor) -> (Tenso
 
 fn dl_dlogits(seed: u64) -> Vec<f64> {
     Rng(seed).normals(N * K)
+}
+
+#[test]
+fn data_parallel_ranks_match_one_cpu_head() {
+    let sizes = [5usize, 0, 7];
+    let steps: Vec<_> = (0..3)
+        .map(|s| (batch(40 + s, N), dl_dlogits(50 + s)))
+        .collect();
+    let mut oracle = CpuHead::<f64>::new(cfg()).unwrap();
+    let want: Vec<(Vec<f64>, Vec<f64>)> = steps
+        .iter()
+        .map(|((x, y), g)| (oracle.forward(x, y).unwrap(), oracle.backward(g).unwrap()))
+        .collect();
+    let ranks = Collective::threads(sizes.len()).unwrap();
+    // Per rank, per step: logits, feature gradient, and the failed first try of step 1.
+    type RankRun = Vec<(Vec<f64>, Vec<f64>, Option<Error>)>;
+    let got: Vec<RankRun> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ranks
+            .into_iter()
+            .map(|c| {
+                let steps = &steps;
+                let start: usize = sizes[..c.rank()].iter().sum();
+                let rows = start..start + sizes[c.rank()];
+                sc.spawn(move || {
+                    let rank = c.rank();
+                    let mut head = CandleHead::new_f64(cfg())
+                        .unwrap()
+                        .with_collective(c)
+                        .unwrap();
+                    let mut out = Vec::new();
+                    for (s, ((x, y), g)) in steps.iter().enumerate() {
+                        let n = rows.len();
+                        let xt = Tensor::from_vec(
+                            x[rows.start * D..rows.end * D].to_vec(),
+                            (n, D),
+                            &Device::Cpu,
+                        );
+                        let xv = Var::from_tensor(&xt.unwrap()).unwrap();
+                        let yt = Tensor::new(&y[rows.clone()], &Device::Cpu).unwrap();
+                        // Step 1 is first tried with rank 2's labels one short: every rank fails.
+                        let failed = (s == 1).then(|| {
+                            let bad = if rank == 2 {
+                                Tensor::new(&y[rows.start..rows.end - 1], &Device::Cpu).unwrap()
+                            } else {
+                                yt.clone()
+                            };
+                            let e = head.forward(xv.as_tensor(), &bad).unwrap_err();
+                            // Nothing pends: step 0's backward was taken, step 1 failed.
+                            assert!(!head.backward_pending(), "rank {rank}");
+                            e
+                        });
+                        let gt = Tensor::from_vec(
+                            g[rows.start * K..rows.end * K].to_vec(),
+                            (n, K),
+                            &Device::Cpu,
+                        );
+                        let (logits, dx) = candle_step(&mut head, &xv, &yt, &gt.unwrap());
+                        out.push((to_f64(&logits), to_f64(&dx), failed));
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (s, (wz, wg)) in want.iter().enumerate() {
+        let z: Vec<f64> = got.iter().flat_map(|r| r[s].0.clone()).collect();
+        let g: Vec<f64> = got.iter().flat_map(|r| r[s].1.clone()).collect();
+        close(&z, wz, 1e-12, "data-parallel logits");
+        close(&g, wg, 1e-12, "data-parallel feature gradient");
+    }
+    let errs: Vec<Option<Error>> = got.iter().map(|r| r[1].2.clone()).collect();
+    assert!(
+        matches!(errs[2], Some(Error::ShapeMismatch { .. })),
+        "{errs:?}"
+    );
+    for e in &errs[..2] {
+        assert_eq!(
+            *e,
+            Some(Error::PeerFailed {
+                phase: "forward",
+                ranks: 1
+            })
+        );
+    }
 }
 
 #[test]

@@ -237,6 +237,12 @@ impl<T: Real> CpuHead<T> {
     /// assert!(whole.iter().zip(&sharded).all(|(a, b)| (a - b).abs() < 1e-12));
     /// ```
     pub fn with_collective(mut self, collective: Collective) -> Result<Self> {
+        self.set_collective(collective)?;
+        Ok(self)
+    }
+
+    /// [`with_collective`](Self::with_collective) in place (the candle adapter's).
+    pub(crate) fn set_collective(&mut self, collective: Collective) -> Result<()> {
         if collective.kind() != "threads" {
             return Err(Error::InvalidParameter {
                 name: "collective",
@@ -247,7 +253,24 @@ impl<T: Real> CpuHead<T> {
             });
         }
         self.collective = Some(Arc::new(collective));
-        Ok(self)
+        Ok(())
+    }
+
+    /// For a caller whose own checks failed before it called `forward` (`backward`: false)
+    /// or `backward` (true): takes part in that step's all-reduce with this rank's failure
+    /// flag, so that the other ranks fail too instead of waiting. Nothing without a
+    /// collective; changes no state.
+    #[cfg_attr(not(feature = "candle"), allow(dead_code))]
+    pub(crate) fn fail_step(&mut self, backward: bool) {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        if let Some(c) = self.collective.clone() {
+            let (len, phase) = if backward {
+                (k * d + k + 1, "backward")
+            } else {
+                (k * d + k + d + 2, "forward")
+            };
+            let _ = self.reduce_step(&c, len, phase, Err::<(), _>(Error::EmptyBatch), |_, _| {});
+        }
     }
 
     /// The data-parallel group of this head, if any.

@@ -330,6 +330,12 @@ impl DeviceHead {
     /// batch may be empty. Errors: an NCCL group on the CPU execution. A thread group on a
     /// CUDA device works through the host (a synchronisation per all-reduce, no capture).
     pub fn with_collective(mut self, collective: Collective) -> Result<Self> {
+        self.set_collective(collective)?;
+        Ok(self)
+    }
+
+    /// [`with_collective`](Self::with_collective) in place (the candle adapter's).
+    pub(crate) fn set_collective(&mut self, collective: Collective) -> Result<()> {
         if collective.kind() == "nccl" && self.dev.backend() != crate::runtime::Backend::Cuda {
             return Err(Error::InvalidParameter {
                 name: "collective",
@@ -339,7 +345,21 @@ impl DeviceHead {
             });
         }
         self.collective = Some(collective);
-        Ok(self)
+        Ok(())
+    }
+
+    /// For a caller whose own checks failed before it called `forward` (`backward`: false)
+    /// or `backward` (true): takes part in that step's all-reduce with this rank's failure
+    /// flag, so that the other ranks fail too. Nothing without a collective.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    pub(crate) fn fail_step(&self, backward: bool) {
+        let (d, k) = (self.cfg.dim, self.cfg.classes);
+        let len = if backward {
+            collective::backward_len(d, k)
+        } else {
+            collective::forward_len(d, k)
+        };
+        let _ = self.fail_with_peers(Error::EmptyBatch, len);
     }
 
     /// The data-parallel group of this head, if any.
